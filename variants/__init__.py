@@ -1,0 +1,1 @@
+"""Model building blocks: config, decoder, attention, FFN, precision."""

@@ -1,0 +1,110 @@
+"""Attention variants and their KV caches.
+
+Legend: B batch, T tokens in this call, S cached + new tokens, H query heads, G KV heads,
+D head dim, C model width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import RotaryEmbedding
+from .precision import linear
+
+
+class KVCache(nn.Module):
+    """Preallocated per-layer key/value cache: (B, G, S_max, D) each."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, G, T, D) at start_pos; return the filled prefix (B, G, S, D) of each."""
+        end = start_pos + k.shape[2]
+        self.k[:, :, start_pos:end] = k
+        self.v[:, :, start_pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def live_bytes_per_token(self) -> int:
+        """Bytes one cached token occupies in this layer, read off the live tensors."""
+        per_slot = self.k.element_size() * self.k[:, :, 0].numel() + self.v.element_size() * self.v[:, :, 0].numel()
+        return per_slot // self.k.shape[0]
+
+
+def causal_mask(start_pos: int, T: int, S: int, device) -> torch.Tensor:
+    """(T, S) boolean mask, True where query start_pos+t may attend key s (s ≤ start_pos+t)."""
+    q_pos = torch.arange(start_pos, start_pos + T, device=device)[:, None]
+    return torch.arange(S, device=device)[None, :] <= q_pos
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal self-attention with RoPE (Vaswani et al. 1706.03762; Su et al. 2104.09864).
+
+    G = n_kv_heads KV heads shared by groups of H/G query heads: G = H is MHA, 1 < G < H is
+    GQA (Ainslie et al. 2305.13245), G = 1 is MQA (Shazeer 1911.02150).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.attention.n_heads, cfg.n_kv_heads(), cfg.head_dim()
+        C, H, G, D = cfg.d_model, self.n_heads, self.n_kv_heads, self.head_dim
+        self.wq = linear(cfg.precision, C, H * D)
+        self.wk = linear(cfg.precision, C, G * D)
+        self.wv = linear(cfg.precision, C, G * D)
+        self.wo = linear(cfg.precision, H * D, C)
+        self.rope = RotaryEmbedding(D, cfg.attention.rope_theta)
+
+    # --- accounting: exact counts for this module, checked against the instance by the tests ---
+    @staticmethod
+    def param_count(cfg: ModelConfig) -> int:
+        C, H, G, D = cfg.d_model, cfg.attention.n_heads, cfg.n_kv_heads(), cfg.head_dim()
+        return C * H * D + 2 * C * G * D + H * D * C
+
+    @staticmethod
+    def flops_per_token(cfg: ModelConfig, context_len: float) -> float:
+        """Forward FLOPs for one token attending to context_len keys: 2 per multiply-add.
+
+        Projections 2·params; scores QKᵀ 2·H·D·ctx and weighted sum AV 2·H·D·ctx.
+        """
+        H, D = cfg.attention.n_heads, cfg.head_dim()
+        return 2 * MultiHeadAttention.param_count(cfg) + 4 * H * D * context_len
+
+    @staticmethod
+    def kv_cache_bytes_per_token(cfg: ModelConfig, dtype_bytes: int) -> int:
+        """One layer's cache per token: K and V for G heads of D (DeepSeek-V2 Table 1: 2·n_g·d_h)."""
+        return 2 * cfg.n_kv_heads() * cfg.head_dim() * dtype_bytes
+
+    def new_cache(self, batch: int, max_len: int, dtype, device) -> KVCache:
+        return KVCache(batch, self.n_kv_heads, max_len, self.head_dim, dtype, device)
+
+    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, D)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.rope(q, start_pos), self.rope(k, start_pos)
+        if cache is not None:
+            k, v = cache.update(start_pos, k, v)  # (B, G, S, D)
+        out = self._attend(q, k, v, start_pos)  # (B, H, T, D)
+        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def _attend(self, q, k, v, start_pos: int) -> torch.Tensor:
+        T, S = q.shape[2], k.shape[2]
+        gqa = self.n_kv_heads != self.n_heads
+        if start_pos == 0 and T == S:  # training / prefill from scratch: plain causal
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if T == 1:  # one new token sees the whole cache
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        # SDPA's is_causal aligns the mask top-left, wrong when T < S: build it explicitly.
+        mask = causal_mask(start_pos, T, S, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)

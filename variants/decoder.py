@@ -1,0 +1,116 @@
+"""The decoder-only transformer assembled from a ModelConfig, and its exact accounting.
+
+Legend: B batch, T tokens in this call, C model width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import registry
+from .config import ModelConfig
+from .layers import RMSNorm
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: attention then FFN."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = registry.ATTENTION[cfg.attention.kind].module(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = registry.FFN[cfg.ffn.kind].module(cfg, layer_idx)
+
+    def forward(self, x: torch.Tensor, start_pos: int = 0, cache=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), start_pos, cache)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        # The output head stays a plain high-precision linear in every recipe (DeepSeek-V3 §3.3.1).
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+
+    def new_caches(self, batch: int, max_len: int, dtype: torch.dtype, device) -> list:
+        if max_len > self.cfg.max_seq_len:
+            raise ValueError(f"cache length {max_len} exceeds max_seq_len {self.cfg.max_seq_len}")
+        return [block.attn.new_cache(batch, max_len, dtype, device) for block in self.blocks]
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, caches: list | None = None) -> torch.Tensor:
+        """tokens (B, T) at positions start_pos… → logits (B, T, V); fills caches when given."""
+        T = tokens.shape[1]
+        if start_pos + T > self.cfg.max_seq_len:
+            raise ValueError(
+                f"positions up to {start_pos + T} exceed max_seq_len {self.cfg.max_seq_len}; "
+                "raise model.max_seq_len or shorten the context"
+            )
+        x = self.embed(tokens)  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, start_pos, caches[i] if caches is not None else None)
+        return self.head(self.norm(x))  # (B, T, V)
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum of the extra training losses the FFNs left from the last forward (MoE balance)."""
+        losses = [b.ffn.aux_loss for b in self.blocks if getattr(b.ffn, "aux_loss", None) is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    def after_optimizer_step(self) -> None:
+        """Let parts with non-gradient state (e.g. a routing bias) update after each step."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "after_optimizer_step"):
+                module.after_optimizer_step()
+
+
+def build_model(cfg: ModelConfig) -> Decoder:
+    return Decoder(cfg)
+
+
+# --- accounting: exact and analytic, summed from each part's own formula ---
+
+FLOP_CONVENTION = (
+    "2 FLOPs per multiply-add; forward = 2·(activated matmul params, LM head included, embedding "
+    "lookup and norms excluded) + attention scores and AV per layer at the mean causal context "
+    "(causal halving: a token at position p attends p+1 keys); train = 3 × forward"
+)
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    attn = registry.ATTENTION[cfg.attention.kind].module
+    ffn = registry.FFN[cfg.ffn.kind].module
+    norm = RMSNorm.param_count(cfg.d_model)
+    embedding = cfg.vocab_size * cfg.d_model
+    head = 0 if cfg.tie_embeddings else cfg.d_model * cfg.vocab_size
+    layers = range(cfg.n_layers)
+    blocks_total = sum(attn.param_count(cfg) + ffn.param_count(cfg, i) + 2 * norm for i in layers)
+    blocks_active = sum(attn.param_count(cfg) + ffn.active_param_count(cfg, i) + 2 * norm for i in layers)
+    return {
+        "params_total": embedding + blocks_total + norm + head,
+        "params_active": embedding + blocks_active + norm + head,
+        "params_embedding": embedding,
+    }
+
+
+def forward_flops_per_token(cfg: ModelConfig, mean_context_len: float) -> float:
+    attn = registry.ATTENTION[cfg.attention.kind].module
+    ffn = registry.FFN[cfg.ffn.kind].module
+    per_layer = sum(attn.flops_per_token(cfg, mean_context_len) + ffn.flops_per_token(cfg, i) for i in range(cfg.n_layers))
+    return per_layer + 2 * cfg.d_model * cfg.vocab_size
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, dtype_bytes: int) -> int:
+    attn = registry.ATTENTION[cfg.attention.kind].module
+    return cfg.n_layers * attn.kv_cache_bytes_per_token(cfg, dtype_bytes)
