@@ -26,7 +26,7 @@ class Precision:
     def cpu_speed_note(self) -> str | None:
         if self.fast_on_cpu:
             return None
-        return f"{self.name} on CPU: run for numerics, speed not representative"
+        return f"{self.name} on CPU: for numerics; its speed depends on the CPU's ISA and does not predict a GPU"
 
 
 PRECISIONS: dict[str, Precision] = {

@@ -1,0 +1,56 @@
+"""Analytic accounting of a cell: parameters, FLOPs per token for its workload, KV-cache bytes.
+
+The formulas live beside each module in variants/ (nanoGPT keeps estimate_mfu beside the
+model); this file applies them to a cell's workload. They are exact counts, not estimates.
+"""
+
+from __future__ import annotations
+
+from dsbench.spec import Cell
+from dsbench.variants import decoder
+from dsbench.variants.precision import PRECISIONS, dtype_bytes
+
+
+def mean_context_len(cell: Cell) -> float:
+    """Keys a processed token attends to on average (a token at position p attends p+1)."""
+    w = cell.workload
+    if cell.axes["workload"] == "decode":
+        return w["context_len"] + (w["new_tokens"] + 1) / 2
+    return (w["seq_len"] + 1) / 2
+
+
+def tokens_per_step(cell: Cell) -> int:
+    w = cell.workload
+    return w["batch_size"] if cell.axes["workload"] == "decode" else w["batch_size"] * w["seq_len"]
+
+
+def flops_per_token(cell: Cell) -> float:
+    forward = decoder.forward_flops_per_token(cell.model, mean_context_len(cell))
+    # Backward costs two forwards (activation and weight gradients): train = 3 × forward.
+    return 3 * forward if cell.axes["workload"] == "train" else forward
+
+
+def accounting(cell: Cell) -> dict:
+    cfg = cell.model
+    kv_dtype = PRECISIONS[cfg.precision].inference_dtype
+    return {
+        **decoder.param_counts(cfg),
+        "flops_per_token": flops_per_token(cell),
+        "flops_convention": decoder.FLOP_CONVENTION,
+        "kv_cache_bytes_per_token": decoder.kv_cache_bytes_per_token(cfg, dtype_bytes(kv_dtype)),
+        "tokens_per_step": tokens_per_step(cell),
+    }
+
+
+def static_row(cell: Cell) -> dict:
+    """Every column known before the cell runs: identity, axes, resolved config, accounting."""
+    cfg = cell.model
+    row = {"cell_id": cell.cell_id, "label": cell.label(), **cell.axes, "device": cell.device}
+    row.update(
+        d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.attention.n_heads, n_kv_heads=cfg.n_kv_heads(),
+        head_dim=cfg.head_dim(), d_ff=cfg.ffn.d_ff, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len,
+    )
+    row.update({k: cell.workload.get(k) for k in ("batch_size", "seq_len", "context_len", "new_tokens", "steps", "lr")})
+    row.update(warmup_steps=cell.measure["warmup"], repeats=cell.measure["repeats"], seed=cell.seed, data=cell.data)
+    row.update(accounting(cell))
+    return row

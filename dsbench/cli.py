@@ -1,0 +1,215 @@
+"""The `dsbench` command: a thin Typer layer over the library (spec, runner, results, hardware).
+
+Exit codes: 0 success; 1 a cell failed (the sweep still recorded every cell); 2 bad input
+(one line on stderr, nothing run); 130 interrupted (finished cells kept; rerun with --resume).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dsbench import spec as spec_lib
+from dsbench.data import DataError
+from dsbench.results import ResultsError
+from dsbench.runner import UsageError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Measure what each DeepSeek architecture choice buys.")
+run_app = typer.Typer(no_args_is_help=True, help="Run a sweep of cells, or one cell.")
+app.add_typer(run_app, name="run")
+out_console = Console()
+err_console = Console(stderr=True)
+
+USER_ERRORS = (spec_lib.SpecError, UsageError, DataError, ResultsError)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Bad input: one line naming the field, value and what is allowed; exit 2; no traceback."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def load_sweep_spec(spec_file: Path | None, preset: str | None) -> tuple[spec_lib.SweepSpec, str]:
+    if spec_file and preset:
+        raise UsageError("--preset: give a SPEC file or --preset NAME, not both")
+    if spec_file:
+        return spec_lib.load_spec_file(spec_file), str(spec_file)
+    name = preset or "smoke"
+    return spec_lib.load_preset(name), f"preset:{name}"
+
+
+@run_app.command("sweep")
+def run_sweep_cmd(
+    spec_file: Annotated[Optional[Path], typer.Argument(metavar="[SPEC]", help="A sweep spec (TOML).")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="A shipped preset (see `dsbench presets`); default smoke.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Results folder; default results/<name>-<time>.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out, skipping recorded cells.")] = False,
+    rerun_failed: Annotated[bool, typer.Option(help="With --resume: run failed cells again.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda; overrides the spec.")] = None,
+    data: Annotated[Optional[str], typer.Option(help="'synthetic', a uint16 token file, a .txt file or a folder of .txt files.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="List the cells and their accounting; run nothing.")] = False,
+) -> None:
+    """Run every cell of a sweep, each in a fresh process; write results tables."""
+    from dsbench import runner
+
+    with user_errors():
+        spec, source = load_sweep_spec(spec_file, preset)
+        spec = apply_overrides(spec, device=device, data=data)
+        if dry_run:
+            cells = spec_lib.expand(spec, runner.resolve_device(spec.device))
+            out_console.print(cells_table(cells, title=f"{spec.name}: {len(cells)} cells"))
+            return
+        runner.check_data(spec)
+        outcome = runner.run_sweep(spec, out=out, resume=resume, rerun_failed=rerun_failed, console=err_console, spec_source=source)
+    finish(outcome)
+
+
+@run_app.command("cell")
+def run_cell_cmd(
+    workload: Annotated[str, typer.Option(help="train | prefill | decode")] = "train",
+    ffn: Annotated[str, typer.Option(help="FFN variant (axes.ffn).")] = "dense",
+    attention: Annotated[str, typer.Option(help="Attention variant (axes.attention).")] = "mha",
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 | … (axes.precision).")] = "fp32",
+    balance: Annotated[str, typer.Option(help="Balancing for routed FFNs (axes.balance).")] = "none",
+    size: Annotated[str, typer.Option(help="Named model size (model.size).")] = "debug",
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 8,
+    seq_len: Annotated[int, typer.Option(help="Tokens per row (train, prefill).")] = 128,
+    context_len: Annotated[int, typer.Option(help="Context tokens before generation (decode).")] = 128,
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated (decode).")] = 32,
+    steps: Annotated[int, typer.Option(help="Training steps (train).")] = 30,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up steps.")] = 3,
+    repeats: Annotated[int, typer.Option(help="Timed repeats (prefill, decode).")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed for weights and data.")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    data: Annotated[str, typer.Option(help="Data source, as for `run sweep`.")] = "synthetic",
+    out: Annotated[Optional[Path], typer.Option(help="Results folder; default results/cell-<time>.")] = None,
+) -> None:
+    """Run one configuration given by flags (the same isolation and results as a sweep)."""
+    from dsbench import runner
+
+    raw = {
+        "name": "cell", "device": device, "seed": seed, "data": data, "model": {"size": size},
+        "axes": {"workload": workload, "ffn": ffn, "attention": attention, "precision": precision, "balance": balance},
+        "train": {"steps": steps, "batch_size": batch_size, "seq_len": seq_len},
+        "prefill": {"batch_size": batch_size, "seq_lens": [seq_len]},
+        "decode": {"batch_size": batch_size, "context_lens": [context_len], "new_tokens": new_tokens},
+        "measure": {"warmup": warmup, "repeats": repeats},
+    }
+    with user_errors():
+        spec = spec_lib.parse_spec(raw)
+        runner.check_data(spec)
+        outcome = runner.run_sweep(spec, out=out, console=err_console, spec_source="dsbench run cell")
+    finish(outcome)
+
+
+@app.command("presets")
+def presets_cmd() -> None:
+    """List the shipped presets."""
+    table = Table("preset", "cells (cpu)", "description")
+    for name in spec_lib.preset_names():
+        s = spec_lib.load_preset(name)
+        table.add_row(name, str(len(spec_lib.expand(s, "cpu"))), s.description)
+    out_console.print(table)
+
+
+@app.command("env")
+def env_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    calibrate: Annotated[bool, typer.Option(help="Also measure matmul FLOP/s and copy bandwidth.")] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda (for --calibrate)")] = "auto",
+    precision: Annotated[str, typer.Option(help="Precisions to calibrate, comma-separated.")] = "fp32,bf16",
+) -> None:
+    """Print this machine's environment (and, with --calibrate, its measured ceilings)."""
+    from dsbench import runner
+
+    with user_errors():
+        resolved = runner.resolve_device(device)
+        precisions = [p.strip() for p in precision.split(",")]
+        allowed = spec_lib.registry.axis_values()["precision"]
+        for p in precisions:
+            spec_lib._check_choice("--precision", p, allowed)
+    facts = runner.probe(resolved, precisions, calibrate)
+    if as_json:
+        typer.echo(json.dumps(facts, indent=2))
+        return
+    table = Table("field", "value", title="environment")
+    for key, value in facts["environment"].items():
+        table.add_row(key, str(value))
+    out_console.print(table)
+    if calibrate:
+        out_console.print(peaks_table(facts["peaks"]))
+
+
+# --- rendering helpers ---
+
+
+def apply_overrides(spec: spec_lib.SweepSpec, device: str | None, data: str | None) -> spec_lib.SweepSpec:
+    import dataclasses
+
+    if device is not None:
+        spec_lib._check_choice("--device", device, spec_lib.DEVICES)
+        spec = dataclasses.replace(spec, device=device)
+    if data is not None:
+        spec = dataclasses.replace(spec, data=data)
+    return spec
+
+
+def cells_table(cells, title: str) -> Table:
+    from dsbench.accounting import static_row
+
+    table = Table("cell_id", "workload", "ffn", "attention", "precision", "balance", "shape", "params_total", "params_active", "flops/token", "kv B/token", title=title)
+    for cell in cells:
+        row = static_row(cell)
+        shape = cell.label().split(" ")[-1]
+        table.add_row(row["cell_id"], row["workload"], row["ffn"], row["attention"], row["precision"], row["balance"], shape,
+                      f"{row['params_total']:,}", f"{row['params_active']:,}", f"{row['flops_per_token']:.3g}", f"{row['kv_cache_bytes_per_token']:,}")
+    return table
+
+
+def peaks_table(peaks: dict) -> Table:
+    table = Table("precision", "peak FLOP/s", "source", "copy bytes/s", title="ceilings")
+    for name, p in peaks.items():
+        cal = p.get("calibration") or {}
+        copy = cal.get("copy_bytes_per_s")
+        table.add_row(name, f"{p['peak_flops_per_s']:.3e}" if p["peak_flops_per_s"] else "unknown", p["peak_source"], f"{copy:.3e}" if copy else "-")
+    return table
+
+
+def finish(outcome) -> None:
+    from dsbench.results import load_results
+
+    results = load_results(outcome.out)
+    table = Table("cell", "status", "tokens/s", "step ms (p10–p90)", "mfu", "loss", title=f"run {outcome.run_id}")
+    for _, r in results.cells.iterrows():
+        ok = r["status"] == "ok"
+        spread = f"{r['step_time_ms_median']:.2f} ({r['step_time_ms_p10']:.2f}–{r['step_time_ms_p90']:.2f})" if ok else "-"
+        mfu = r.get("mfu")
+        loss = r.get("final_loss")
+        table.add_row(f"{r['cell_id'][:8]} {r['label']}", r["status"], f"{r['tokens_per_s_median']:,.0f}" if ok else "-", spread,
+                      f"{mfu:.1%}" if ok and mfu == mfu and mfu is not None else "-",
+                      f"{loss:.3f}" if ok and loss is not None and loss == loss else "-")
+    out_console.print(table)
+    out_console.print(f"results: {outcome.out}  ({outcome.ran} ran, {outcome.skipped} already recorded, {outcome.failed} failed)")
+    if outcome.interrupted:
+        err_console.print(f"interrupted: finished cells are kept; continue with --out {outcome.out} --resume")
+        raise typer.Exit(130)
+    if outcome.failed:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""Runs a sweep: each cell in a fresh subprocess with a timeout, each result written at once.
+
+The parent never touches the GPU: device facts, the environment and the matmul calibration
+come from a short probe subprocess, so the parent holds no CUDA context that would skew the
+cells' memory readings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from dsbench import __version__
+from dsbench.accounting import static_row
+from dsbench.results import SCHEMA_VERSION, ResultStore
+from dsbench.spec import Cell, SpecError, SweepSpec, expand
+
+PROBE_TIMEOUT_S = 300
+
+
+class UsageError(ValueError):
+    """A command-line or folder problem, in one line (exit 2)."""
+
+
+@dataclass
+class SweepOutcome:
+    out: Path
+    run_id: str
+    total: int
+    ran: int
+    skipped: int
+    failed: int
+    interrupted: bool = False
+
+
+# --- device and environment probe ---
+
+
+def resolve_device(requested: str) -> str:
+    import torch  # the parent imports torch only for this check; it creates no CUDA context
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise SpecError("device: 'cuda' requested but torch.cuda.is_available() is False here; allowed here: auto, cpu")
+    return requested
+
+
+def probe(device: str, precisions: list[str], calibrate: bool) -> dict:
+    """Environment, and per precision the peak FLOP/s for MFU (datasheet or calibrated)."""
+    args = [sys.executable, "-m", "dsbench.probe", device, ",".join(precisions), "1" if calibrate else "0"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+    if done.returncode != 0:
+        raise RuntimeError(f"device probe failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout)
+
+
+def git_state() -> dict:
+    """The dsbench checkout's commit and whether it has uncommitted changes (None outside git)."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return {"sha": None, "dirty": None}
+    if sha.returncode != 0:
+        return {"sha": None, "dirty": None}
+    return {"sha": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
+# --- one cell ---
+
+
+def run_cell_process(cell: Cell, store: ResultStore, runtime: dict, timeout_s: float) -> dict:
+    """Run one cell in a fresh interpreter; always returns a result, whatever happened to it."""
+    task_path = store.work_dir / f"{cell.cell_id}.task.json"
+    result_path = store.work_dir / f"{cell.cell_id}.result.json"
+    result_path.unlink(missing_ok=True)
+    task_path.write_text(json.dumps({"cell": cell.to_json(), "runtime": {**runtime, "spawn_time": time.time()}}))
+    log_path = store.logs_dir / f"{cell.cell_id}.log"
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        # A new session: Ctrl-C reaches only the parent, which then ends the cell itself.
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dsbench.worker", str(task_path), str(result_path)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        try:
+            returncode = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill(proc)
+            return _failure("timeout", f"exceeded measure.timeout_s = {timeout_s:g} s and was killed", start)
+        except BaseException:
+            _kill(proc)
+            raise
+    if result_path.exists():
+        result = json.loads(result_path.read_text())
+        result["row"]["cell_wall_s"] = time.perf_counter() - start
+        return result
+    return _failure(*_death_status(returncode, log_path), start)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _death_status(returncode: int, log_path: Path) -> tuple[str, str]:
+    """Status for a worker that exited without writing its result."""
+    last = next((line for line in reversed(log_path.read_text(errors="replace").splitlines()) if line.strip()), "")
+    tail = f"; last log line: {last[:300]}" if last else ""
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        if name == "SIGKILL":  # nothing in dsbench sends it except on timeout, handled above
+            return "oom", f"worker killed by SIGKILL (most likely the kernel's OOM killer){tail}"
+        return "error", f"worker died from {name}{tail}"
+    return "error", f"worker exited with code {returncode} before writing a result{tail}"
+
+
+def _failure(status: str, message: str, start: float) -> dict:
+    return {"status": status, "error": message, "row": {"cell_wall_s": time.perf_counter() - start}, "series": []}
+
+
+# --- the sweep ---
+
+
+def prepare_out(spec: SweepSpec, out: Path, resume: bool, spec_dict: dict) -> tuple[ResultStore, dict | None]:
+    store = ResultStore(out)
+    info = store.read_run_info()
+    if info is not None and not resume:
+        raise UsageError(f"--out: {str(out)!r} already holds run {info.get('run_id')!r}; pass --resume to continue it or choose another --out")
+    if info is not None and info.get("spec") != spec_dict:
+        changed = next(k for k in set(spec_dict) | set(info.get("spec", {})) if spec_dict.get(k) != info.get("spec", {}).get(k))
+        raise UsageError(f"--resume: the spec's {changed!r} differs from the run recorded in {str(out)!r}; use a new --out")
+    if out.exists() and info is None and any(out.iterdir()):
+        raise UsageError(f"--out: {str(out)!r} exists and is not a dsbench results folder; choose an empty or new folder")
+    store.create()
+    return store, info
+
+
+def default_out(spec: SweepSpec) -> Path:
+    return Path("results") / f"{spec.name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_sweep(
+    spec: SweepSpec,
+    out: str | Path | None = None,
+    resume: bool = False,
+    rerun_failed: bool = False,
+    device: str | None = None,
+    console: Console | None = None,
+    spec_source: str = "",
+) -> SweepOutcome:
+    """Run every cell of `spec` not yet recorded in `out`; returns counts. Safe to interrupt."""
+    console = console or Console(stderr=True)
+    device = resolve_device(device or spec.device)
+    spec = dataclasses.replace(spec, device=device)
+    cells = expand(spec, device)
+    out = Path(out) if out else default_out(spec)
+    spec_dict = json.loads(json.dumps(spec.to_dict()))
+    store, info = prepare_out(spec, out, resume, spec_dict)
+    if info is None:
+        info = new_run_info(spec, spec_dict, out, spec_source, len(cells))
+        store.write_run_info(info)
+    if "probe" not in info:
+        precisions = sorted({c.model.precision for c in cells})
+        info["probe"] = probe(device, precisions, spec.measure.calibrate)
+        info["environment"] = info["probe"].pop("environment")
+        store.write_run_info(info)
+    recorded = store.recorded()
+    skip = {cid for cid, status in recorded.items() if status == "ok" or not rerun_failed}
+    todo = [c for c in cells if c.cell_id not in skip]
+    outcome = SweepOutcome(out, info["run_id"], len(cells), 0, len(cells) - len(todo), 0)
+    info["status"] = "running"
+    store.write_run_info(info)
+    try:
+        _run_cells(todo, {c.cell_id: i for i, c in enumerate(cells)}, store, info, spec, console, outcome)
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+    info.update(status="interrupted" if outcome.interrupted else "complete", finished_at=_now())
+    store.write_run_info(info)
+    store.consolidate()
+    return outcome
+
+
+def _run_cells(cells: list[Cell], order: dict[str, int], store: ResultStore, info: dict, spec: SweepSpec, console: Console, outcome: SweepOutcome) -> None:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("starting", total=len(cells))
+        for cell in cells:
+            progress.update(task, description=cell.label())
+            runtime = info["probe"]["peaks"].get(cell.model.precision, {})
+            result = run_cell_process(cell, store, runtime, spec.measure.timeout_s)
+            row = {"run_id": info["run_id"], "status": result["status"], "error": result["error"], **static_row(cell), **result["row"]}
+            row["cell_index"] = order[cell.cell_id]
+            store.write_cell(row, result["series"])
+            outcome.ran += 1
+            outcome.failed += result["status"] != "ok"
+            progress.console.print(_cell_line(row))
+            progress.advance(task)
+
+
+def _cell_line(row: dict) -> str:
+    if row["status"] != "ok":
+        return f"[red]{row['status']:>8}[/red] {row['cell_id']} {row['label']}: {row['error']}"
+    return (f"[green]{'ok':>8}[/green] {row['cell_id']} {row['label']}: {row['tokens_per_s_median']:,.0f} tok/s, "
+            f"step {row['step_time_ms_median']:.2f} ms (p10 {row['step_time_ms_p10']:.2f}, p90 {row['step_time_ms_p90']:.2f}, n={row['step_time_n']})")
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def new_run_info(spec: SweepSpec, spec_dict: dict, out: Path, spec_source: str, n_cells: int) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": out.name,
+        "name": spec.name,
+        "created_at": _now(),
+        "finished_at": None,
+        "status": "created",
+        "dsbench_version": __version__,
+        "spec_source": spec_source,
+        "spec": spec_dict,
+        "n_cells": n_cells,
+        "command": sys.argv,
+        "git": git_state(),
+    }
+
+
+def check_data(spec: SweepSpec) -> None:
+    """Fail before anything runs if the data cannot feed every cell (DataError, exit 2)."""
+    from dsbench.data import load_dataset
+    from dsbench.spec import base_config
+
+    data = load_dataset(spec.data, spec.seed)
+    data.check_vocab(base_config(spec).vocab_size)
+    workloads = spec.axes["workload"]
+    lengths = ([spec.train.seq_len] if "train" in workloads else []) + (list(spec.prefill.seq_lens) if "prefill" in workloads else [])
+    lengths += list(spec.decode.context_lens) if "decode" in workloads else []
+    for seq_len in lengths:
+        data.check_seq_len(seq_len, "train")
+    if "train" in workloads and spec.train.eval_batches:
+        data.check_seq_len(spec.train.seq_len, "eval")

@@ -1,0 +1,163 @@
+"""Runs one cell in its own process: `python -m dsbench.worker TASK.json RESULT.json`.
+
+A fresh process per cell gives clean peak-memory numbers and keeps a crash, an OOM or leaked
+CUDA state inside the cell. The runner reads RESULT.json; if the process dies before writing
+it (segfault, os._exit, SIGKILL), the runner records that itself.
+
+Fault injection for the harness's own tests: DSBENCH_INJECT_FAULT="KIND@SELECTOR" makes cells
+whose id or label contains SELECTOR fail with KIND (raise, oom, hang, nan, segfault, exit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+
+import torch
+
+from dsbench import accounting
+from dsbench.data import load_dataset
+from dsbench.measure import NvmlSampler, current_rss_bytes, peak_memory, reset_peak_memory, summarize
+from dsbench.spec import Cell
+from dsbench.variants.decoder import build_model
+from dsbench.variants.precision import PRECISIONS
+from dsbench.workloads import WORKLOADS, Context, Diverged, WorkloadRun
+
+OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory", "cannot allocate memory")
+
+
+def classify(exc: BaseException) -> tuple[str, str]:
+    """(status, one-line message) for an exception raised inside a cell."""
+    message = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    last_line = (message[-1] if message else type(exc).__name__)[:500]
+    if isinstance(exc, Diverged):
+        return "diverged", last_line
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or any(m in str(exc).lower() for m in OOM_MESSAGES):
+        return "oom", last_line
+    return "error", last_line
+
+
+def inject_fault(cell: Cell, model: torch.nn.Module) -> None:
+    spec = os.environ.get("DSBENCH_INJECT_FAULT", "")
+    kind, _, selector = spec.partition("@")
+    if not kind or (selector not in cell.cell_id and selector not in cell.label()):
+        return
+    if kind == "raise":
+        raise RuntimeError(f"injected fault in {cell.label()}")
+    if kind == "oom":  # a real allocation failure: ask the allocator for 16 TiB
+        torch.empty(1 << 44, dtype=torch.uint8, device=cell.device)
+    if kind == "hang":
+        time.sleep(1e6)
+    if kind == "nan":
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float("nan"))
+    if kind == "segfault":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if kind == "exit":
+        os._exit(3)
+
+
+def measure_cell(cell: Cell, runtime: dict) -> tuple[dict, list]:
+    """Build the model, run the workload, and return (metrics row, series rows)."""
+    device = torch.device(cell.device)
+    precision = PRECISIONS[cell.model.precision]
+    setup_start = time.perf_counter()
+    data = load_dataset(cell.data, cell.seed)
+    data.check_vocab(cell.model.vocab_size)
+    torch.manual_seed(cell.seed)
+    model = build_model(cell.model).to(device)
+    if cell.axes["workload"] != "train":
+        model = model.to(precision.inference_dtype)
+    inject_fault(cell, model)
+    ctx = Context(model, data, device, precision, cell.measure["warmup"], cell.measure["repeats"])
+    setup_s = time.perf_counter() - setup_start
+    rss_before = current_rss_bytes()
+    reset_peak_memory(device)
+    workload_start = time.perf_counter()
+    with NvmlSampler(device) as nvml:
+        run = WORKLOADS[cell.axes["workload"]](ctx, cell.workload)
+    workload_s = time.perf_counter() - workload_start
+    row = {"setup_s": setup_s, "workload_wall_s": workload_s, "rss_before_workload_bytes": rss_before}
+    row.update(timing_columns(run))
+    row.update(peak_memory(device))
+    row.update(energy_columns(nvml.summary(), run))
+    row.update(mfu_columns(cell, row["tokens_per_s_median"], runtime))
+    row.update(run.summary)
+    row["emulated"] = False
+    row["speed_note"] = precision.cpu_speed_note() if device.type == "cpu" else None
+    series = [(s, "step_time_ms", 1e3 * t, None, None) for s, t in enumerate(run.step_times_s)] + run.series
+    return row, series
+
+
+def timing_columns(run: WorkloadRun) -> dict:
+    """Step-time statistics in ms and the throughput they imply (p10 tokens/s ↔ p90 time)."""
+    stats = summarize(run.step_times_s)
+    tokens = run.tokens_per_step
+    return {
+        "step_time_ms_median": 1e3 * stats["median"],
+        "step_time_ms_p10": 1e3 * stats["p10"],
+        "step_time_ms_p90": 1e3 * stats["p90"],
+        "step_time_ms_mean": 1e3 * stats["mean"],
+        "step_time_n": stats["n"],
+        "measured_work_s": float(sum(run.step_times_s)),
+        "tokens_per_s_median": tokens / stats["median"],
+        "tokens_per_s_p10": tokens / stats["p90"],
+        "tokens_per_s_p90": tokens / stats["p10"],
+    }
+
+
+def energy_columns(nvml: dict, run: WorkloadRun) -> dict:
+    energy = nvml.get("energy_j")
+    tokens = run.tokens_per_step * len(run.step_times_s)
+    return {**nvml, "energy_j_per_token": None if energy is None else energy / tokens}
+
+
+def mfu_columns(cell: Cell, tokens_per_s: float, runtime: dict) -> dict:
+    achieved = accounting.flops_per_token(cell) * tokens_per_s
+    peak = runtime.get("peak_flops_per_s")
+    return {
+        "model_flops_per_s": achieved,
+        "peak_flops_per_s": peak,
+        "peak_source": runtime.get("peak_source", "unknown"),
+        "mfu": achieved / peak if peak else None,
+    }
+
+
+def run_task(task: dict) -> dict:
+    cell = Cell.from_json(task["cell"])
+    runtime = task.get("runtime", {})
+    startup_s = time.time() - runtime["spawn_time"] if "spawn_time" in runtime else None
+    try:
+        row, series = measure_cell(cell, runtime)
+        return {"status": "ok", "error": None, "row": {"worker_startup_s": startup_s, **row}, "series": series}
+    except Exception as exc:  # noqa: BLE001 — every failure becomes a recorded status
+        traceback.print_exc()  # the whole trace goes to the cell's log; the row keeps the last line
+        status, message = classify(exc)
+        return {"status": status, "error": message, "row": {"worker_startup_s": startup_s}, "series": []}
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def main(argv: list[str]) -> int:
+    task_path, result_path = argv
+    with open(task_path) as f:
+        task = json.load(f)
+    result = run_task(task)
+    write_atomic(result_path, json.dumps(result, allow_nan=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
