@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -23,7 +24,8 @@ from dsbench.runner import UsageError
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Measure what each DeepSeek architecture choice buys.")
 run_app = typer.Typer(no_args_is_help=True, help="Run a sweep of cells, or one cell.")
 app.add_typer(run_app, name="run")
-out_console = Console()
+# Off a terminal (pipes, CI logs) rich would wrap tables at 80 columns; give them room.
+out_console = Console(width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True)
 
 USER_ERRORS = (spec_lib.SpecError, UsageError, DataError, ResultsError)

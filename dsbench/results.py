@@ -98,7 +98,7 @@ def cells_frame(rows: list[dict], run_id: str | None) -> pd.DataFrame:
     frame = pd.DataFrame([{**row, "run_id": run_id} for row in rows], columns=columns)
     if "cell_index" in frame:  # the sweep's expansion order, not the order files were listed
         frame = frame.sort_values("cell_index", kind="stable").reset_index(drop=True)
-    return frame.convert_dtypes(convert_integer=False, convert_boolean=False, convert_floating=False)
+    return frame
 
 
 def series_frame(fragments: list[dict], run_id: str | None) -> pd.DataFrame:

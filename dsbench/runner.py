@@ -95,6 +95,7 @@ def run_cell_process(cell: Cell, store: ResultStore, runtime: dict, timeout_s: f
         proc = subprocess.Popen(
             [sys.executable, "-m", "dsbench.worker", str(task_path), str(result_path)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         try:
             returncode = proc.wait(timeout=timeout_s)
@@ -109,6 +110,16 @@ def run_cell_process(cell: Cell, store: ResultStore, runtime: dict, timeout_s: f
         result["row"]["cell_wall_s"] = time.perf_counter() - start
         return result
     return _failure(*_death_status(returncode, log_path), start)
+
+
+def _die_with_parent() -> None:
+    """Linux: the cell process gets SIGKILL if the sweep process dies (even by SIGKILL)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _kill(proc: subprocess.Popen) -> None:

@@ -42,10 +42,15 @@ def classify(exc: BaseException) -> tuple[str, str]:
 
 
 def inject_fault(cell: Cell, model: torch.nn.Module) -> None:
-    spec = os.environ.get("DSBENCH_INJECT_FAULT", "")
-    kind, _, selector = spec.partition("@")
-    if not kind or (selector not in cell.cell_id and selector not in cell.label()):
-        return
+    """Apply the first DSBENCH_INJECT_FAULT entry ("KIND@SELECTOR", comma-separated) that matches."""
+    for entry in filter(None, os.environ.get("DSBENCH_INJECT_FAULT", "").split(",")):
+        kind, _, selector = entry.partition("@")
+        if selector in cell.cell_id or selector in cell.label():
+            _apply_fault(kind, cell, model)
+            return
+
+
+def _apply_fault(kind: str, cell: Cell, model: torch.nn.Module) -> None:
     if kind == "raise":
         raise RuntimeError(f"injected fault in {cell.label()}")
     if kind == "oom":  # a real allocation failure: ask the allocator for 16 TiB

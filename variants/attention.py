@@ -31,6 +31,8 @@ class KVCache(nn.Module):
     def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, G, T, D) at start_pos; return the filled prefix (B, G, S, D) of each."""
         end = start_pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; writing up to {end} needs a longer cache")
         self.k[:, :, start_pos:end] = k
         self.v[:, :, start_pos:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
@@ -101,7 +103,7 @@ class MultiHeadAttention(nn.Module):
     def _attend(self, q, k, v, start_pos: int) -> torch.Tensor:
         T, S = q.shape[2], k.shape[2]
         gqa = self.n_kv_heads != self.n_heads
-        if start_pos == 0 and T == S:  # training / prefill from scratch: plain causal
+        if T == S:  # no earlier tokens in the keys (training, prefill, or no cache): plain causal
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         if T == 1:  # one new token sees the whole cache
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)

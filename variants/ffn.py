@@ -16,9 +16,9 @@ from .precision import linear
 class DenseFFN(nn.Module):
     """SwiGLU FFN (Shazeer 2002.05202): w2(silu(w1 x) ⊙ w3 x), as in LLaMA and DeepSeek."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int = 0, d_ff: int | None = None):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
-        C, F_ = cfg.d_model, d_ff or cfg.ffn.d_ff
+        C, F_ = cfg.d_model, cfg.ffn.d_ff
         self.w1 = linear(cfg.precision, C, F_)  # gate
         self.w3 = linear(cfg.precision, C, F_)  # up
         self.w2 = linear(cfg.precision, F_, C)  # down
