@@ -51,6 +51,7 @@ def static_row(cell: Cell) -> dict:
         head_dim=cfg.head_dim(), d_ff=cfg.ffn.d_ff, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len,
     )
     row.update({k: cell.workload.get(k) for k in ("batch_size", "seq_len", "context_len", "new_tokens", "steps", "lr")})
-    row.update(warmup_steps=cell.measure["warmup"], repeats=cell.measure["repeats"], seed=cell.seed, data=cell.data)
+    row.update(warmup_steps=cell.measure["warmup"], repeats=cell.measure["repeats"], replicate=cell.measure.get("replicate", 0))
+    row.update(seed=cell.seed, data=cell.data)
     row.update(accounting(cell))
     return row

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import math
+import re
 import json
 import tomllib
 import types
@@ -44,8 +46,8 @@ class TrainSettings:
     seq_len: int = 128
     lr: float = 3e-3
     weight_decay: float = field(default=0.1, metadata={"min": 0})
-    beta1: float = field(default=0.9, metadata={"max_exclusive": 1})
-    beta2: float = field(default=0.95, metadata={"max_exclusive": 1})
+    beta1: float = field(default=0.9, metadata={"min": 0, "max_exclusive": 1})
+    beta2: float = field(default=0.95, metadata={"min": 0, "max_exclusive": 1})
     grad_clip: float = field(default=1.0, metadata={"min": 0})  # 0 = no clipping
     eval_batches: int = field(default=4, metadata={"min": 0})
 
@@ -69,6 +71,7 @@ class MeasureSettings:
     repeats: int = 10
     timeout_s: float = 600.0
     calibrate: bool = True  # measure this machine's matmul rate for MFU where no datasheet peak applies
+    replicates: int = 1  # run each cell this many times, each in its own process (repeatability)
 
 
 SECTIONS = {"train": TrainSettings, "prefill": PrefillSettings, "decode": DecodeSettings, "measure": MeasureSettings}
@@ -106,7 +109,7 @@ class Cell:
     axes: dict  # workload, ffn, attention, precision, balance ("n/a" where it does not apply)
     model: ModelConfig
     workload: dict  # settings of this cell's workload only
-    measure: dict  # warmup, repeats (timeout is not part of the identity)
+    measure: dict  # warmup, repeats, and replicate ≥ 1 for extra replicates (timeout is not identity)
     seed: int
     data: str
     device: str
@@ -126,7 +129,8 @@ class Cell:
             parts.append(a["balance"])
         w = self.workload
         shape = f"b{w['batch_size']}×" + (f"ctx{w['context_len']}+{w['new_tokens']}" if "context_len" in w else f"t{w['seq_len']}")
-        return "/".join(parts) + " " + shape
+        replicate = self.measure.get("replicate", 0)
+        return "/".join(parts) + " " + shape + (f" #{replicate}" if replicate else "")
 
     def to_json(self) -> str:
         return json.dumps({**self.identity(), "cell_id": self.cell_id})
@@ -156,9 +160,15 @@ def load_preset(name: str) -> SweepSpec:
 
 def load_spec_file(path: str | Path) -> SweepSpec:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise SpecError(f"spec: file {str(path)!r} does not exist; pass a TOML file or --preset NAME")
-    return parse_spec(_parse_toml(path.read_text(), str(path)))
+    if not path.is_file():
+        raise SpecError(f"spec: {str(path)!r} is not a file; pass a TOML file or --preset NAME")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"spec: {str(path)!r} is not valid TOML: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return parse_spec(_parse_toml(text, str(path)))
 
 
 def _parse_toml(text: str, where: str) -> dict:
@@ -174,7 +184,7 @@ def parse_spec(raw: dict) -> SweepSpec:
     if "name" not in raw:
         raise SpecError("name: missing; every spec needs a name (a short string used for the results folder)")
     name = _check_str("name", raw["name"])
-    if not name or any(c in name for c in "/\\\0") or name.startswith("."):
+    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name):
         raise SpecError(f"name: {name!r} cannot name a folder; use letters, digits, '-', '_' or '.'")
     device = _check_choice("device", raw.get("device", "auto"), DEVICES)
     seed = _check_int("seed", raw.get("seed", 0), minimum=0)
@@ -234,14 +244,17 @@ def _check_int(key: str, value, minimum: int = 1) -> int:
 
 
 def _check_float(key: str, value, minimum: float | None = None, max_exclusive: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise SpecError(f"{key}: expected a number, got {value!r}")
-    if minimum is None and value <= 0:
-        raise SpecError(f"{key}: expected a number > 0, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise SpecError(f"{key}: expected a number ≥ {minimum}, got {value!r}")
-    if max_exclusive is not None and value >= max_exclusive:
-        raise SpecError(f"{key}: expected a number < {max_exclusive}, got {value!r}")
+    bounds = "> 0" if minimum is None else f"≥ {minimum:g}"
+    bounds += f" and < {max_exclusive:g}" if max_exclusive is not None else ""
+    is_number = not isinstance(value, bool) and isinstance(value, (int, float))
+    if (
+        not is_number
+        or not math.isfinite(value)
+        or (minimum is None and value <= 0)
+        or (minimum is not None and value < minimum)
+        or (max_exclusive is not None and value >= max_exclusive)
+    ):
+        raise SpecError(f"{key}: expected a number {bounds} (finite), got {value!r}")
     return float(value)
 
 
@@ -282,7 +295,7 @@ def _check_config_overrides(section: str, table: dict, cls, allowed: tuple | Non
     for key in table:
         if (section, key) in AXIS_FIELDS:
             axis = AXIS_FIELDS[(section, key)]
-            raise SpecError(f"{section}.{key}: set by the axis, not here; use [axes] {axis} = [...]")
+            raise SpecError(f"{section}.{key}: {table[key]!r} cannot be set here; the axis sets it: use [axes] {axis} = [...]")
     names = allowed or tuple(k for k in fields if (section, k) not in AXIS_FIELDS)
     _reject_unknown(section, table, names)
     hints = typing.get_type_hints(cls)
@@ -301,7 +314,7 @@ def _check_axes(table: dict) -> dict:
             if not isinstance(v, str) or v not in available[axis]:
                 raise SpecError(f"axes.{axis}: {v!r} is not available; allowed: {', '.join(available[axis])}")
             if values.count(v) > 1:
-                raise SpecError(f"axes.{axis}: {v!r} is listed twice")
+                raise SpecError(f"axes.{axis}: {v!r} is listed twice; list each of {', '.join(available[axis])} at most once")
         axes[axis] = tuple(values)
     return axes
 
@@ -352,8 +365,12 @@ def _workload_settings(spec: SweepSpec, workload: str) -> list[dict]:
 
 def expand(spec: SweepSpec, device: str) -> list[Cell]:
     """The product of the axes; balance collapses to n/a on unrouted FFNs; duplicates run once."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"expand() needs a resolved device (cpu or cuda), got {device!r}")
     base = base_config(spec)
     measure = {"warmup": spec.measure.warmup, "repeats": spec.measure.repeats}
+    # Replicate 0 is the plain cell, so its id matches an unreplicated run of the same spec.
+    replicas = [measure] + [{**measure, "replicate": r} for r in range(1, spec.measure.replicates)]
     cells: dict[str, Cell] = {}
     for combo in itertools.product(*(spec.axes[a] for a in AXES)):
         axes = dict(zip(AXES, combo))
@@ -366,6 +383,7 @@ def expand(spec: SweepSpec, device: str) -> list[Cell]:
             ffn=dataclasses.replace(base.ffn, kind=axes["ffn"], balance=axes["balance"]),
         )
         for settings in _workload_settings(spec, axes["workload"]):
-            cell = Cell(axes, cfg, settings, measure, spec.seed, spec.data, device)
-            cells.setdefault(cell.cell_id, cell)
+            for replica in replicas:
+                cell = Cell(axes, cfg, settings, replica, spec.seed, spec.data, device)
+                cells.setdefault(cell.cell_id, cell)
     return list(cells.values())

@@ -25,6 +25,7 @@ def assert_usage_error(done: subprocess.CompletedProcess, *needles: str) -> None
         assert needle in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_smoke_preset_end_to_end(tmp_path):
     out = tmp_path / "smoke"
     done = dsbench("run", "sweep", "--preset", "smoke", "--out", str(out))

@@ -16,6 +16,8 @@ from dsbench import spec as spec_lib
 from dsbench.results import ResultStore, load_results
 from dsbench.runner import UsageError, run_sweep
 
+pytestmark = pytest.mark.slow  # every test here runs real cell processes
+
 
 def _labels(spec):
     return {c.label(): c.cell_id for c in spec_lib.expand(spec, "cpu")}
