@@ -178,6 +178,7 @@ def run_sweep(
 ) -> SweepOutcome:
     """Run every cell of `spec` not yet recorded in `out`; returns counts. Safe to interrupt."""
     console = console or Console(stderr=True)
+    sweep_start = time.perf_counter()
     device = resolve_device(device or spec.device)
     spec = dataclasses.replace(spec, device=device)
     cells = expand(spec, device)
@@ -189,7 +190,9 @@ def run_sweep(
         store.write_run_info(info)
     if "probe" not in info:
         precisions = sorted({c.model.precision for c in cells})
+        probe_start = time.perf_counter()
         info["probe"] = probe(device, precisions, spec.measure.calibrate)
+        info["probe_s"] = time.perf_counter() - probe_start
         info["environment"] = info["probe"].pop("environment")
         store.write_run_info(info)
     recorded = store.recorded()
@@ -202,6 +205,8 @@ def run_sweep(
         _run_cells(todo, {c.cell_id: i for i, c in enumerate(cells)}, store, info, spec, console, outcome)
     except KeyboardInterrupt:
         outcome.interrupted = True
+    # Summed over resumed invocations: the sweep's own wall time, probe and cells included.
+    info["sweep_wall_s"] = info.get("sweep_wall_s", 0.0) + time.perf_counter() - sweep_start
     info.update(status="interrupted" if outcome.interrupted else "complete", finished_at=_now())
     store.write_run_info(info)
     store.consolidate()
