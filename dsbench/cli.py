@@ -20,6 +20,7 @@ from dsbench import spec as spec_lib
 from dsbench.data import DataError
 from dsbench.results import ResultsError
 from dsbench.runner import UsageError
+from dsbench.variants import registry
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Measure what each DeepSeek architecture choice buys.")
 run_app = typer.Typer(no_args_is_help=True, help="Run a sweep of cells, or one cell.")
@@ -137,9 +138,9 @@ def env_cmd(
     with user_errors():
         resolved = runner.resolve_device(device)
         precisions = [p.strip() for p in precision.split(",")]
-        allowed = spec_lib.registry.axis_values()["precision"]
+        allowed = registry.axis_values()["precision"]
         for p in precisions:
-            spec_lib._check_choice("--precision", p, allowed)
+            spec_lib.check_choice("--precision", p, allowed)
     facts = runner.probe(resolved, precisions, calibrate)
     if as_json:
         typer.echo(json.dumps(facts, indent=2))
@@ -159,7 +160,7 @@ def apply_overrides(spec: spec_lib.SweepSpec, device: str | None, data: str | No
     import dataclasses
 
     if device is not None:
-        spec_lib._check_choice("--device", device, spec_lib.DEVICES)
+        spec_lib.check_choice("--device", device, spec_lib.DEVICES)
         spec = dataclasses.replace(spec, device=device)
     if data is not None:
         spec = dataclasses.replace(spec, data=data)

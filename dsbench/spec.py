@@ -186,11 +186,11 @@ def parse_spec(raw: dict) -> SweepSpec:
     name = _check_str("name", raw["name"])
     if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name):
         raise SpecError(f"name: {name!r} cannot name a folder; use letters, digits, '-', '_' or '.'")
-    device = _check_choice("device", raw.get("device", "auto"), DEVICES)
+    device = check_choice("device", raw.get("device", "auto"), DEVICES)
     seed = _check_int("seed", raw.get("seed", 0), minimum=0)
     data = _check_str("data", raw.get("data", "synthetic"))
     model = dict(_table("model", raw.get("model", {})))
-    size = _check_choice("model.size", model.pop("size", "debug"), tuple(SIZES))
+    size = check_choice("model.size", model.pop("size", "debug"), tuple(SIZES))
     spec = SweepSpec(
         name=name,
         description=_check_str("description", raw.get("description", "")),
@@ -230,7 +230,7 @@ def _check_str(key: str, value) -> str:
     return value
 
 
-def _check_choice(key: str, value, allowed: tuple) -> str:
+def check_choice(key: str, value, allowed: tuple) -> str:
     if value not in allowed:
         raise SpecError(f"{key}: {value!r} is not allowed; allowed: {', '.join(allowed)}")
     return value
