@@ -3,7 +3,7 @@ tidy tables that pandas, polars or DuckDB read directly. Nothing is pickled.
 
     <out>/run.json          schema version, run id, resolved spec, git, environment, calibration
     <out>/cells.parquet     one row per cell (units in column names)
-    <out>/series.parquet    long format: run_id, cell_id, step, metric, value, index, domain
+    <out>/series.parquet    long format: run_id, cell_id, step, metric, value, layer, index, domain
     <out>/cells/<id>.json   the fragment each finished cell wrote (the source of truth)
     <out>/logs/<id>.log     the cell process's stdout and stderr
 """
@@ -20,7 +20,7 @@ import pandas as pd
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "oom", "error", "timeout", "diverged")
 FIRST_COLUMNS = ("run_id", "cell_id", "status", "error", "label", "workload", "ffn", "attention", "precision", "balance")
-SERIES_COLUMNS = ("run_id", "cell_id", "step", "metric", "value", "index", "domain")
+SERIES_COLUMNS = ("run_id", "cell_id", "step", "metric", "value", "layer", "index", "domain")
 
 
 class ResultsError(ValueError):
@@ -106,7 +106,7 @@ def series_frame(fragments: list[dict], run_id: str | None) -> pd.DataFrame:
         (run_id, f["row"]["cell_id"], *entry) for f in fragments for entry in f["series"]
     ]
     frame = pd.DataFrame.from_records(records, columns=list(SERIES_COLUMNS))
-    return frame.astype({"step": "int64", "value": "float64", "index": "Int64", "metric": "string", "domain": "string"})
+    return frame.astype({"step": "int64", "value": "float64", "layer": "Int64", "index": "Int64", "metric": "string", "domain": "string"})
 
 
 @dataclass

@@ -25,7 +25,7 @@ from dsbench.measure import NvmlSampler, current_rss_bytes, peak_memory, reset_p
 from dsbench.spec import Cell
 from dsbench.variants.decoder import build_model
 from dsbench.variants.precision import PRECISIONS
-from dsbench.workloads import WORKLOADS, Context, Diverged, WorkloadRun
+from dsbench.workloads import WORKLOADS, Context, Diverged, WorkloadRun, point
 
 OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory", "cannot allocate memory")
 
@@ -95,7 +95,7 @@ def measure_cell(cell: Cell, runtime: dict) -> tuple[dict, list]:
     row.update(run.summary)
     row["emulated"] = False
     row["speed_note"] = precision.cpu_speed_note() if device.type == "cpu" else None
-    series = [(s, "step_time_ms", 1e3 * t, None, None) for s, t in enumerate(run.step_times_s)] + run.series
+    series = [point(s, "step_time_ms", 1e3 * t) for s, t in enumerate(run.step_times_s)] + run.series
     return row, series
 
 

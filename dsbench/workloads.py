@@ -29,7 +29,12 @@ class WorkloadRun:
     tokens_per_step: int
     mean_context_len: float  # keys each processed token attends to, on average (for FLOPs)
     summary: dict = field(default_factory=dict)  # workload-specific scalar results
-    series: list[tuple] = field(default_factory=list)  # (step, metric, value, index, domain)
+    series: list[tuple] = field(default_factory=list)  # point(...) rows
+
+
+def point(step: int, metric: str, value: float, layer: int | None = None, index: int | None = None, domain: str | None = None) -> tuple:
+    """One row of the long series table (layer: model layer; index: e.g. expert id)."""
+    return (step, metric, value, layer, index, domain)
 
 
 @dataclass
@@ -108,7 +113,7 @@ def run_train(ctx: Context, settings: dict) -> WorkloadRun:
     run = WorkloadRun(timer.samples_s(), B * T, mean_context_len=(T + 1) / 2)
     _check_finite(losses.mean(dim=1), "train loss")
     run.series += _loss_series(losses, torch.stack(domain_labels), ctx.data.domains)
-    run.series += [(s, "grad_norm", float(g), None, None) for s, g in enumerate(torch.stack(grad_norms).cpu())]
+    run.series += [point(s, "grad_norm", float(g)) for s, g in enumerate(torch.stack(grad_norms).cpu())]
     tail = max(1, settings["steps"] // 10)
     run.summary["final_loss"] = float(losses[-tail:].mean())
     run.summary["first_loss"] = float(losses[0].mean())
@@ -118,11 +123,11 @@ def run_train(ctx: Context, settings: dict) -> WorkloadRun:
 
 def _loss_series(losses: torch.Tensor, domains: torch.Tensor, names) -> list[tuple]:
     """Loss per step, and per step and data domain (mean over that domain's rows)."""
-    rows = [(s, "loss", float(v), None, None) for s, v in enumerate(losses.mean(dim=1))]
+    rows = [point(s, "loss", float(v)) for s, v in enumerate(losses.mean(dim=1))]
     for d, name in enumerate(names):
         mask = domains == d  # (steps, B)
         for s in torch.nonzero(mask.any(dim=1)).flatten().tolist():
-            rows.append((s, "loss_by_domain", float(losses[s][mask[s]].mean()), None, name))
+            rows.append(point(s, "loss_by_domain", float(losses[s][mask[s]].mean()), domain=name))
     return rows
 
 
@@ -142,8 +147,8 @@ def _evaluate(ctx: Context, settings: dict, series: list) -> dict:
     step = settings["steps"]
     for d, name in enumerate(ctx.data.domains):
         if (labels == d).any():
-            series.append((step, "eval_loss_by_domain", float(losses[labels == d].mean()), None, name))
-    series.append((step, "eval_loss", float(losses.mean()), None, None))
+            series.append(point(step, "eval_loss_by_domain", float(losses[labels == d].mean()), domain=name))
+    series.append(point(step, "eval_loss", float(losses.mean())))
     _check_finite(losses, "eval loss")
     return {"eval_loss": float(losses.mean())}
 
@@ -189,7 +194,7 @@ def run_decode(ctx: Context, settings: dict) -> WorkloadRun:
     prefill_s = prefill_timer.samples_s()
     run.summary["prefill_time_ms"] = 1e3 * sorted(prefill_s)[len(prefill_s) // 2]
     run.summary["kv_cache_bytes_per_token_measured"] = sum(c.live_bytes_per_token() for c in caches)
-    run.series += [(i, "prefill_time_ms", 1e3 * t, None, None) for i, t in enumerate(prefill_s)]
+    run.series += [point(i, "prefill_time_ms", 1e3 * t) for i, t in enumerate(prefill_s)]
     return run
 
 

@@ -137,7 +137,7 @@ def test_results_tables_schema(tiny_spec_file, tmp_path):
     assert cells["power_w_mean"].isna().all() and cells["energy_j_per_token"].isna().all()
     assert (ok.loc["decode", "kv_cache_bytes_per_token_measured"] == ok.loc["decode", "kv_cache_bytes_per_token"])
     series = results.series
-    assert list(series.columns) == ["run_id", "cell_id", "step", "metric", "value", "index", "domain"]
+    assert list(series.columns) == ["run_id", "cell_id", "step", "metric", "value", "layer", "index", "domain"]
     train_id = ok.loc["train", "cell_id"]
     losses = series[(series.cell_id == train_id) & (series.metric == "loss")]
     assert list(losses["step"]) == list(range(6))
