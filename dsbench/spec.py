@@ -119,7 +119,9 @@ class Cell:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:12]
 
     def identity(self) -> dict:
-        return {"axes": self.axes, "model": self.model.to_dict(), "workload": self.workload,
+        model = {**self.model.to_dict(), "attention": registry.relevant_fields(self.model.attention),
+                 "ffn": registry.relevant_fields(self.model.ffn)}
+        return {"axes": self.axes, "model": model, "workload": self.workload,
                 "measure": self.measure, "seed": self.seed, "data": self.data, "device": self.device}
 
     def label(self) -> str:
@@ -379,8 +381,8 @@ def expand(spec: SweepSpec, device: str) -> list[Cell]:
         cfg = dataclasses.replace(
             base,
             precision=axes["precision"],
-            attention=dataclasses.replace(base.attention, kind=axes["attention"]),
-            ffn=dataclasses.replace(base.ffn, kind=axes["ffn"], balance=axes["balance"]),
+            attention=registry.normalize(dataclasses.replace(base.attention, kind=axes["attention"])),
+            ffn=registry.normalize(dataclasses.replace(base.ffn, kind=axes["ffn"], balance=axes["balance"])),
         )
         for settings in _workload_settings(spec, axes["workload"]):
             for replica in replicas:

@@ -4,6 +4,7 @@ new variant (moe, deepseekmoe, mla, fp8, …) is added here and nowhere else.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from .attention import MultiHeadAttention
@@ -17,14 +18,17 @@ class Variant:
     module: type
     paper: str
     routed: bool = False  # routed FFNs take the `balance` axis; others collapse it to "n/a"
+    # Config fields this variant reads besides `kind`. The others are reset to their defaults
+    # and left out of its cell identity, so they neither split cells nor change ids.
+    fields: tuple[str, ...] = ()
 
 
 ATTENTION: dict[str, Variant] = {
-    "mha": Variant("mha", MultiHeadAttention, "Vaswani et al. 1706.03762"),
+    "mha": Variant("mha", MultiHeadAttention, "Vaswani et al. 1706.03762", fields=("n_heads", "n_kv_heads", "head_dim", "rope_theta")),
 }
 
 FFN: dict[str, Variant] = {
-    "dense": Variant("dense", DenseFFN, "Shazeer 2002.05202 (SwiGLU)"),
+    "dense": Variant("dense", DenseFFN, "Shazeer 2002.05202 (SwiGLU)", fields=("d_ff", "balance")),
 }
 
 # Load-balancing strategies for routed FFNs; `none` is always available.
@@ -48,3 +52,15 @@ def axis_values() -> dict[str, tuple[str, ...]]:
         "balance": tuple(BALANCE),
         "workload": tuple(WORKLOADS),
     }
+
+
+def relevant_fields(part) -> dict:
+    """The fields of an AttentionConfig or FFNConfig that its variant reads (kind included)."""
+    table = ATTENTION if hasattr(part, "n_heads") else FFN
+    keep = ("kind", *table[part.kind].fields)
+    return {k: v for k, v in dataclasses.asdict(part).items() if k in keep}
+
+
+def normalize(part):
+    """The same part with every field its variant does not read reset to the default."""
+    return type(part)(**relevant_fields(part))
