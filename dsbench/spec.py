@@ -274,6 +274,8 @@ def _check_value(key: str, value, annotation, metadata) -> object:
     if annotation is float:
         return _check_float(key, value, metadata.get("min"), metadata.get("max_exclusive"))
     if annotation is str:
+        if "choices" in metadata:  # a str field with a fixed set of values (field metadata)
+            return check_choice(key, value, tuple(metadata["choices"]))
         return _check_str(key, value)
     if origin is tuple:
         items = value if isinstance(value, list) else [value]

@@ -18,11 +18,40 @@ class AttentionConfig:
     rope_theta: float = 10000.0
 
 
+def _choices(default: str, *allowed: str):
+    return field(default=default, metadata={"choices": allowed})
+
+
+def _at_least(default, minimum):
+    return field(default=default, metadata={"min": minimum})
+
+
 @dataclass(frozen=True)
 class FFNConfig:
     kind: str = "dense"
     d_ff: int = 192  # SwiGLU hidden width; the dense base MoE variants are cut from
     balance: str = "n/a"  # load balancing; only routed FFNs use it
+    # --- routed FFNs (variants/moe.py). Classic MoE: n_experts experts of width d_ff/top_k, so
+    # top_k of them activate exactly d_ff (the dense width). DeepSeekMoE (2401.06066 §3) splits
+    # each into `granularity` m experts and isolates n_shared of the m·n_experts as shared.
+    n_experts: int = 16  # N, as DeepSeekMoE 2B (§4.1): 16 experts, top-2
+    top_k: int = 2  # K
+    granularity: int = 4  # m (deepseekmoe only): 64 fine-grained experts, 8 activated
+    n_shared: int = 1  # K_s (deepseekmoe only): 1 shared + 7 of 63 routed, as DeepSeekMoE 2B
+    first_k_dense: int = _at_least(0, 0)  # leading layers that keep the dense FFN
+    router: str = _choices("softmax", "softmax", "sigmoid", "v3")  # v3: sigmoid, normalised, scaled
+    norm_topk: bool = False  # renormalise the selected gate weights to sum to 1 (v3 forces it)
+    routed_scale: float = 2.5  # routed scaling factor, used by router = "v3" (V3 config: 2.5)
+    n_group: int = 1  # group-limited routing (V3 §2.1.2): experts split into n_group groups…
+    topk_group: int = 1  # …of which topk_group are kept per token
+    aux_alpha: float = _at_least(0.01, 0)  # α1, expert-level balance loss (DeepSeekMoE §3.3)
+    aux_device_alpha: float = _at_least(0.0, 0)  # α2, device-level balance loss, over n_devices groups
+    n_devices: int = 1
+    seq_aux_alpha: float = _at_least(0.0, 0)  # α, V3's complementary sequence-wise loss (V3 §2.1.2)
+    bias_update_rate: float = 0.001  # γ, auxiliary-loss-free bias step (V3 §2.1.2 uses 0.001)
+    bias_zero_mean: bool = False  # re-centre the biases after each update (a variant; not in V3)
+    capacity_factor: float = _at_least(0.0, 0)  # 0 = dropless; else drop tokens past capacity
+    uniform_routing: bool = False  # force a perfectly balanced assignment (best-case throughput)
 
 
 @dataclass(frozen=True)
