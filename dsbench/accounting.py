@@ -25,7 +25,8 @@ def tokens_per_step(cell: Cell) -> int:
 
 
 def flops_per_token(cell: Cell) -> float:
-    forward = decoder.forward_flops_per_token(cell.model, mean_context_len(cell))
+    decode = cell.axes["workload"] == "decode"  # timed tokens come from the cache (MLA: its decode path)
+    forward = decoder.forward_flops_per_token(cell.model, mean_context_len(cell), decode=decode)
     # Backward costs two forwards (activation and weight gradients): train = 3 × forward.
     return 3 * forward if cell.axes["workload"] == "train" else forward
 

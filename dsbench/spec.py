@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from dsbench.variants import registry
+from dsbench.variants import decoder, registry
+from dsbench.variants.mla import MultiHeadLatentAttention, mla_dims
+from dsbench.variants.precision import PRECISIONS, dtype_bytes
 from dsbench.variants.config import SIZES, AttentionConfig, FFNConfig, ModelConfig, config_from_size
 
 AXES = ("workload", "ffn", "attention", "precision", "balance")  # expansion order
@@ -63,6 +65,11 @@ class DecodeSettings:
     batch_size: int = 4
     context_lens: tuple[int, ...] = (128,)
     new_tokens: int = 32
+    # Maximum generation throughput (the quantity of DeepSeek-V2's "5.76×"): with a budget, each
+    # context of max_batch_context_lens (default: all context_lens) also gets a decode cell at the
+    # largest batch whose weights and KV cache (analytic, context + new_tokens slots a row) fit.
+    memory_budget_bytes: int | None = None
+    max_batch_context_lens: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -76,7 +83,8 @@ class MeasureSettings:
 
 SECTIONS = {"train": TrainSettings, "prefill": PrefillSettings, "decode": DecodeSettings, "measure": MeasureSettings}
 # Fields the axes set; a section may not set them directly.
-AXIS_FIELDS = {("attention", "kind"): "attention", ("ffn", "kind"): "ffn", ("ffn", "balance"): "balance", ("model", "precision"): "precision"}
+AXIS_FIELDS = {("attention", "kind"): "attention", ("attention", "mla_impl"): "attention", ("ffn", "kind"): "ffn",
+               ("ffn", "balance"): "balance", ("model", "precision"): "precision"}
 MODEL_KEYS = ("size", "d_model", "n_layers", "vocab_size", "max_seq_len", "norm_eps", "tie_embeddings", "init_std")
 TOP_KEYS = ("name", "description", "device", "seed", "data", "model", "attention", "ffn", "axes", *SECTIONS)
 
@@ -131,6 +139,8 @@ class Cell:
             parts.append(a["balance"])
         w = self.workload
         shape = f"b{w['batch_size']}×" + (f"ctx{w['context_len']}+{w['new_tokens']}" if "context_len" in w else f"t{w['seq_len']}")
+        if "memory_budget_bytes" in w:
+            shape += f" max-batch@{w['memory_budget_bytes'] / 2**20:g}MiB"
         replicate = self.measure.get("replicate", 0)
         return "/".join(parts) + " " + shape + (f" #{replicate}" if replicate else "")
 
@@ -334,6 +344,12 @@ def _check_combinations(spec: SweepSpec) -> None:
         raise SpecError(f"attention.head_dim: {cfg.head_dim()} is odd; RoPE needs an even head dim")
     if spec.data == "synthetic" and cfg.vocab_size < 256:
         raise SpecError(f"model.vocab_size: {cfg.vocab_size} is below 256, the byte vocabulary of the synthetic data")
+    for kind in spec.axes["ffn"]:  # a variant may refuse a config it cannot build, in one line
+        module = registry.FFN[kind].module
+        if hasattr(module, "check_config"):
+            problem = module.check_config(dataclasses.replace(cfg, ffn=dataclasses.replace(cfg.ffn, kind=kind)))
+            if problem:
+                raise SpecError(problem)
     limit = cfg.max_seq_len
     workloads = spec.axes["workload"]
     if "train" in workloads:
@@ -349,6 +365,40 @@ def _check_combinations(spec: SweepSpec) -> None:
         for L in spec.decode.context_lens:
             if L + spec.decode.new_tokens > limit:
                 raise SpecError(f"decode.context_lens: {L} + decode.new_tokens {spec.decode.new_tokens} exceeds model.max_seq_len {limit}")
+        _check_max_batch(spec)
+    _check_attention_variants(spec)
+
+
+def _check_attention_variants(spec: SweepSpec) -> None:
+    kinds, G = spec.axes["attention"], base_config(spec).attention.n_kv_heads
+    if "mha" in kinds and "gqa" in kinds and G not in (None, base_config(spec).attention.n_heads):
+        raise SpecError(f"attention.n_kv_heads: {G} would group the mha cells' KV heads too, making mha the same model as "
+                        "gqa; leave it unset (gqa then uses n_heads/4) or drop mha from [axes] attention")
+    for _, cfg in _cell_configs(spec):
+        if registry.ATTENTION[cfg.attention.kind].module is MultiHeadLatentAttention:
+            rope = mla_dims(cfg).Dr
+            if rope % 2:
+                raise SpecError(f"attention.qk_rope_head_dim: {rope} is odd; RoPE needs an even dim")
+
+
+def _check_max_batch(spec: SweepSpec) -> None:
+    d = spec.decode
+    if d.max_batch_context_lens is not None:
+        if d.memory_budget_bytes is None:
+            raise SpecError("decode.max_batch_context_lens: set without decode.memory_budget_bytes; set the budget too")
+        for L in d.max_batch_context_lens:
+            if L not in d.context_lens:
+                raise SpecError(f"decode.max_batch_context_lens: {L} is not one of decode.context_lens {list(d.context_lens)}")
+    if d.memory_budget_bytes is None:
+        return
+    for axes, cfg in _cell_configs(dataclasses.replace(spec, axes={**spec.axes, "workload": ("decode",)})):
+        for L in d.max_batch_context_lens or d.context_lens:
+            if max_batch(cfg, d.memory_budget_bytes, L + d.new_tokens) < 1:
+                what = "/".join(axes[a] for a in ("ffn", "attention", "precision"))
+                width = dtype_bytes(PRECISIONS[cfg.precision].inference_dtype)
+                need = decoder.weight_bytes(cfg, width) + decoder.kv_cache_bytes_per_token(cfg, width) * (L + d.new_tokens)
+                raise SpecError(f"decode.memory_budget_bytes: {d.memory_budget_bytes} does not hold one sequence of "
+                                f"{what} at context {L} + {d.new_tokens} (weights and KV cache: {need} bytes); raise it")
 
 
 # --- expansion ---
@@ -358,24 +408,36 @@ def base_config(spec: SweepSpec) -> ModelConfig:
     return config_from_size(spec.size, **spec.model, **spec.attention, **spec.ffn)
 
 
-def _workload_settings(spec: SweepSpec, workload: str) -> list[dict]:
+def _workload_settings(spec: SweepSpec, workload: str, cfg: ModelConfig) -> list[dict]:
     if workload == "train":
         return [dataclasses.asdict(spec.train)]
     if workload == "prefill":
         return [{"batch_size": spec.prefill.batch_size, "seq_len": T} for T in spec.prefill.seq_lens]
     d = spec.decode
-    return [{"batch_size": d.batch_size, "context_len": L, "new_tokens": d.new_tokens} for L in d.context_lens]
+    cells = [{"batch_size": d.batch_size, "context_len": L, "new_tokens": d.new_tokens} for L in d.context_lens]
+    if d.memory_budget_bytes is not None:
+        for L in d.max_batch_context_lens or d.context_lens:
+            batch = max_batch(cfg, d.memory_budget_bytes, L + d.new_tokens)
+            cells.append({"batch_size": batch, "context_len": L, "new_tokens": d.new_tokens, "memory_budget_bytes": d.memory_budget_bytes})
+    return cells
 
 
-def expand(spec: SweepSpec, device: str) -> list[Cell]:
-    """The product of the axes; balance collapses to n/a on unrouted FFNs; duplicates run once."""
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"expand() needs a resolved device (cpu or cuda), got {device!r}")
+def max_batch(cfg: ModelConfig, budget_bytes: int, positions: int) -> int:
+    """The largest batch whose weights and KV cache (`positions` slots a row) fit budget_bytes.
+
+    Analytic, from the same formulas as the accounting columns (parameter count × the inference
+    dtype's bytes, and the KV bytes per token that the tests check against the live caches).
+    Activations are not counted: at decode they are O(batch × d_model), beside O(batch × context)
+    for the cache; the prefill that fills the cache is the larger transient.
+    """
+    width = dtype_bytes(PRECISIONS[cfg.precision].inference_dtype)
+    free = budget_bytes - decoder.weight_bytes(cfg, width)
+    return max(0, free // (decoder.kv_cache_bytes_per_token(cfg, width) * positions))
+
+
+def _cell_configs(spec: SweepSpec):
+    """(axes, model config) for each combination of the axes, as the cells are built."""
     base = base_config(spec)
-    measure = {"warmup": spec.measure.warmup, "repeats": spec.measure.repeats}
-    # Replicate 0 is the plain cell, so its id matches an unreplicated run of the same spec.
-    replicas = [measure] + [{**measure, "replicate": r} for r in range(1, spec.measure.replicates)]
-    cells: dict[str, Cell] = {}
     for combo in itertools.product(*(spec.axes[a] for a in AXES)):
         axes = dict(zip(AXES, combo))
         if not registry.FFN[axes["ffn"]].routed:
@@ -386,7 +448,19 @@ def expand(spec: SweepSpec, device: str) -> list[Cell]:
             attention=registry.normalize(dataclasses.replace(base.attention, kind=axes["attention"])),
             ffn=registry.normalize(dataclasses.replace(base.ffn, kind=axes["ffn"], balance=axes["balance"])),
         )
-        for settings in _workload_settings(spec, axes["workload"]):
+        yield axes, cfg
+
+
+def expand(spec: SweepSpec, device: str) -> list[Cell]:
+    """The product of the axes; balance collapses to n/a on unrouted FFNs; duplicates run once."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"expand() needs a resolved device (cpu or cuda), got {device!r}")
+    measure = {"warmup": spec.measure.warmup, "repeats": spec.measure.repeats}
+    # Replicate 0 is the plain cell, so its id matches an unreplicated run of the same spec.
+    replicas = [measure] + [{**measure, "replicate": r} for r in range(1, spec.measure.replicates)]
+    cells: dict[str, Cell] = {}
+    for axes, cfg in _cell_configs(spec):
+        for settings in _workload_settings(spec, axes["workload"], cfg):
             for replica in replicas:
                 cell = Cell(axes, cfg, settings, replica, spec.seed, spec.data, device)
                 cells.setdefault(cell.cell_id, cell)

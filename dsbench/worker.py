@@ -93,8 +93,8 @@ def measure_cell(cell: Cell, runtime: dict) -> tuple[dict, list]:
     row.update(energy_columns(nvml.summary(), run))
     row.update(mfu_columns(cell, row["tokens_per_s_median"], runtime))
     row.update(run.summary)
-    row["emulated"] = False
-    row["speed_note"] = precision.cpu_speed_note() if device.type == "cpu" else None
+    row["emulated"] = precision.emulated_on(device)
+    row["speed_note"] = precision.speed_note(device)
     series = [point(s, "step_time_ms", 1e3 * t) for s, t in enumerate(run.step_times_s)] + run.series
     return row, series
 

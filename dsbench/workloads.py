@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dsbench.measure import StepTimer
+from dsbench.variants.fp8 import QuantisationProbe
 from dsbench.variants.precision import Precision
 
 
@@ -94,6 +95,7 @@ def run_train(ctx: Context, settings: dict) -> WorkloadRun:
     row_losses, grad_norms, domain_labels = [], [], []
     for step in range(settings["steps"]):
         inputs, targets, domains = _to_device(ctx.data.batch(step, B, T), ctx.device)
+        model.set_token_domains(domains, ctx.data.domains)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, settings)
         with timer.step(record=step >= ctx.warmup):
@@ -118,7 +120,33 @@ def run_train(ctx: Context, settings: dict) -> WorkloadRun:
     run.summary["final_loss"] = float(losses[-tail:].mean())
     run.summary["first_loss"] = float(losses[0].mean())
     run.summary.update(_evaluate(ctx, settings, run.series))
+    _add_part_metrics(ctx, run)
+    run.summary.update(_quantisation_stats(ctx, settings))
     return run
+
+
+def _quantisation_stats(ctx: Context, settings: dict) -> dict:
+    """FP8 cells: SQNR of what each FP8 linear quantises (X, W, dY) and the bytes its FP8 cache of
+    X saves, from one untimed forward and backward at the final weights on the next batch."""
+    with QuantisationProbe(ctx.model) as probe:
+        if not probe.layers:
+            return {}
+        ctx.model.train()
+        batch = ctx.data.batch(settings["steps"], settings["batch_size"], settings["seq_len"])
+        inputs, targets, domains = _to_device(batch, ctx.device)
+        ctx.model.set_token_domains(domains, ctx.data.domains)
+        with _autocast(ctx):
+            loss = _loss_per_row(ctx.model(inputs), targets).mean()
+        loss.backward()
+    ctx.model.zero_grad(set_to_none=True)
+    return probe.summary()
+
+
+def _add_part_metrics(ctx: Context, run: WorkloadRun) -> None:
+    """Series and columns the model's parts observed themselves (routing balance, …)."""
+    records, columns = ctx.model.collect_metrics()
+    run.series += [point(**r) for r in records]
+    run.summary.update(columns)
 
 
 def _loss_series(losses: torch.Tensor, domains: torch.Tensor, names) -> list[tuple]:
@@ -140,6 +168,7 @@ def _evaluate(ctx: Context, settings: dict, series: list) -> dict:
     per_row, labels = [], []
     for i in range(settings["eval_batches"]):
         inputs, targets, domains = _to_device(ctx.data.batch(i, settings["batch_size"], settings["seq_len"], split="eval"), ctx.device)
+        ctx.model.set_token_domains(domains, ctx.data.domains)
         with _autocast(ctx):
             per_row.append(_loss_per_row(ctx.model(inputs), targets).float().cpu())
         labels.append(domains)
@@ -160,7 +189,9 @@ def _evaluate(ctx: Context, settings: dict, series: list) -> dict:
 def run_prefill(ctx: Context, settings: dict) -> WorkloadRun:
     model, B, T = ctx.model, settings["batch_size"], settings["seq_len"]
     model.eval()
-    inputs = ctx.data.batch(0, B, T).inputs.to(ctx.device)
+    batch = ctx.data.batch(0, B, T)
+    inputs = batch.inputs.to(ctx.device)
+    model.set_token_domains(batch.domains, ctx.data.domains)
     dtype = ctx.precision.inference_dtype
     timer = StepTimer(ctx.device)
     for i in range(ctx.warmup + ctx.repeats):
@@ -170,6 +201,7 @@ def run_prefill(ctx: Context, settings: dict) -> WorkloadRun:
     _check_finite(logits[:, -1].float(), "prefill logits")
     run = WorkloadRun(timer.samples_s(), B * T, mean_context_len=(T + 1) / 2)
     run.summary["kv_cache_bytes_per_token_measured"] = sum(c.live_bytes_per_token() for c in caches)
+    _add_part_metrics(ctx, run)
     return run
 
 
@@ -182,7 +214,9 @@ def run_decode(ctx: Context, settings: dict) -> WorkloadRun:
     """
     model, B, L, N = ctx.model, settings["batch_size"], settings["context_len"], settings["new_tokens"]
     model.eval()
-    context = ctx.data.batch(0, B, L).inputs.to(ctx.device)
+    batch = ctx.data.batch(0, B, L)
+    context = batch.inputs.to(ctx.device)
+    model.set_token_domains(batch.domains, ctx.data.domains)
     caches = model.new_caches(B, L + N, ctx.precision.inference_dtype, ctx.device)
     prefill_timer, token_timer = StepTimer(ctx.device), StepTimer(ctx.device)
     if ctx.warmup:
@@ -195,6 +229,7 @@ def run_decode(ctx: Context, settings: dict) -> WorkloadRun:
     run.summary["prefill_time_ms"] = 1e3 * sorted(prefill_s)[len(prefill_s) // 2]
     run.summary["kv_cache_bytes_per_token_measured"] = sum(c.live_bytes_per_token() for c in caches)
     run.series += [point(i, "prefill_time_ms", 1e3 * t) for i, t in enumerate(prefill_s)]
+    _add_part_metrics(ctx, run)
     return run
 
 

@@ -102,12 +102,18 @@ BAD = [
     ("device-unknown", _spec(device="tpu"), ["device", "'tpu'", "auto", "cpu", "cuda"]),
     ("device-case", _spec(device="CUDA"), ["device", "'CUDA'", "auto", "cpu", "cuda"]),
     # axis values
-    ("axis-ffn-moe", _spec(axes={"ffn": "moe"}), ["axes.ffn", "'moe'", "allowed", "dense"]),
-    ("axis-ffn-moe-in-list", _spec(axes={"ffn": ["dense", "moe"]}), ["axes.ffn", "'moe'", "dense"]),
+    ("axis-ffn-unknown", _spec(axes={"ffn": "switch"}), ["axes.ffn", "'switch'", "allowed", "dense", "deepseekmoe"]),
+    ("axis-ffn-unknown-in-list", _spec(axes={"ffn": ["dense", "switch"]}), ["axes.ffn", "'switch'", "dense"]),
+    ("moe-d-ff-vs-top-k", _spec(axes={"ffn": "moe"}, ffn={"d_ff": 193}), ["ffn.d_ff", "193", "top_k"]),
+    ("dsmoe-granularity", _spec(axes={"ffn": "deepseekmoe"}, ffn={"granularity": 5}), ["ffn.granularity", "5", "96"]),
+    ("dsmoe-shared", _spec(axes={"ffn": "deepseekmoe"}, ffn={"n_shared": 8}), ["ffn.n_shared", "8", "granularity·top_k = 8"]),
+    ("moe-router-choice", _spec(axes={"ffn": "moe"}, ffn={"router": "relu"}), ["ffn.router", "'relu'", "softmax, sigmoid, v3"]),
+    ("moe-groups", _spec(axes={"ffn": "moe"}, ffn={"n_group": 3}), ["ffn.n_group", "3", "16 routed"]),
+    ("moe-topk-group", _spec(axes={"ffn": "moe"}, ffn={"n_group": 4, "topk_group": 5}), ["ffn.topk_group", "5", "n_group 4"]),
     ("axis-workload-serve", _spec(axes={"workload": ["serve"]}), ["axes.workload", "'serve'", "train", "prefill", "decode"]),
-    ("axis-attention-mla", _spec(axes={"attention": ["mla"]}), ["axes.attention", "'mla'", "mha"]),
-    ("axis-precision-fp8", _spec(axes={"precision": ["fp8"]}), ["axes.precision", "'fp8'", "fp32", "bf16"]),
-    ("axis-balance-aux", _spec(axes={"balance": ["aux"]}), ["axes.balance", "'aux'", "none"]),
+    ("axis-attention-unknown", _spec(axes={"attention": ["linear"]}), ["axes.attention", "'linear'", "mha"]),
+    ("axis-precision-unknown", _spec(axes={"precision": ["fp4"]}), ["axes.precision", "'fp4'", "fp32", "bf16"]),
+    ("axis-balance-unknown", _spec(axes={"balance": ["z-loss"]}), ["axes.balance", "'z-loss'", "none", "aux", "bias"]),
     ("axis-non-string", _spec(axes={"precision": [16]}), ["axes.precision", "16", "fp32", "bf16"]),
     ("axis-twice", _spec(axes={"precision": ["fp32", "bf16", "fp32"]}), ["axes.precision", "'fp32'", "twice"]),
     ("axis-empty", _spec(axes={"ffn": []}), ["axes.ffn", "empty", "dense"]),
@@ -391,19 +397,15 @@ def test_balance_collapses_on_dense():
     assert _ids(with_balance) == _ids(default)
 
 
-def test_balance_duplicates_after_collapse_run_once(monkeypatch):
-    # a second strategy (as `aux` will be): on a dense FFN both collapse to n/a and run once
-    monkeypatch.setitem(registry.BALANCE, "aux", "auxiliary loss (test only)")
+def test_balance_duplicates_after_collapse_run_once():
+    # two strategies: on a dense FFN both collapse to n/a and run once
     spec = parse_spec(_all_workloads(axes={"balance": ["none", "aux"]}))
     cells = expand(spec, "cpu")
     assert len(cells) == 3
     assert _ids(spec) == _ids(parse_spec(_all_workloads()))
 
 
-def test_balance_multiplies_on_routed_ffn(monkeypatch):
-    dense = registry.FFN["dense"]
-    monkeypatch.setitem(registry.FFN, "moe", dataclasses.replace(dense, name="moe", routed=True))
-    monkeypatch.setitem(registry.BALANCE, "aux", "auxiliary loss (test only)")
+def test_balance_multiplies_on_routed_ffn():
     spec = parse_spec(_spec(axes={"ffn": ["dense", "moe"], "balance": ["none", "aux"]}))
     cells = expand(spec, "cpu")
     assert sorted((c.axes["ffn"], c.axes["balance"]) for c in cells) == [("dense", "n/a"), ("moe", "aux"), ("moe", "none")]

@@ -16,13 +16,14 @@ from .precision import linear
 
 
 class KVCache(nn.Module):
-    """Preallocated per-layer key/value cache: (B, G, S_max, D) each."""
+    """Preallocated per-layer key/value cache: (B, G, S_max, D) each (values D_v wide if given)."""
 
-    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device, v_head_dim: int | None = None):
         super().__init__()
         shape = (batch, n_kv_heads, max_len, head_dim)
+        v_shape = (*shape[:-1], v_head_dim or head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(v_shape, dtype=dtype, device=device), persistent=False)
 
     @property
     def max_len(self) -> int:
@@ -49,6 +50,37 @@ def causal_mask(start_pos: int, T: int, S: int, device) -> torch.Tensor:
     return torch.arange(S, device=device)[None, :] <= q_pos
 
 
+def causal_attention(q, k, v, start_pos: int, scale: float | None = None) -> torch.Tensor:
+    """q (B, H, T, D) over k (B, G, S, D), v (B, G, S, Dv), the last T of the S keys being q's
+    own positions → (B, H, T, Dv). G < H shares each K/V head across H/G query heads.
+
+    Without earlier keys (train, prefill) this is SDPA. Over a cache it is `cached_attention`.
+    """
+    if q.shape[2] == k.shape[2]:  # no earlier tokens in the keys: plain causal
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    return cached_attention(q, k, v, start_pos, scale)
+
+
+def cached_attention(q, k, v, start_pos: int, scale: float | None = None) -> torch.Tensor:
+    """New tokens over a cache, as plain matmuls; shapes as `causal_attention`.
+
+    The H/G query heads that share a K/V head become rows of one matmul, so a shared cache is
+    read once and never copied. The scale goes on q, never on the cache (SDPA's CPU fallback,
+    taken when Dv != D or V is a strided view, scales every cached key on every call). Scores
+    are softmaxed in fp32.
+    """
+    B, H, T, D = q.shape
+    G, S = k.shape[1], k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    rows = (q * scale).reshape(B, G, H // G * T, D)  # head h → group h // (H/G), as enable_gqa
+    scores = rows @ k.transpose(-1, -2)  # (B, G, H/G·T, S)
+    if T > 1:  # SDPA's is_causal aligns top-left, wrong when T < S: an explicit mask
+        mask = causal_mask(start_pos, T, S, q.device).repeat(H // G, 1)  # (H/G·T, S)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.float().softmax(dim=-1).type_as(v)
+    return (probs @ v).reshape(B, H, T, v.shape[-1])
+
+
 class MultiHeadAttention(nn.Module):
     """Causal self-attention with RoPE (Vaswani et al. 1706.03762; Su et al. 2104.09864).
 
@@ -73,10 +105,11 @@ class MultiHeadAttention(nn.Module):
         return C * H * D + 2 * C * G * D + H * D * C
 
     @staticmethod
-    def flops_per_token(cfg: ModelConfig, context_len: float) -> float:
+    def flops_per_token(cfg: ModelConfig, context_len: float, decode: bool = False) -> float:
         """Forward FLOPs for one token attending to context_len keys: 2 per multiply-add.
 
-        Projections 2·params; scores QKᵀ 2·H·D·ctx and weighted sum AV 2·H·D·ctx.
+        Projections 2·params; scores QKᵀ 2·H·D·ctx and weighted sum AV 2·H·D·ctx. The same
+        whether the token is decoded from the cache or not (`decode` is for MLA's two paths).
         """
         H, D = cfg.attention.n_heads, cfg.head_dim()
         return 2 * MultiHeadAttention.param_count(cfg) + 4 * H * D * context_len
@@ -97,16 +130,5 @@ class MultiHeadAttention(nn.Module):
         q, k = self.rope(q, start_pos), self.rope(k, start_pos)
         if cache is not None:
             k, v = cache.update(start_pos, k, v)  # (B, G, S, D)
-        out = self._attend(q, k, v, start_pos)  # (B, H, T, D)
+        out = causal_attention(q, k, v, start_pos)  # (B, H, T, D)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-
-    def _attend(self, q, k, v, start_pos: int) -> torch.Tensor:
-        T, S = q.shape[2], k.shape[2]
-        gqa = self.n_kv_heads != self.n_heads
-        if T == S:  # no earlier tokens in the keys (training, prefill, or no cache): plain causal
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        if T == 1:  # one new token sees the whole cache
-            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-        # SDPA's is_causal aligns the mask top-left, wrong when T < S: build it explicitly.
-        mask = causal_mask(start_pos, T, S, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)

@@ -16,6 +16,14 @@ class AttentionConfig:
     n_kv_heads: int | None = None  # None = n_heads (MHA); grouped variants set fewer
     head_dim: int | None = None  # None = d_model // n_heads
     rope_theta: float = 10000.0
+    # --- MLA (variants/mla.py, DeepSeek-V2 §2.1). None = derived from head_dim d_h with V2's
+    # ratios (§3.1.2: d_c = 4·d_h, d_h^R = d_h/2), so every named size has MLA dims.
+    kv_lora_rank: int | None = None  # d_c, the joint KV latent; None = 4·d_h
+    q_lora_rank: int = field(default=0, metadata={"min": 0})  # d_c', query latent; 0 = no query compression (V2-Lite)
+    qk_nope_head_dim: int | None = None  # per-head query/key dim without RoPE; None = d_h
+    qk_rope_head_dim: int | None = None  # d_h^R, the decoupled RoPE dim (one key shared by all heads); None = d_h/2
+    v_head_dim: int | None = None  # per-head value dim; None = d_h
+    mla_impl: str = field(default="absorbed", metadata={"choices": ("absorbed", "naive")})  # decode path (set by the axis)
 
 
 def _choices(default: str, *allowed: str):

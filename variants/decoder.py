@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import registry
+from .balance import combine_layers
 from .config import ModelConfig
 from .layers import RMSNorm
 
@@ -21,7 +22,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = registry.ATTENTION[cfg.attention.kind].module(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = registry.FFN[cfg.ffn.kind].module(cfg, layer_idx)
+        self.ffn = registry.FFN[cfg.ffn.kind].build(cfg, layer_idx)
 
     def forward(self, x: torch.Tensor, start_pos: int = 0, cache=None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), start_pos, cache)
@@ -68,6 +69,24 @@ class Decoder(nn.Module):
         losses = [b.ffn.aux_loss for b in self.blocks if getattr(b.ffn, "aux_loss", None) is not None]
         return torch.stack(losses).sum() if losses else None
 
+    def set_token_domains(self, domains_B: torch.Tensor, names: tuple[str, ...]) -> None:
+        """Tell routed layers each row's data domain, for routing-by-domain metrics."""
+        for block in self.blocks:
+            if hasattr(block.ffn, "token_domains"):
+                block.ffn.token_domains = (domains_B, tuple(names))
+
+    def collect_metrics(self) -> tuple[list[dict], dict]:
+        """(series records {step, metric, value, layer?, index?, domain?}, cell columns) from
+        the parts that observe themselves (routed FFNs); read once, at the end of a cell."""
+        records, per_layer = [], []
+        for i, block in enumerate(self.blocks):
+            if hasattr(block.ffn, "metrics"):
+                layer_records, summary = block.ffn.metrics(i)
+                records += layer_records
+                per_layer.append(summary)
+        combined_records, columns = combine_layers(per_layer)
+        return records + combined_records, columns
+
     def after_optimizer_step(self) -> None:
         """Let parts with non-gradient state (e.g. a routing bias) update after each step."""
         for module in self.modules():
@@ -104,13 +123,20 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     }
 
 
-def forward_flops_per_token(cfg: ModelConfig, mean_context_len: float) -> float:
+def forward_flops_per_token(cfg: ModelConfig, mean_context_len: float, decode: bool = False) -> float:
+    """decode: the token is generated from the cache (MLA's absorbed path attends differently)."""
     attn = registry.ATTENTION[cfg.attention.kind].module
     ffn = registry.FFN[cfg.ffn.kind].module
-    per_layer = sum(attn.flops_per_token(cfg, mean_context_len) + ffn.flops_per_token(cfg, i) for i in range(cfg.n_layers))
+    attn_flops = attn.flops_per_token(cfg, mean_context_len, decode)
+    per_layer = sum(attn_flops + ffn.flops_per_token(cfg, i) for i in range(cfg.n_layers))
     return per_layer + 2 * cfg.d_model * cfg.vocab_size
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, dtype_bytes: int) -> int:
     attn = registry.ATTENTION[cfg.attention.kind].module
     return cfg.n_layers * attn.kv_cache_bytes_per_token(cfg, dtype_bytes)
+
+
+def weight_bytes(cfg: ModelConfig, dtype_bytes: int) -> int:
+    """Bytes of every parameter held in one dtype (a tied head counted once)."""
+    return param_counts(cfg)["params_total"] * dtype_bytes

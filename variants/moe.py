@@ -1,0 +1,359 @@
+"""Routed FFNs: classic top-k MoE (GShard) and DeepSeekMoE (fine-grained + shared experts).
+
+Both are one layer, `MoEFeedForward`, cut from the same dense SwiGLU base of width d_ff
+(variants/config.py FFNConfig):
+- `moe` (GShard, Lepikhin et al. 2006.16668): N experts of width d_ff/K, top-K (K = 2), so the
+  K active experts hold exactly the dense FFN's d_ff.
+- `deepseekmoe` (DeepSeekMoE 2401.06066 §3): each expert split into m (fine-grained expert
+  segmentation, §3.1), giving mN experts of width d_ff/(Km) with mK active; K_s of them are
+  isolated as shared experts that every token uses (§3.2), leaving mN − K_s routed, mK − K_s
+  active. Expert parameters total and activated are therefore identical to `moe`; only the
+  gate differs (C per routed expert).
+
+Legend: N tokens (batch × seq, flattened), C model width, E routed experts, K routed experts per
+token, F expert width, G expert groups, D data domains. Suffixes give shapes: scores_NE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .balance import (
+    RoutingStats,
+    per_token_share,
+    device_balance_loss,
+    expert_balance_loss,
+    sequence_balance_loss,
+    update_bias,
+)
+from .config import FFNConfig, ModelConfig
+from .ffn import DenseFFN
+
+
+@dataclass(frozen=True)
+class Layout:
+    n_routed: int  # E
+    top_k: int  # K routed experts per token
+    expert_d_ff: int  # F
+    shared_d_ff: int  # K_s · F, one fused SwiGLU (the sum of K_s experts is one wider FFN)
+
+
+def layout(ffn: FFNConfig) -> Layout:
+    classic_width = ffn.d_ff // ffn.top_k
+    if ffn.kind == "moe":
+        return Layout(ffn.n_experts, ffn.top_k, classic_width, 0)
+    m = ffn.granularity
+    fine = classic_width // m
+    return Layout(m * ffn.n_experts - ffn.n_shared, m * ffn.top_k - ffn.n_shared, fine, ffn.n_shared * fine)
+
+
+def check_config(cfg: ModelConfig) -> str | None:
+    """The first reason this routed FFN cannot be built, as one line naming the fields; else None."""
+    f = cfg.ffn
+    if f.d_ff % f.top_k:
+        return f"ffn.d_ff: {f.d_ff} is not divisible by ffn.top_k {f.top_k} (each classic expert is d_ff/top_k wide)"
+    if f.top_k > f.n_experts:
+        return f"ffn.top_k: {f.top_k} exceeds ffn.n_experts {f.n_experts}"
+    if f.kind == "deepseekmoe":
+        if (f.d_ff // f.top_k) % f.granularity:
+            return f"ffn.granularity: {f.granularity} does not divide the expert width d_ff/top_k = {f.d_ff // f.top_k}"
+        if f.n_shared >= f.granularity * f.top_k:
+            return f"ffn.n_shared: {f.n_shared} leaves no routed expert of the granularity·top_k = {f.granularity * f.top_k} active"
+    lay = layout(f)
+    if lay.n_routed % f.n_group:
+        return f"ffn.n_group: {f.n_group} does not divide the {lay.n_routed} routed experts"
+    if f.topk_group > f.n_group:
+        return f"ffn.topk_group: {f.topk_group} exceeds ffn.n_group {f.n_group}"
+    if lay.top_k > f.topk_group * (lay.n_routed // f.n_group):
+        return f"ffn.topk_group: {f.topk_group} groups hold fewer than the {lay.top_k} experts each token needs"
+    if f.aux_device_alpha and lay.n_routed % f.n_devices:
+        return f"ffn.n_devices: {f.n_devices} does not divide the {lay.n_routed} routed experts"
+    if f.first_k_dense > cfg.n_layers:
+        return f"ffn.first_k_dense: {f.first_k_dense} exceeds model.n_layers {cfg.n_layers}"
+    return None
+
+
+def router_rule(ffn: FFNConfig) -> tuple[str, bool, float]:
+    """(score function, renormalise top-k weights, routed scale) of the configured router."""
+    if ffn.router == "v3":  # DeepSeek-V3 §2.1.2: sigmoid affinities, normalised, then scaled
+        return "sigmoid", True, ffn.routed_scale
+    # Softmax gates (GShard, DeepSeekMoE §2) are not renormalised; sigmoid scores must be.
+    return ffn.router, ffn.norm_topk or ffn.router == "sigmoid", 1.0
+
+
+# --- routing ---
+
+
+@dataclass
+class Routing:
+    expert_ids_NK: torch.Tensor  # chosen routed experts
+    weights_NK: torch.Tensor  # gate values, from the unbiased scores
+    scores_NE: torch.Tensor  # fp32 affinities (softmax or sigmoid), differentiable
+
+
+def group_limited(select_NE: torch.Tensor, n_group: int, topk_group: int, top_k: int) -> torch.Tensor:
+    """Keep the topk_group best of n_group expert groups per token; others get −inf, never 0.
+
+    Group score: the sum of its highest top_k/topk_group scores (V3 §2.1.2, node-limited
+    routing; V3's code sums the top 2 = 8/4).
+    """
+    N, E = select_NE.shape
+    grouped_NGe = select_NE.view(N, n_group, E // n_group)
+    per_group = min(max(1, top_k // topk_group), E // n_group)
+    group_score_NG = grouped_NGe.topk(per_group, dim=-1).values.sum(dim=-1)
+    keep_NG = torch.zeros_like(group_score_NG, dtype=torch.bool)
+    keep_NG.scatter_(1, group_score_NG.topk(topk_group, dim=-1).indices, True)
+    return grouped_NGe.masked_fill(~keep_NG[..., None], float("-inf")).view(N, E)
+
+
+class Router(nn.Module):
+    """Affinities in fp32 (the gate stays high precision, V3 §3.3.1), top-k over biased scores."""
+
+    def __init__(self, cfg: ModelConfig, lay: Layout):
+        super().__init__()
+        f = cfg.ffn
+        self.top_k, self.n_group, self.topk_group = lay.top_k, f.n_group, f.topk_group
+        self.score_func, self.normalise, self.scale = router_rule(f)
+        self.weight = nn.Parameter(torch.empty(lay.n_routed, cfg.d_model))
+        # Auxiliary-loss-free balancing's bias (V3 §2.1.2): used only to choose experts.
+        self.register_buffer("expert_bias_E", torch.zeros(lay.n_routed), persistent=True)
+        self.use_bias = f.balance == "bias"
+
+    def forward(self, x_NC: torch.Tensor) -> Routing:
+        logits_NE = F.linear(x_NC.float(), self.weight.float())
+        scores_NE = logits_NE.softmax(dim=-1) if self.score_func == "softmax" else logits_NE.sigmoid()
+        select_NE = scores_NE + self.expert_bias_E if self.use_bias else scores_NE
+        if self.n_group > 1:
+            select_NE = group_limited(select_NE, self.n_group, self.topk_group, self.top_k)
+        expert_ids_NK = select_NE.topk(self.top_k, dim=-1).indices
+        return Routing(expert_ids_NK, self.gate_weights(scores_NE, expert_ids_NK), scores_NE)
+
+    def gate_weights(self, scores_NE: torch.Tensor, expert_ids_NK: torch.Tensor) -> torch.Tensor:
+        weights_NK = scores_NE.gather(1, expert_ids_NK)  # unbiased: the bias never reaches the output
+        if self.normalise:
+            weights_NK = weights_NK / (weights_NK.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights_NK * self.scale
+
+
+def uniform_assignment(n_tokens: int, n_experts: int, top_k: int, device) -> torch.Tensor:
+    """A perfectly balanced assignment: token t takes experts (tK + j) mod E, j < K."""
+    slots = torch.arange(n_tokens * top_k, device=device)
+    return (slots % n_experts).view(n_tokens, top_k)
+
+
+# --- experts and dispatch ---
+
+
+def grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor) -> torch.Tensor:
+    """Rows ends[e−1]:ends[e] of x times w[e], for every expert e, as one grouped matmul.
+
+    torch._grouped_mm runs on CPUs and on CUDA GPUs with compute capability ≥ 9.0 in bf16;
+    elsewhere a padded batched matmul gives the same result.
+    """
+    w_EKN = w_EKN.to(x_MK.dtype)
+    if _grouped_mm_runs(x_MK, w_EKN):
+        return torch._grouped_mm(x_MK, w_EKN, offs=ends_E.to(torch.int32))
+    return _padded_bmm(x_MK, w_EKN, ends_E)
+
+
+def _grouped_mm_runs(x: torch.Tensor, w_EKN: torch.Tensor) -> bool:
+    # Its kernels need every row stride to be a multiple of 16 bytes.
+    aligned = all(n * x.element_size() % 16 == 0 for n in w_EKN.shape[1:])
+    if not hasattr(torch, "_grouped_mm") or not aligned:
+        return False
+    if x.device.type == "cpu":
+        return True
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+
+
+def _padded_bmm(x_MK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor) -> torch.Tensor:
+    E = w_EKN.shape[0]
+    counts_E = torch.diff(ends_E, prepend=ends_E.new_zeros(1))
+    starts_E = ends_E - counts_E
+    expert_M = torch.repeat_interleave(torch.arange(E, device=x_MK.device), counts_E, output_size=x_MK.shape[0])
+    slot_M = torch.arange(x_MK.shape[0], device=x_MK.device) - starts_E[expert_M]
+    capacity = int(counts_E.max()) if E else 0
+    padded_ECK = x_MK.new_zeros(E, capacity, x_MK.shape[1])
+    padded_ECK[expert_M, slot_M] = x_MK
+    return torch.bmm(padded_ECK, w_EKN)[expert_M, slot_M]
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts stored as stacked weights, applied to expert-sorted rows."""
+
+    def __init__(self, n_experts: int, d_model: int, d_ff: int):
+        super().__init__()
+        self.w1_ECF = nn.Parameter(torch.empty(n_experts, d_model, d_ff))  # gate
+        self.w3_ECF = nn.Parameter(torch.empty(n_experts, d_model, d_ff))  # up
+        self.w2_EFC = nn.Parameter(torch.empty(n_experts, d_ff, d_model))  # down
+
+    def forward(self, x_MC: torch.Tensor, ends_E: torch.Tensor) -> torch.Tensor:
+        hidden_MF = F.silu(grouped_mm(x_MC, self.w1_ECF, ends_E)) * grouped_mm(x_MC, self.w3_ECF, ends_E)
+        return grouped_mm(hidden_MF, self.w2_EFC, ends_E)
+
+    def expert(self, e: int, x_MC: torch.Tensor) -> torch.Tensor:
+        """One expert alone (the naive reference's building block)."""
+        w1, w3, w2 = (w[e].to(x_MC.dtype) for w in (self.w1_ECF, self.w3_ECF, self.w2_EFC))
+        return (F.silu(x_MC @ w1) * (x_MC @ w3)) @ w2
+
+
+@dataclass
+class Dispatch:
+    """Assignments sorted by expert: which token each row is, its gate weight, expert bounds."""
+
+    token_M: torch.Tensor
+    weight_M: torch.Tensor
+    ends_E: torch.Tensor
+    dropped: int
+
+
+def plan_dispatch(expert_ids_NK: torch.Tensor, weights_NK: torch.Tensor, n_experts: int, capacity: int | None) -> Dispatch:
+    """Sort the N·K assignments by expert (stable, so token order holds within an expert).
+
+    With a capacity, each expert keeps its first `capacity` tokens in token order (GShard's
+    rule) and the rest are dropped: those tokens get no output from that expert.
+    """
+    K = expert_ids_NK.shape[1]
+    flat_ids = expert_ids_NK.flatten()
+    order_M = flat_ids.argsort(stable=True)
+    counts_E = torch.bincount(flat_ids, minlength=n_experts)
+    dropped = 0
+    if capacity is not None:
+        starts_E = counts_E.cumsum(0) - counts_E
+        slot_M = torch.arange(order_M.numel(), device=order_M.device) - starts_E[flat_ids[order_M]]
+        kept = slot_M < capacity
+        dropped = int(order_M.numel() - kept.sum())
+        order_M, counts_E = order_M[kept], counts_E.clamp(max=capacity)
+    return Dispatch(order_M // K, weights_NK.flatten()[order_M], counts_E.cumsum(0), dropped)
+
+
+def combine(expert_out_MC: torch.Tensor, plan: Dispatch, n_tokens: int) -> torch.Tensor:
+    """Scale each row by its gate weight and sum the rows back onto their tokens."""
+    weighted_MC = expert_out_MC * plan.weight_M[:, None].to(expert_out_MC.dtype)
+    out_NC = weighted_MC.new_zeros(n_tokens, weighted_MC.shape[1])
+    return out_NC.index_add_(0, plan.token_M, weighted_MC)
+
+
+def dispatch_reference(x_NC, expert_ids_NK, weights_NK, experts: GroupedExperts) -> torch.Tensor:
+    """The naive loop over experts, kept only as the tests' and the benchmark's reference."""
+    out_NC = torch.zeros_like(x_NC)
+    for e in range(experts.w1_ECF.shape[0]):
+        token_idx, slot = torch.nonzero(expert_ids_NK == e, as_tuple=True)
+        if token_idx.numel():
+            y = experts.expert(e, x_NC[token_idx]) * weights_NK[token_idx, slot, None].to(x_NC.dtype)
+            out_NC = out_NC.index_add(0, token_idx, y)
+    return out_NC
+
+
+# --- the layer ---
+
+
+class MoEFeedForward(nn.Module):
+    """Router → dispatch to grouped experts → combine, plus shared experts for deepseekmoe."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
+        super().__init__()
+        f = cfg.ffn
+        self.lay = lay = layout(f)
+        self.balance, self.ffn_cfg = f.balance, f
+        self.router = Router(cfg, lay)
+        self.experts = GroupedExperts(lay.n_routed, cfg.d_model, lay.expert_d_ff)
+        for p in (self.router.weight, *self.experts.parameters()):
+            nn.init.normal_(p, mean=0.0, std=cfg.init_std)
+        shared_cfg = replace_ffn(cfg, kind="dense", d_ff=lay.shared_d_ff)
+        self.shared = DenseFFN(shared_cfg) if lay.shared_d_ff else None
+        self.stats = RoutingStats(lay.n_routed)
+        self.aux_loss: torch.Tensor | None = None
+        self.token_domains: tuple[torch.Tensor, tuple[str, ...]] | None = None  # set by the decoder
+
+    @staticmethod
+    def build(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+        """Leading layers keep the dense FFN (DeepSeekMoE 16B: the first; V3: the first three)."""
+        return DenseFFN(cfg, layer_idx) if layer_idx < cfg.ffn.first_k_dense else MoEFeedForward(cfg, layer_idx)
+
+    check_config = staticmethod(check_config)
+
+    # --- accounting ---
+    @staticmethod
+    def param_count(cfg: ModelConfig, layer_idx: int = 0) -> int:
+        if layer_idx < cfg.ffn.first_k_dense:
+            return DenseFFN.param_count(cfg)
+        lay, C = layout(cfg.ffn), cfg.d_model
+        return lay.n_routed * C + 3 * C * (lay.n_routed * lay.expert_d_ff + lay.shared_d_ff)
+
+    @staticmethod
+    def active_param_count(cfg: ModelConfig, layer_idx: int = 0) -> int:
+        """Gate (every token scores every routed expert) + K routed experts + shared experts."""
+        if layer_idx < cfg.ffn.first_k_dense:
+            return DenseFFN.param_count(cfg)
+        lay, C = layout(cfg.ffn), cfg.d_model
+        return lay.n_routed * C + 3 * C * (lay.top_k * lay.expert_d_ff + lay.shared_d_ff)
+
+    @staticmethod
+    def flops_per_token(cfg: ModelConfig, layer_idx: int = 0) -> float:
+        """Forward: 2 per multiply-add over the activated matmul parameters (softmax, top-k,
+        permutation and the gate-weighted sum are ignored)."""
+        return 2 * MoEFeedForward.active_param_count(cfg, layer_idx)
+
+    # --- forward ---
+    def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
+        B, T, C = x_BTC.shape
+        x_NC = x_BTC.reshape(B * T, C)
+        routing = self.router(x_NC)
+        if self.ffn_cfg.uniform_routing:
+            routing.expert_ids_NK = uniform_assignment(B * T, self.lay.n_routed, self.lay.top_k, x_NC.device)
+            routing.weights_NK = self.router.gate_weights(routing.scores_NE, routing.expert_ids_NK)
+        plan = plan_dispatch(routing.expert_ids_NK, routing.weights_NK, self.lay.n_routed, self.capacity(B * T))
+        out_NC = combine(self.experts(x_NC[plan.token_M], plan.ends_E), plan, B * T)
+        if self.shared is not None:
+            out_NC = out_NC + self.shared(x_NC)
+        self.aux_loss = self.balance_loss(routing, B, T) if self.training else None
+        self._observe(routing, plan, B, T)
+        return out_NC.view(B, T, C)
+
+    def capacity(self, n_tokens: int) -> int | None:
+        """GShard's expert capacity: capacity_factor × the balanced share N·K/E (None: dropless)."""
+        if not self.ffn_cfg.capacity_factor:
+            return None
+        return math.ceil(self.ffn_cfg.capacity_factor * n_tokens * self.lay.top_k / self.lay.n_routed)
+
+    def balance_loss(self, routing: Routing, B: int, T: int) -> torch.Tensor | None:
+        f = self.ffn_cfg
+        share_NE = per_token_share(routing.scores_NE, self.router.score_func)
+        terms = []
+        if self.balance == "aux" and f.aux_alpha:
+            terms.append(expert_balance_loss(share_NE, routing.expert_ids_NK, f.aux_alpha))
+        if self.balance == "aux" and f.aux_device_alpha:
+            terms.append(device_balance_loss(share_NE, routing.expert_ids_NK, f.n_devices, f.aux_device_alpha))
+        if self.balance in ("aux", "bias") and f.seq_aux_alpha:
+            ids_BTK = routing.expert_ids_NK.view(B, T, -1)
+            terms.append(sequence_balance_loss(share_NE.view(B, T, -1), ids_BTK, f.seq_aux_alpha))
+        return torch.stack(terms).sum() if terms else None
+
+    def _observe(self, routing: Routing, plan: Dispatch, B: int, T: int) -> None:
+        domains_N, names = None, ()
+        if self.token_domains is not None:
+            domains_B, names = self.token_domains
+            domains_N = domains_B.to(routing.expert_ids_NK.device).repeat_interleave(T)
+        dropped = plan.dropped / routing.expert_ids_NK.numel()
+        self.stats.observe(routing.expert_ids_NK, routing.scores_NE, self.router.score_func, self.training,
+                           self.aux_loss, dropped, domains_N, names)
+
+    def after_optimizer_step(self) -> None:
+        load_E = self.stats.take_pending_load()
+        if self.balance == "bias" and load_E is not None:
+            update_bias(self.router.expert_bias_E, load_E, self.ffn_cfg.bias_update_rate, self.ffn_cfg.bias_zero_mean)
+
+    def metrics(self, layer: int) -> tuple[list[dict], dict]:
+        bias = self.router.expert_bias_E if self.balance == "bias" else None
+        return self.stats.layer_metrics(layer, bias)
+
+
+def replace_ffn(cfg: ModelConfig, **changes) -> ModelConfig:
+    return dataclasses.replace(cfg, ffn=dataclasses.replace(cfg.ffn, **changes))
