@@ -156,10 +156,18 @@ def grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor) ->
     torch._grouped_mm runs on CPUs and on CUDA GPUs with compute capability ≥ 9.0 in bf16;
     elsewhere a padded batched matmul gives the same result.
     """
-    w_EKN = w_EKN.to(x_MK.dtype)
+    dtype = compute_dtype(x_MK)
+    x_MK, w_EKN = x_MK.to(dtype), w_EKN.to(dtype)
     if _grouped_mm_runs(x_MK, w_EKN):
         return torch._grouped_mm(x_MK, w_EKN, offs=ends_E.to(torch.int32))
     return _padded_bmm(x_MK, w_EKN, ends_E)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Autocast does not cover grouped matmuls: follow it by hand, as nn.Linear would."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def _grouped_mm_runs(x: torch.Tensor, w_EKN: torch.Tensor) -> bool:
