@@ -14,9 +14,11 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dsbench import spec as spec_lib
+from dsbench.check import PolicyError
 from dsbench.data import DataError
 from dsbench.results import ResultsError
 from dsbench.runner import UsageError
@@ -29,7 +31,7 @@ app.add_typer(run_app, name="run")
 out_console = Console(width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True)
 
-USER_ERRORS = (spec_lib.SpecError, UsageError, DataError, ResultsError)
+USER_ERRORS = (spec_lib.SpecError, UsageError, DataError, ResultsError, PolicyError)
 
 
 @contextlib.contextmanager
@@ -153,6 +155,56 @@ def env_cmd(
         out_console.print(peaks_table(facts["peaks"]))
 
 
+@app.command("report")
+def report_cmd(
+    results: Annotated[list[Path], typer.Argument(metavar="RESULTS...", help="One or more results folders.")],
+    out: Annotated[Optional[Path], typer.Option(help="Report folder; default reports/<run>.")] = None,
+    baseline: Annotated[Optional[Path], typer.Option(help="A results folder to compare each run with (default policy).")] = None,
+) -> None:
+    """Render results as index.html (self-contained), index.md, figures/*.png and tables/*.csv."""
+    from dsbench.report import build_report
+
+    with user_errors():
+        path = build_report(results, out=out, baseline=baseline)
+    out_console.print(f"report: {path / 'index.html'}  (and index.md, figures/, tables/)", highlight=False)
+
+
+@app.command("check")
+def check_cmd(
+    baseline: Annotated[Path, typer.Option(help="The baseline results folder.")],
+    current: Annotated[Path, typer.Option(help="The results folder to check.")],
+    policy: Annotated[Optional[Path], typer.Option(help="Policy TOML laid over the shipped default (dsbench/policies/default.toml).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of the Markdown summary.")] = False,
+) -> None:
+    """Compare results with a baseline under a policy: exit 0 clean, 1 regression, 2 usage error."""
+    from dsbench import check as check_lib
+
+    with user_errors():
+        result = check_lib.check(baseline, current, check_lib.load_policy(policy))
+    typer.echo(json.dumps(result.to_json(), indent=2) if as_json else result.markdown())
+    raise typer.Exit(result.exit_code)
+
+
+@app.command("claims")
+def claims_cmd(
+    results: Annotated[Optional[list[Path]], typer.Argument(metavar="[RESULTS]...", help="Results folders holding the empirical evidence (e.g. of --preset paper-cpu).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table with each claim's detail.")] = False,
+) -> None:
+    """The papers' efficiency claims and their verdicts: analytic from the official configs, empirical from RESULTS."""
+    from dsbench import claims as claims_lib
+    from dsbench.check import load_checked
+
+    with user_errors():
+        rows = claims_lib.evaluate([load_checked(p, "claims") for p in results or []])
+    if as_json or as_markdown:
+        typer.echo(claims_lib.to_json(rows) if as_json else claims_lib.markdown(rows))
+        return
+    out_console.print(claims_table(rows, claims_lib.HEADER, claims_lib.table_rows(rows)))
+    for r in rows:
+        out_console.print(f"[bold]{escape(r.claim.id)}[/bold]: {escape(r.evidence.detail)}", highlight=False, soft_wrap=True)
+
+
 # --- rendering helpers ---
 
 
@@ -176,6 +228,14 @@ def cells_table(cells, title: str) -> Table:
         shape = cell.label().split(" ")[-1]
         table.add_row(row["cell_id"], row["workload"], row["ffn"], row["attention"], row["precision"], row["balance"], shape,
                       f"{row['params_total']:,}", f"{row['params_active']:,}", f"{row['flops_per_token']:.3g}", f"{row['kv_cache_bytes_per_token']:,}")
+    return table
+
+
+def claims_table(rows, header, cells) -> Table:
+    style = {"reproduced": "green", "not reproduced": "red", "direction only": "yellow"}
+    table = Table(*header, title=f"{len(rows)} claims")
+    for row in cells:
+        table.add_row(*map(escape, row[:-1]), f"[{style.get(row[-1], 'dim')}]{row[-1]}[/]")
     return table
 
 

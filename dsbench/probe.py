@@ -21,7 +21,10 @@ def probe(device: str, precisions: list[str], do_calibrate: bool, budget_s: floa
         precision = PRECISIONS[name]
         # The arithmetic that runs: autocast dtype in training, the inference dtype otherwise.
         dtype = precision.autocast_dtype or precision.inference_dtype
-        calibration = calibrate(torch.device(device), dtype, budget_s) if do_calibrate else None
+        # FP8 GEMMs are no torch.mm in the autocast dtype: a calibration of that dtype would never
+        # apply to the "fp8" peak (peak_flops_per_s refuses it), so none is measured.
+        measurable = precision.fp8_recipe is None
+        calibration = calibrate(torch.device(device), dtype, budget_s) if do_calibrate and measurable else None
         peak, source = peak_flops_per_s(device, precision.peak_key, calibration)
         peaks[name] = {"peak_flops_per_s": peak, "peak_source": source, "calibration": calibration}
     return {"environment": environment(), "device": device, "peaks": peaks}

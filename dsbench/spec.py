@@ -138,9 +138,8 @@ class Cell:
         if a["balance"] != "n/a":
             parts.append(a["balance"])
         w = self.workload
-        shape = f"b{w['batch_size']}×" + (f"ctx{w['context_len']}+{w['new_tokens']}" if "context_len" in w else f"t{w['seq_len']}")
-        if "memory_budget_bytes" in w:
-            shape += f" max-batch@{w['memory_budget_bytes'] / 2**20:g}MiB"
+        batch = f"b{w['batch_size']}" + (f"(max@{w['memory_budget_bytes'] / 2**20:.4g}MiB)" if "memory_budget_bytes" in w else "")
+        shape = f"{batch}×" + (f"ctx{w['context_len']}+{w['new_tokens']}" if "context_len" in w else f"t{w['seq_len']}")
         replicate = self.measure.get("replicate", 0)
         return "/".join(parts) + " " + shape + (f" #{replicate}" if replicate else "")
 

@@ -216,13 +216,17 @@ def run_decode(ctx: Context, settings: dict) -> WorkloadRun:
     model.eval()
     batch = ctx.data.batch(0, B, L)
     context = batch.inputs.to(ctx.device)
-    model.set_token_domains(batch.domains, ctx.data.domains)
+    domains = (batch.domains, ctx.data.domains)
+    model.set_token_domains(*domains)
     caches = model.new_caches(B, L + N, ctx.precision.inference_dtype, ctx.device)
     prefill_timer, token_timer = StepTimer(ctx.device), StepTimer(ctx.device)
+    # A max-batch cell fits weights + KV cache to a memory budget; its prefill runs a few rows at
+    # a time so the prefill's activations stay small beside them (as a server prefills requests).
+    rows = max(1, MAX_PREFILL_TOKENS // L) if "memory_budget_bytes" in settings else B
     if ctx.warmup:
-        _generate(model, context, caches, min(ctx.warmup, N), StepTimer(ctx.device), StepTimer(ctx.device))
+        _generate(model, context, caches, min(ctx.warmup, N), StepTimer(ctx.device), StepTimer(ctx.device), rows, domains)
     for _ in range(math.ceil(ctx.repeats / N)):
-        last_logits = _generate(model, context, caches, N, prefill_timer, token_timer)
+        last_logits = _generate(model, context, caches, N, prefill_timer, token_timer, rows, domains)
     _check_finite(last_logits.float(), "decode logits")
     run = WorkloadRun(token_timer.samples_s(), B, mean_context_len=L + (N + 1) / 2)
     prefill_s = prefill_timer.samples_s()
@@ -233,16 +237,35 @@ def run_decode(ctx: Context, settings: dict) -> WorkloadRun:
     return run
 
 
-def _generate(model, context, caches, n_tokens: int, prefill_timer: StepTimer, token_timer: StepTimer):
+MAX_PREFILL_TOKENS = 1 << 16  # tokens per prefill forward in max-batch decode cells
+
+
+def _generate(model, context, caches, n_tokens: int, prefill_timer: StepTimer, token_timer: StepTimer,
+              rows: int | None = None, domains=None):
     """Prefill the context into the caches, then generate n_tokens greedily; return last logits."""
     L = context.shape[1]
     with prefill_timer.step():
-        logits = model(context, 0, caches)[:, -1]  # (B, V)
+        logits = _prefill(model, context, caches, rows or context.shape[0], domains)  # (B, V)
     for i in range(n_tokens):
         with token_timer.step():
             next_token = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
             logits = model(next_token, L + i, caches)[:, -1]
     return logits
+
+
+def _prefill(model, context, caches, rows: int, domains=None) -> torch.Tensor:
+    """Fill the caches with the context, `rows` batch rows per forward; last logits (B, V)."""
+    B = context.shape[0]
+    if rows >= B:
+        return model(context, 0, caches)[:, -1]
+    parts = []
+    for i in range(0, B, rows):
+        if domains is not None:
+            model.set_token_domains(domains[0][i:i + rows], domains[1])
+        parts.append(model(context[i:i + rows], 0, [c.rows(i, i + rows) for c in caches])[:, -1])
+    if domains is not None:
+        model.set_token_domains(*domains)
+    return torch.cat(parts)
 
 
 def _check_finite(values: torch.Tensor, what: str) -> None:

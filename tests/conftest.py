@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-import textwrap
-from pathlib import Path
+import os
 
-import pytest
-import torch
+# Triton kernels run under Triton's CPU interpreter in the tests. The variable must be set before
+# anything imports triton, and some imports do so indirectly (torch.utils.flop_counter), so it is
+# set here, before any test module loads. setdefault: export TRITON_INTERPRET=0 on a GPU to test
+# the compiled kernels.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import textwrap  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 TINY_SPEC = """
 name = "{name}"

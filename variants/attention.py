@@ -43,6 +43,20 @@ class KVCache(nn.Module):
         per_slot = self.k.element_size() * self.k[:, :, 0].numel() + self.v.element_size() * self.v[:, :, 0].numel()
         return per_slot // self.k.shape[0]
 
+    def rows(self, start: int, stop: int) -> KVCache:
+        """The cache of batch rows start:stop, sharing this one's storage (to prefill in parts)."""
+        return _row_view(self, start, stop)
+
+
+def _row_view(cache: nn.Module, start: int, stop: int) -> nn.Module:
+    """A cache object whose buffers (batch first) are views of rows start:stop of `cache`'s."""
+    view = cache.__class__.__new__(cache.__class__)
+    nn.Module.__init__(view)
+    view.__dict__.update({k: v for k, v in cache.__dict__.items() if not k.startswith("_")})
+    for name, buffer in cache.named_buffers(recurse=False):
+        view.register_buffer(name, buffer[start:stop], persistent=False)
+    return view
+
 
 def causal_mask(start_pos: int, T: int, S: int, device) -> torch.Tensor:
     """(T, S) boolean mask, True where query start_pos+t may attend key s (s ≤ start_pos+t)."""
@@ -56,9 +70,15 @@ def causal_attention(q, k, v, start_pos: int, scale: float | None = None) -> tor
 
     Without earlier keys (train, prefill) this is SDPA. Over a cache it is `cached_attention`.
     """
-    if q.shape[2] == k.shape[2]:  # no earlier tokens in the keys: plain causal
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
-    return cached_attention(q, k, v, start_pos, scale)
+    if q.shape[2] != k.shape[2]:
+        return cached_attention(q, k, v, start_pos, scale)
+    # No earlier tokens in the keys: plain causal SDPA. Its fused kernels (CPU flash, CUDA flash)
+    # need Dv == D, else it falls back to materialising T×T scores: zero-pad V and slice the
+    # output (as vLLM does for MLA prefill); the padding's products are not counted as FLOPs.
+    D, Dv = q.shape[-1], v.shape[-1]
+    v_in = F.pad(v, (0, D - Dv)) if Dv < D else v
+    out = F.scaled_dot_product_attention(q, k, v_in, is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    return out[..., :Dv] if Dv < D else out
 
 
 def cached_attention(q, k, v, start_pos: int, scale: float | None = None) -> torch.Tensor:

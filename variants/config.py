@@ -45,7 +45,7 @@ class FFNConfig:
     n_experts: int = 16  # N, as DeepSeekMoE 2B (§4.1): 16 experts, top-2
     top_k: int = 2  # K
     granularity: int = 4  # m (deepseekmoe only): 64 fine-grained experts, 8 activated
-    n_shared: int = 1  # K_s (deepseekmoe only): 1 shared + 7 of 63 routed, as DeepSeekMoE 2B
+    n_shared: int = _at_least(1, 0)  # K_s (deepseekmoe only): 1 shared + 7 of 63 routed, as DeepSeekMoE 2B; 0 = none (ablation)
     first_k_dense: int = _at_least(0, 0)  # leading layers that keep the dense FFN
     router: str = _choices("softmax", "softmax", "sigmoid", "v3")  # v3: sigmoid, normalised, scaled
     norm_topk: bool = False  # renormalise the selected gate weights to sum to 1 (v3 forces it)

@@ -103,7 +103,8 @@ def build_model(cfg: ModelConfig) -> Decoder:
 FLOP_CONVENTION = (
     "2 FLOPs per multiply-add; forward = 2·(activated matmul params, LM head included, embedding "
     "lookup and norms excluded) + attention scores and AV per layer at the mean causal context "
-    "(causal halving: a token at position p attends p+1 keys); train = 3 × forward"
+    "(causal halving: a token at position p attends p+1 keys); train = 3 × forward; decode counts "
+    "the path that runs (MLA absorbed: scores and AV over the latent)"
 )
 
 

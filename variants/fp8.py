@@ -22,9 +22,11 @@ Recipe `tensorwise`: one dynamic scale per tensor for X, W and dY (the common de
 elsewhere), same E4M3 format, so the only difference from `blockwise` is the scale granularity;
 one scale does not depend on the axis, so X's and dY's FP8 copies serve every GEMM unchanged.
 
-What stays in higher precision (V3 §3.3.1): the FP32 master weights and optimizer states, and
-everything that is not an Fp8Linear — embedding, output head, norms, attention core (SDPA),
-MoE gate — which runs under BF16 autocast. GEMM outputs are BF16 under autocast (V3: "outputs
+What stays in higher precision (V3 §3.3.1): the FP32 master weights and optimizer states (V3
+keeps AdamW's moments in BF16, §3.3.3; here they stay FP32), and everything that is not an FP8
+GEMM — embedding, output head, norms, attention core (SDPA), MoE gate — which runs under BF16
+autocast. Not reproduced: V3's E5M6 / power-of-two-scale special cases for a few activations
+(§3.3.3). `fp8_grouped_mm` is the same recipe for MoE experts' grouped GEMM. GEMM outputs are BF16 under autocast (V3: "outputs
 in BF16 or FP32"), else the input's dtype. Weight gradients are FP32, for the master weights.
 Non-finite input is not checked here (that would synchronise a GPU every layer): a NaN scale
 makes the outputs NaN, the loss turns NaN and the cell ends `diverged`.
@@ -63,8 +65,16 @@ class Quantised(NamedTuple):
     @property
     def t(self) -> Quantised:
         """The transpose, for a scheme whose groups do not care about the axis (128×128, tensor)."""
+        if self.block is not None and self.block[0] != self.block[1]:
+            raise ValueError(f"{self.block[0]}×{self.block[1]} tiles cannot be transposed; re-quantise instead")
         block = None if self.block is None else self.block[::-1]
         return Quantised(self.q.T, self.s if self.block is None else self.s.T, block)
+
+    def rows(self, start: int, end: int) -> Quantised:
+        """Rows start:end of a row-tiled (1×128) or per-tensor quantised matrix."""
+        if self.block is not None and self.block[0] != 1:
+            raise ValueError(f"rows of {self.block[0]}×{self.block[1]} blocks cannot be cut at any row")
+        return Quantised(self.q[start:end], self.s if self.block is None else self.s[start:end], self.block)
 
     @property
     def nbytes(self) -> int:
@@ -113,15 +123,15 @@ class _Fp8LinearFn(torch.autograd.Function):
             x8 = quantise(x_MK, recipe, "act")
             y_MN = gemm(x8, w8, out_dtype)
         ctx.save_for_backward(x8.q, x8.s, w8.q, w8.s)
-        ctx.meta = (x8.block, w8.block, recipe, probe, x.shape, x.dtype)
+        ctx.meta = (x8.block, w8.block, recipe, probe, x.shape, x.dtype, weight.dtype)
         if probe is not None:
-            probe.record_forward(x_MK, x8, weight, w8)
+            probe.record_forward(x_MK, x8, weight, w8.dequant())
         return y_MN.view(*x.shape[:-1], y_MN.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
         xq, xs, wq, ws = ctx.saved_tensors
-        x_block, w_block, recipe, probe, x_shape, x_dtype = ctx.meta
+        x_block, w_block, recipe, probe, x_shape, x_dtype, w_dtype = ctx.meta
         x8, w8 = Quantised(xq, xs, x_block), Quantised(wq, ws, w_block)
         dy_MN = dy.reshape(-1, dy.shape[-1])
         with torch.autocast(dy.device.type, enabled=False):
@@ -130,7 +140,7 @@ class _Fp8LinearFn(torch.autograd.Function):
             dw = None
             if ctx.needs_input_grad[1]:
                 dyT8, xT8 = _wgrad_operands(dy_MN, dy8, x8, recipe)
-                dw = gemm(dyT8, xT8, torch.float32)
+                dw = gemm(dyT8, xT8, torch.float32).to(w_dtype)  # FP32 for FP32 master weights
         if probe is not None:
             probe.record("grad", dy_MN, dy8.dequant())
         return (None if dx is None else dx.view(x_shape)), dw, None, None, None
@@ -156,14 +166,14 @@ class Fp8Linear(nn.Linear):
             raise ValueError(f"Fp8Linear recipe: {recipe!r} is not one of {', '.join(RECIPES)}")
         super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
         self.recipe = recipe
-        self.probe: QuantisationProbe | None = None  # set only inside a QuantisationProbe
+        self.fp8_probe: QuantisationProbe | None = None  # set only inside a QuantisationProbe
         self._w8_cache: tuple | None = None
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Fp8LinearFn.apply(x, self.weight, self._quantised_weight(), self.recipe, self.probe)
+        return _Fp8LinearFn.apply(x, self.weight, self._quantised_weight(), self.recipe, self.fp8_probe)
 
     def _quantised_weight(self) -> Quantised:
         """The weight's FP8 blocks, re-quantised only when the weight changed (each optimizer
@@ -179,8 +189,63 @@ class Fp8Linear(nn.Linear):
 # --- measurement: quantisation error and the memory the FP8 activation cache saves ---
 
 
+# --- MoE: the routed experts' grouped GEMM in FP8 ---
+
+
+class _Fp8GroupedMmFn(torch.autograd.Function):
+    """out[rows of e] = x[rows of e] · w[e] for every expert e (rows sorted by expert, ends_E the
+    cumulative row counts), each expert's three GEMMs in FP8 as in the table above: x in 1×128
+    tiles (per row, so quantised once for all experts), w[e] in 128×128 blocks, and for Wgrad
+    x and dY re-tiled along the expert's own tokens."""
+
+    @staticmethod
+    def forward(ctx, x_MK, w_EKN, ends_E, recipe: str, probe):
+        out_dtype = torch.get_autocast_dtype(x_MK.device.type) if torch.is_autocast_enabled(x_MK.device.type) else x_MK.dtype
+        bounds = [0, *ends_E.tolist()]  # host values: the per-expert loop needs them
+        with torch.autocast(x_MK.device.type, enabled=False):
+            x8 = quantise(x_MK, recipe, "act")
+            w8s = [quantise(w_EKN[e].detach().T, recipe, "weight") for e in range(w_EKN.shape[0])]  # (N, K) each
+            out = x_MK.new_zeros(x_MK.shape[0], w_EKN.shape[2], dtype=out_dtype)
+            for e, w8 in enumerate(w8s):
+                if bounds[e + 1] > bounds[e]:
+                    out[bounds[e]:bounds[e + 1]] = gemm(x8.rows(bounds[e], bounds[e + 1]), w8, out_dtype)
+        ctx.save_for_backward(x8.q, x8.s)
+        ctx.meta = (x8.block, w8s, bounds, recipe, probe, x_MK.dtype, w_EKN.dtype)
+        if probe is not None:
+            weight_NK = w_EKN.detach().transpose(1, 2).reshape(-1, w_EKN.shape[1])  # every expert's (N, K), stacked
+            probe.record_forward(x_MK, x8, weight_NK, torch.cat([w8.dequant() for w8 in w8s]))
+        return out
+
+    @staticmethod
+    def backward(ctx, dy_MN):
+        xq, xs = ctx.saved_tensors
+        x_block, w8s, bounds, recipe, probe, x_dtype, w_dtype = ctx.meta
+        x8 = Quantised(xq, xs, x_block)
+        dx = torch.zeros(xq.shape, dtype=x_dtype, device=xq.device)
+        dw = torch.zeros(len(w8s), xq.shape[1], dy_MN.shape[1], dtype=torch.float32, device=xq.device)  # (E, K, N)
+        with torch.autocast(dy_MN.device.type, enabled=False):
+            dy8 = quantise(dy_MN, recipe, "act")
+            for e, w8 in enumerate(w8s):
+                lo, hi = bounds[e], bounds[e + 1]
+                if hi == lo:
+                    continue
+                dx[lo:hi] = gemm(dy8.rows(lo, hi), w8.t, x_dtype)  # dX_e = dY_e · W_eᵀ
+                dyT8, xT8 = _wgrad_operands(dy_MN[lo:hi], dy8.rows(lo, hi), x8.rows(lo, hi), recipe)
+                dw[e] = gemm(xT8, dyT8, torch.float32)  # dW_e (K, N) = X_eᵀ · dY_e
+        if probe is not None:
+            probe.record("grad", dy_MN, dy8.dequant())
+        return dx, dw.to(w_dtype), None, None, None
+
+
+def fp8_grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor, recipe: str = "blockwise",
+                   probe: QuantisationProbe | None = None) -> torch.Tensor:
+    """The FP8 counterpart of moe.grouped_mm: rows ends[e−1]:ends[e] of x times w[e]."""
+    return _Fp8GroupedMmFn.apply(x_MK, w_EKN, ends_E, recipe, probe)
+
+
 class QuantisationProbe:
-    """`with QuantisationProbe(model) as probe:` — every Fp8Linear inside records, per call, the
+    """`with QuantisationProbe(model) as probe:` — every FP8 module inside (an Fp8Linear, or any
+    module with an `fp8_probe` attribute that it passes to fp8_grouped_mm) records, per call, the
     SQNR of what it quantised (activations X, weights W, output gradients dY as quantised for
     Dgrad), each against the unquantised tensor, and the bytes its FP8 cache of X saves against a
     BF16 copy (what a BF16 autocast linear keeps for Wgrad)."""
@@ -188,26 +253,26 @@ class QuantisationProbe:
     KINDS = ("act", "weight", "grad")
 
     def __init__(self, model: nn.Module):
-        self.layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+        self.layers = [m for m in model.modules() if hasattr(m, "fp8_probe")]
         self.sqnr: dict[str, list[float]] = {k: [] for k in self.KINDS}
         self.activation_bytes_fp8 = 0
         self.activation_bytes_bf16 = 0
 
     def __enter__(self) -> QuantisationProbe:
         for layer in self.layers:
-            layer.probe = self
+            layer.fp8_probe = self
         return self
 
     def __exit__(self, *exc) -> None:
         for layer in self.layers:
-            layer.probe = None
+            layer.fp8_probe = None
 
     def record(self, kind: str, exact: torch.Tensor, approx: torch.Tensor) -> None:
         self.sqnr[kind].append(sqnr_db(exact, approx))
 
-    def record_forward(self, x_MK, x8: Quantised, weight, w8: Quantised) -> None:
+    def record_forward(self, x_MK, x8: Quantised, weight: torch.Tensor, weight_dequantised: torch.Tensor) -> None:
         self.record("act", x_MK, x8.dequant())
-        self.record("weight", weight, w8.dequant())
+        self.record("weight", weight, weight_dequantised)
         self.activation_bytes_fp8 += x8.nbytes
         self.activation_bytes_bf16 += _BF16_BYTES * x_MK.numel()
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attention import KVCache, cached_attention, causal_attention
+from .attention import KVCache, _row_view, cached_attention, causal_attention
 from .config import ModelConfig
 from .layers import RMSNorm, RotaryEmbedding
 from .precision import linear
@@ -90,6 +90,10 @@ class LatentCache(nn.Module):
     def live_bytes_per_token(self) -> int:
         """Bytes one cached token occupies in this layer, read off the live tensor."""
         return self.kv.element_size() * self.kv[:, 0].numel() // self.kv.shape[0]
+
+    def rows(self, start: int, stop: int) -> LatentCache:
+        """The cache of batch rows start:stop, sharing this one's storage (to prefill in parts)."""
+        return _row_view(self, start, stop)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -204,9 +208,13 @@ class MultiHeadLatentAttention(nn.Module):
         w_uk, w_uv = self._up_weights()
         q_latent = torch.einsum("bhtn,hnc->bhtc", q_nope, w_uk)  # W^UK folded into the query
         q = torch.cat([q_latent, q_rope], dim=-1)  # (B, H, T, Dc + Dr)
-        # One key head shared by all H query heads (MQA over the latent); V = its first Dc channels.
-        k, v = kv.unsqueeze(1), kv[:, None, :, :self.dims.Dc]  # (B, 1, S, Dc + Dr), (B, 1, S, Dc)
-        o = cached_attention(q, k, v, start_pos, scale=self.scale)  # (B, H, T, Dc)
+        Dc, T = self.dims.Dc, q.shape[2]
+        if q.is_cuda and T == 1:  # the FlashMLA-style Triton kernel; the same math as below
+            from dsbench.kernels.mla_decode import mla_decode  # on first use: importing triton slows every cell's start
+
+            o = mla_decode(q[:, :, 0], kv, Dc, self.scale).unsqueeze(2)
+        else:  # one key head shared by all H query heads (MQA over the latent); V = its first Dc channels
+            o = cached_attention(q, kv.unsqueeze(1), kv[:, None, :, :Dc], start_pos, scale=self.scale)  # (B, H, T, Dc)
         return torch.einsum("bhtc,hvc->bhtv", o, w_uv)  # W^UV folded into the output
 
 

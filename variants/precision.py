@@ -28,7 +28,7 @@ class Precision:
     peak_key: str  # which peak FLOP/s MFU is taken against (never a narrower one than runs)
     linear_cls: Callable[..., nn.Linear] = nn.Linear  # called as linear_cls(in, out, bias=False)
     fast_on_cpu: bool = True  # False: on a CPU the cell's speed is not representative
-    fp8_gemms: bool = False  # True: matmuls run in FP8, real only on FP8 tensor cores (CC ≥ 8.9)
+    fp8_recipe: str | None = None  # "blockwise" | "tensorwise": matmuls in FP8 (variants/fp8.py)
 
     def cpu_speed_note(self) -> str | None:
         if self.fast_on_cpu:
@@ -37,8 +37,8 @@ class Precision:
 
     def emulated_on(self, device: torch.device) -> bool:
         """True where the arithmetic has no hardware: the numbers are right, the speed is not."""
-        if not self.fp8_gemms:
-            return False
+        if self.fp8_recipe is None:
+            return False  # FP8 is real only on FP8 tensor cores (compute capability ≥ 8.9)
         return device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9)
 
     def speed_note(self, device: torch.device) -> str | None:
@@ -52,10 +52,10 @@ PRECISIONS: dict[str, Precision] = {
     "fp32": Precision("fp32", None, torch.float32, peak_key="fp32"),
     "bf16": Precision("bf16", torch.bfloat16, torch.bfloat16, peak_key="bf16", fast_on_cpu=False),
     # FP8 GEMMs, BF16 for the rest (autocast in training, BF16 weights and KV cache in inference).
-    "fp8": Precision("fp8", torch.bfloat16, torch.bfloat16, peak_key="fp8", fast_on_cpu=False, fp8_gemms=True,
+    "fp8": Precision("fp8", torch.bfloat16, torch.bfloat16, peak_key="fp8", fast_on_cpu=False, fp8_recipe="blockwise",
                      linear_cls=partial(Fp8Linear, recipe="blockwise")),
     "fp8-tensorwise": Precision("fp8-tensorwise", torch.bfloat16, torch.bfloat16, peak_key="fp8", fast_on_cpu=False,
-                                fp8_gemms=True, linear_cls=partial(Fp8Linear, recipe="tensorwise")),
+                                fp8_recipe="tensorwise", linear_cls=partial(Fp8Linear, recipe="tensorwise")),
 }
 
 

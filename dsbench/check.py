@@ -1,0 +1,498 @@
+"""Regression check: a current results folder against a baseline, cell by cell, metric by
+metric, under a policy (TOML; the shipped default is dsbench/policies/default.toml, whose
+comments state every rule).
+
+    result = check("results/ci-baseline", "results/ci-now")   # the default policy
+    result.exit_code        # 0 clean, 1 regression
+    print(result.markdown())
+
+Rules: `exact` for deterministic quantities (parameters, FLOPs, KV bytes), `relative` or
+`absolute` tolerances for seeded quantities (losses, MaxVio) and memory, and timing as a ratio
+to a reference cell of the same run, with a threshold widened by the samples' spread — a
+machine uniformly faster or slower than the baseline's cancels out, a variant that slowed
+down alone does not. Replicates of a cell (separate processes) count once, timed by the
+fastest. Cells pair up by label, so new config fields (which change every cell_id) do not
+orphan a baseline.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+
+from dsbench.results import Results, ResultsError, load_results
+
+RULES = ("exact", "relative", "absolute", "ignore")
+DIRECTIONS = ("both", "higher", "lower")
+POLICY_VERSION = 1
+EXACT_RTOL = 1e-9  # "exact" on floats written through JSON and parquet: round-off only
+FAILING = ("regression", "missing", "failed")
+
+
+class PolicyError(ValueError):
+    """A policy file that cannot be used, in one line: key, value, what is allowed."""
+
+
+# --- the policy ---
+
+
+@dataclass(frozen=True)
+class MetricRule:
+    rule: str  # exact | relative | absolute
+    tolerance: float = 0.0
+    worse: str = "both"  # which direction of change fails: both | higher | lower
+
+    def describe(self) -> str:
+        if self.rule == "exact":
+            return "exact"
+        sign = {"both": "±", "higher": "+", "lower": "−"}[self.worse]
+        return f"{sign}{self.tolerance:.0%}" if self.rule == "relative" else f"{sign}{self.tolerance:g}"
+
+
+@dataclass(frozen=True)
+class TimingRule:
+    enabled: bool = True
+    metric: str = "step_time_ms_p10"
+    reference: str = "first"
+    threshold: float = 1.10
+    spread_weight: float = 0.25
+    noted_threshold: float = 1.5
+    confirm_absolute: bool = True  # a regression must also show in the cell's own current ÷ baseline time
+
+    def limit(self, spread: float, noted: bool) -> float:
+        base = self.noted_threshold if noted else self.threshold
+        return base * max(1.0, spread) ** self.spread_weight
+
+
+@dataclass(frozen=True)
+class Policy:
+    metrics: dict[str, MetricRule]
+    timing: TimingRule
+    match: str = "label"  # label | cell_id
+    missing: str = "fail"  # fail | warn
+    source: str = "default"
+
+
+def _default_text() -> str:
+    return resources.files("dsbench.policies").joinpath("default.toml").read_text()
+
+
+def load_policy(path: str | Path | None = None) -> Policy:
+    """The shipped default, with the keys of `path` (if given) laid over it one by one."""
+    raw = tomllib.loads(_default_text())
+    if path is None:
+        return parse_policy(raw, "default")
+    path = Path(path)
+    if not path.is_file():
+        raise PolicyError(f"--policy: {str(path)!r} is not a file; pass a policy TOML file (see dsbench/policies/default.toml)")
+    try:
+        user = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise PolicyError(f"--policy: {str(path)!r} is not valid TOML: {e}") from None
+    for key, value in user.items():
+        if key not in raw:
+            raise PolicyError(f"policy.{key}: unknown key; allowed: {', '.join(raw)}")
+        raw[key] = {**raw[key], **value} if isinstance(raw[key], dict) and isinstance(value, dict) else value
+    return parse_policy(raw, str(path))
+
+
+def parse_policy(raw: dict, source: str) -> Policy:
+    version = raw.get("version")
+    if version != POLICY_VERSION:
+        raise PolicyError(f"policy.version: {version!r} is not supported; this dsbench reads version {POLICY_VERSION}")
+    cells = _table(raw, "cells", ("match", "missing"))
+    timing = _table(raw, "timing", tuple(TimingRule.__dataclass_fields__))
+    metrics = {name: _metric_rule(name, spec) for name, spec in _table(raw, "metrics", None).items()}
+    return Policy(
+        metrics={k: v for k, v in metrics.items() if v.rule != "ignore"},
+        timing=_timing_rule(timing),
+        match=_choice("cells.match", cells.get("match", "label"), ("label", "cell_id")),
+        missing=_choice("cells.missing", cells.get("missing", "fail"), ("fail", "warn")),
+        source=source,
+    )
+
+
+def _table(raw: dict, key: str, allowed: tuple | None) -> dict:
+    table = raw.get(key, {})
+    if not isinstance(table, dict):
+        raise PolicyError(f"policy.{key}: expected a table ([{key}]), got {table!r}")
+    for k in table if allowed is not None else ():
+        if k not in allowed:
+            raise PolicyError(f"policy.{key}.{k}: unknown key; allowed: {', '.join(allowed)}")
+    return table
+
+
+def _choice(key: str, value, allowed: tuple) -> str:
+    if value not in allowed:
+        raise PolicyError(f"policy.{key}: {value!r} is not allowed; allowed: {', '.join(allowed)}")
+    return value
+
+
+def _number(key: str, value, minimum: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
+        raise PolicyError(f"policy.{key}: expected a number ≥ {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def _metric_rule(name: str, spec) -> MetricRule:
+    key = f"metrics.{name}"
+    if not isinstance(spec, dict):
+        raise PolicyError(f"policy.{key}: expected a table like {{ rule = \"exact\" }}, got {spec!r}")
+    for k in spec:
+        if k not in ("rule", "tolerance", "worse"):
+            raise PolicyError(f"policy.{key}.{k}: unknown key; allowed: rule, tolerance, worse")
+    rule = _choice(f"{key}.rule", spec.get("rule"), RULES)
+    if rule in ("relative", "absolute") and "tolerance" not in spec:
+        raise PolicyError(f"policy.{key}.tolerance: missing; a {rule} rule needs a tolerance ≥ 0")
+    tolerance = _number(f"{key}.tolerance", spec.get("tolerance", 0.0), 0.0)
+    return MetricRule(rule, tolerance, _choice(f"{key}.worse", spec.get("worse", "both"), DIRECTIONS))
+
+
+def _timing_rule(t: dict) -> TimingRule:
+    for key in ("enabled", "confirm_absolute"):
+        if not isinstance(t.get(key, True), bool):
+            raise PolicyError(f"policy.timing.{key}: expected true or false, got {t.get(key)!r}")
+    for key in ("metric", "reference"):
+        if not isinstance(t.get(key, "x"), str) or not t.get(key, "x"):
+            raise PolicyError(f"policy.timing.{key}: expected a non-empty string, got {t.get(key)!r}")
+    return TimingRule(
+        enabled=t.get("enabled", True),
+        confirm_absolute=t.get("confirm_absolute", True),
+        metric=t.get("metric", TimingRule.metric),
+        reference=t.get("reference", TimingRule.reference),
+        threshold=_number("timing.threshold", t.get("threshold", TimingRule.threshold), 1.0),
+        spread_weight=_number("timing.spread_weight", t.get("spread_weight", TimingRule.spread_weight), 0.0),
+        noted_threshold=_number("timing.noted_threshold", t.get("noted_threshold", TimingRule.noted_threshold), 1.0),
+    )
+
+
+# --- the result ---
+
+
+@dataclass
+class CheckRow:
+    cell: str
+    metric: str
+    rule: str
+    verdict: str  # ok | regression | improved | missing | failed | new | fixed | skipped | reference
+    baseline: object = None
+    current: object = None
+    change: float | None = None  # current ÷ baseline; for timing, the reference-normalised ratio
+    limit: str = ""
+    note: str = ""
+    fails: bool = False
+
+
+@dataclass
+class CheckResult:
+    baseline: Path
+    current: Path
+    policy: Policy
+    rows: list[CheckRow] = field(default_factory=list)
+    reference: str | None = None
+    machine_factor: float | None = None  # the reference cell's raw current ÷ baseline time
+
+    @property
+    def failures(self) -> list[CheckRow]:
+        return [r for r in self.rows if r.fails]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failures else 0
+
+    def counts(self) -> dict[str, int]:
+        return pd.Series([r.verdict for r in self.rows], dtype=object).value_counts().to_dict()
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame([asdict(r) for r in self.rows], columns=list(CheckRow.__dataclass_fields__))
+
+    def to_json(self) -> dict:
+        return {
+            "exit_code": self.exit_code,
+            "verdict": "regression" if self.exit_code else "clean",
+            "baseline": str(self.baseline),
+            "current": str(self.current),
+            "policy": self.policy.source,
+            "reference": self.reference,
+            "machine_factor": _finite(self.machine_factor),
+            "counts": self.counts(),
+            "rows": [{k: _finite(v) for k, v in asdict(r).items()} for r in self.rows],
+        }
+
+    def markdown(self) -> str:
+        return render_markdown(self)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value.item() if hasattr(value, "item") else value
+
+
+# --- loading ---
+
+
+def load_checked(path: str | Path, role: str) -> Results:
+    """load_results with the two problems a user meets first, each in one line."""
+    path = Path(path)
+    if not path.exists():
+        raise ResultsError(f"{role}: {str(path)!r} does not exist; pass a results folder written by `dsbench run sweep`")
+    if not path.is_dir():
+        raise ResultsError(f"{role}: {str(path)!r} is not a folder; pass a results folder written by `dsbench run sweep`")
+    results = load_results(path)
+    if results.cells.empty:
+        raise ResultsError(f"{role}: {str(path)!r} holds no cells (an empty or unstarted run); run the sweep first")
+    return results
+
+
+def cell_keys(cells: pd.DataFrame, match: str) -> pd.Series:
+    """The key each cell pairs up by; repeated labels are told apart by their cell_id."""
+    if match == "cell_id":
+        return cells["cell_id"].astype(str)
+    labels = cells["label"].astype(str)
+    repeated = labels.duplicated(keep=False)
+    return labels.where(~repeated, labels + " [" + cells["cell_id"].astype(str) + "]")
+
+
+def collapse_replicates(cells: pd.DataFrame, timing_metric: str) -> pd.DataFrame:
+    """Replicates of a cell (measure.replicates, each its own process) become one row: the
+    first replicate's values, with the step times of the fastest replicate (best of N processes:
+    a process slowed by another one's burst of work does not count), and the first failure's
+    status if any replicate failed."""
+    if "replicate" not in cells or not (cells["replicate"].fillna(0) > 0).any():
+        return cells
+    base = cells["label"].astype(str).str.replace(r" #\d+$", "", regex=True)
+    rows = []
+    for _, group in cells.groupby(base, sort=False):
+        row = group.iloc[0].copy()
+        row["label"] = base[group.index[0]]
+        failed = group[group["status"] != "ok"]
+        if not failed.empty:
+            row["status"], row["error"] = failed.iloc[0]["status"], failed.iloc[0].get("error")
+        elif timing_metric in group and group[timing_metric].notna().any():
+            fastest = group.loc[group[timing_metric].astype(float).idxmin()]
+            for col in [c for c in group.columns if c.startswith(("step_time_ms_", "tokens_per_s_"))]:
+                row[col] = fastest[col]
+        row["replicates"] = len(group)
+        rows.append(row)
+    return pd.DataFrame(rows).reset_index(drop=True)
+
+
+def _indexed(results: Results, policy: Policy) -> pd.DataFrame:
+    cells = results.cells
+    if "cell_index" in cells:
+        cells = cells.sort_values("cell_index", kind="stable")
+    cells = collapse_replicates(cells, policy.timing.metric)
+    return cells.set_index(pd.Index(cell_keys(cells, policy.match).tolist()))
+
+
+# --- the check ---
+
+
+def check(baseline: str | Path, current: str | Path, policy: Policy | None = None) -> CheckResult:
+    """Compare `current` with `baseline` under `policy` (default: the shipped policy)."""
+    policy = policy or load_policy()
+    base = _indexed(load_checked(baseline, "--baseline"), policy)
+    cur = _indexed(load_checked(current, "--current"), policy)
+    result = CheckResult(Path(baseline), Path(current), policy)
+    for key in base.index:
+        if key not in cur.index:
+            result.rows.append(CheckRow(key, "cell", "present", "missing", "present", "absent",
+                                        note="in the baseline, not in the current run", fails=policy.missing == "fail"))
+    for key in cur.index.difference(base.index, sort=False):
+        result.rows.append(CheckRow(key, "cell", "present", "new", "absent", "present", note="only in the current run"))
+    paired = [k for k in base.index if k in cur.index]
+    ok = [k for k in paired if _status_rows(result, k, base.loc[k], cur.loc[k])]
+    for key in ok:
+        for metric, rule in policy.metrics.items():
+            row = compare_metric(key, metric, rule, base.loc[key].get(metric), cur.loc[key].get(metric))
+            if row is not None:
+                result.rows.append(row)
+    if policy.timing.enabled:
+        check_timing(result, base, cur, ok)
+    return result
+
+
+def _status_rows(result: CheckResult, key: str, b: pd.Series, c: pd.Series) -> bool:
+    """Rows for cells that failed on either side; True when both sides are ok."""
+    if b["status"] == "ok" and c["status"] == "ok":
+        return True
+    if b["status"] == "ok":
+        result.rows.append(CheckRow(key, "status", "ok", "failed", "ok", c["status"], note=str(c.get("error") or ""),
+                                    fails=result.policy.missing == "fail"))
+    elif c["status"] == "ok":
+        result.rows.append(CheckRow(key, "status", "ok", "fixed", b["status"], "ok", note="failed in the baseline"))
+    else:
+        result.rows.append(CheckRow(key, "status", "ok", "skipped", b["status"], c["status"], note="failed in both runs"))
+    return False
+
+
+def _present(value) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value)) and value is not pd.NA
+
+
+def compare_metric(key: str, metric: str, rule: MetricRule, b, c) -> CheckRow | None:
+    """One metric of one cell; None when the baseline does not have it (nothing to hold to)."""
+    if not _present(b):
+        return None
+    if not _present(c):
+        return CheckRow(key, metric, rule.describe(), "missing", b, None, note="absent from the current run", fails=True)
+    try:
+        b, c = float(b), float(c)
+    except (TypeError, ValueError):  # a text column named in the policy: equal or not
+        same = str(b) == str(c)
+        return CheckRow(key, metric, "exact", "ok" if same else "regression", b, c, None, "equal", fails=not same)
+    change = c / b if b else (1.0 if c == 0 else math.inf)
+    delta = c - b
+    if rule.rule == "exact":
+        same = delta == 0 or abs(delta) <= EXACT_RTOL * max(abs(b), abs(c))
+        return CheckRow(key, metric, "exact", "ok" if same else "regression", b, c, change,
+                        "equal", "" if same else f"changed by {delta:+.6g}", fails=not same)
+    allowed = rule.tolerance * abs(b) if rule.rule == "relative" else rule.tolerance
+    beyond = abs(delta) > allowed
+    worse = beyond and (rule.worse == "both" or (rule.worse == "higher") == (delta > 0))
+    verdict = "regression" if worse else ("improved" if beyond else "ok")
+    note = f"{delta / b:+.2%}" if rule.rule == "relative" and b else f"{delta:+.4g}"
+    return CheckRow(key, metric, rule.describe(), verdict, b, c, change, rule.describe(), note, fails=worse)
+
+
+# --- timing ---
+
+
+def speed_class(row: pd.Series) -> str:
+    """'emulated' (never timed), 'noted' (looser threshold) or 'real'."""
+    emulated = row.get("emulated")
+    if emulated is True or (_present(emulated) and not isinstance(emulated, str) and emulated == 1):
+        return "emulated"
+    return "noted" if _present(row.get("speed_note")) and row.get("speed_note") else "real"
+
+
+def _spread(row: pd.Series) -> float:
+    p10, p90 = row.get("step_time_ms_p10"), row.get("step_time_ms_p90")
+    if not (_present(p10) and _present(p90)) or p10 <= 0:
+        return 1.0
+    return float(p90) / float(p10)
+
+
+def find_reference(timing: TimingRule, base: pd.DataFrame, cur: pd.DataFrame, ok: list[str]) -> str | None:
+    """The reference cell's key: the first timeable ok cell, or the one the policy names."""
+    if timing.reference != "first":
+        named = [k for k in base.index if k == timing.reference or str(base.loc[k, "cell_id"]) == timing.reference]
+        if not named:
+            raise PolicyError(f"policy.timing.reference: {timing.reference!r} names no cell of the baseline; "
+                              "give a label or cell_id from it, or \"first\"")
+        return named[0] if named[0] in ok else None
+    for key in ok:
+        if speed_class(base.loc[key]) == "real" and speed_class(cur.loc[key]) == "real" and \
+                _present(base.loc[key].get(timing.metric)) and _present(cur.loc[key].get(timing.metric)):
+            return key
+    return None
+
+
+def check_timing(result: CheckResult, base: pd.DataFrame, cur: pd.DataFrame, ok: list[str]) -> None:
+    timing = result.policy.timing
+    metric = timing.metric
+    ref = find_reference(timing, base, cur, ok)
+    if ref is None:
+        result.rows.append(CheckRow("(all cells)", metric, "timing", "skipped", note="no reference cell ok in both runs; timings not compared"))
+        return
+    rb, rc = float(base.loc[ref, metric]), float(cur.loc[ref, metric])
+    result.reference, result.machine_factor = ref, rc / rb
+    result.rows.append(CheckRow(ref, metric, "timing", "reference", rb, rc, rc / rb,
+                                note=f"the reference: this run is ×{rc / rb:.3f} the baseline's time overall"))
+    for key in ok:
+        if key != ref:
+            row = compare_timing(timing, key, base.loc[key], cur.loc[key], base.loc[ref], cur.loc[ref])
+            if row is not None:
+                result.rows.append(row)
+
+
+def agreeing(a: float, b: float) -> float:
+    """Two estimates of current ÷ baseline: the one closer to 1 when both point the same way, else 1."""
+    if a > 1 and b > 1:
+        return min(a, b)
+    if a < 1 and b < 1:
+        return max(a, b)
+    return 1.0
+
+
+def compare_timing(timing: TimingRule, key: str, b: pd.Series, c: pd.Series, rb: pd.Series, rc: pd.Series) -> CheckRow | None:
+    """ratio = (c / rc) / (b / rb); fails above threshold × spread^weight, and (confirm_absolute)
+    only if c / b is above it too (see default.toml)."""
+    metric = timing.metric
+    if not _present(b.get(metric)):
+        return None
+    if not _present(c.get(metric)):
+        return CheckRow(key, metric, "timing", "missing", b.get(metric), None, note="absent from the current run", fails=True)
+    kind = "emulated" if "emulated" in (speed_class(b), speed_class(c)) else \
+        ("noted" if "noted" in (speed_class(b), speed_class(c)) else "real")
+    tb, tc = float(b[metric]), float(c[metric])
+    if kind == "emulated":
+        return CheckRow(key, metric, "timing", "skipped", tb, tc, note="emulated: its speed means nothing")
+    relative = (tc / float(rc[metric])) / (tb / float(rb[metric]))
+    absolute = tc / tb
+    spread = max(_spread(row) for row in (b, c, rb, rc))
+    limit = timing.limit(spread, kind == "noted")
+    ratio = agreeing(relative, absolute) if timing.confirm_absolute else relative
+    verdict = "regression" if ratio > limit else ("improved" if ratio < 1 / limit else "ok")
+    note = f"×{relative:.3f} vs the reference, ×{absolute:.3f} absolute; spread {spread:.2f}"
+    note += " (numerics-only row: looser threshold)" if kind == "noted" else ""
+    return CheckRow(key, metric, "timing", verdict, tb, tc, ratio, f"≤ ×{limit:.3f}", note, fails=verdict == "regression")
+
+
+# --- Markdown ---
+
+
+def md_escape(text) -> str:
+    """Table-cell text for GitHub Markdown: no pipes, no HTML, no line breaks."""
+    s = "" if text is None else str(text)
+    for old, new in (("\\", "\\\\"), ("|", "\\|"), ("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ("\r", " "), ("\n", " "), ("`", "\\`")):
+        s = s.replace(old, new)
+    return s
+
+
+def fmt_value(value) -> str:
+    if not _present(value):
+        return "–"
+    if isinstance(value, str):
+        return value
+    value = float(value)
+    if value.is_integer() and abs(value) >= 1e4:
+        return f"{value:,.0f}"
+    return f"{value:.6g}" if value.is_integer() else f"{value:.4g}"
+
+
+def md_table(rows: list[CheckRow]) -> list[str]:
+    lines = ["| cell | metric | rule | verdict | baseline | current | change | limit | note |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        change = f"×{r.change:.3f}" if _present(r.change) and math.isfinite(r.change) else "–"
+        cells = [r.cell, r.metric, r.rule, r.verdict.upper() if r.fails else r.verdict, fmt_value(r.baseline), fmt_value(r.current), change, r.limit, r.note]
+        lines.append("| " + " | ".join(md_escape(x) for x in cells) + " |")
+    return lines
+
+
+def render_markdown(result: CheckResult) -> str:
+    failures = result.failures
+    counts = result.counts()
+    head = "FAIL" if failures else "PASS"
+    lines = [f"## dsbench check: {head}", ""]
+    lines.append(f"baseline `{md_escape(result.baseline)}` · current `{md_escape(result.current)}` · policy `{md_escape(result.policy.source)}`")
+    lines.append("")
+    summary = ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
+    lines.append(f"{len(result.rows)} checks: {summary}. {len(failures)} fail.")
+    if result.reference:
+        lines.append(f"Timing reference: `{md_escape(result.reference)}`; the current run's reference time is ×{result.machine_factor:.3f} "
+                     "the baseline's (a machine-wide factor, divided out of every other cell).")
+    lines.append("")
+    if failures:
+        lines += ["### Failures", "", *md_table(failures), ""]
+    notable = [r for r in result.rows if not r.fails and r.verdict not in ("ok",)]
+    if notable:
+        lines += ["### Notes", "", *md_table(notable), ""]
+    lines += ["<details><summary>All checks</summary>", "", *md_table(result.rows), "", "</details>", ""]
+    return "\n".join(lines)

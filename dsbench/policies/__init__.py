@@ -1,0 +1,1 @@
+"""The shipped check policies (TOML); default.toml is what `dsbench check` uses without --policy."""
