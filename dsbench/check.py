@@ -57,7 +57,7 @@ class MetricRule:
 @dataclass(frozen=True)
 class TimingRule:
     enabled: bool = True
-    metric: str = "step_time_ms_p10"
+    metric: str = "step_time_ms_min"
     reference: str = "first"
     threshold: float = 1.10
     spread_weight: float = 0.25
@@ -276,17 +276,38 @@ def collapse_replicates(cells: pd.DataFrame, timing_metric: str) -> pd.DataFrame
             row["status"], row["error"] = failed.iloc[0]["status"], failed.iloc[0].get("error")
         elif timing_metric in group and group[timing_metric].notna().any():
             fastest = group.loc[group[timing_metric].astype(float).idxmin()]
-            for col in [c for c in group.columns if c.startswith(("step_time_ms_", "tokens_per_s_"))]:
-                row[col] = fastest[col]
+            row[timing_metric] = group[timing_metric].astype(float).min()
+            for col in [c for c in group.columns if c.startswith(("step_time_ms_", "tokens_per_s_")) and c != timing_metric]:
+                row[col] = fastest[col]  # the spread is the fastest process's
         row["replicates"] = len(group)
         rows.append(row)
     return pd.DataFrame(rows).reset_index(drop=True)
+
+
+STEP_MIN = "step_time_ms_min"
+
+
+def with_step_min(cells: pd.DataFrame, series: pd.DataFrame) -> pd.DataFrame:
+    """Add `step_time_ms_min`, each cell's fastest timed step (series.parquet); a cell without
+    step-time series falls back to its step_time_ms_p10 (and says so in `step_time_source`)."""
+    cells = cells.copy()
+    steps = series[series["metric"] == "step_time_ms"] if not series.empty else series
+    fastest = steps.groupby("cell_id")["value"].min() if not steps.empty else pd.Series(dtype=float)
+    cells[STEP_MIN] = cells["cell_id"].map(fastest).astype(float)
+    missing = cells[STEP_MIN].isna()
+    cells["step_time_source"] = "min of the series"
+    if "step_time_ms_p10" in cells:
+        cells.loc[missing, STEP_MIN] = cells.loc[missing, "step_time_ms_p10"]
+        cells.loc[missing, "step_time_source"] = "p10 (no step-time series)"
+    return cells
 
 
 def _indexed(results: Results, policy: Policy) -> pd.DataFrame:
     cells = results.cells
     if "cell_index" in cells:
         cells = cells.sort_values("cell_index", kind="stable")
+    if policy.timing.metric == STEP_MIN and STEP_MIN not in cells:
+        cells = with_step_min(cells, results.series)
     cells = collapse_replicates(cells, policy.timing.metric)
     return cells.set_index(pd.Index(cell_keys(cells, policy.match).tolist()))
 
@@ -297,9 +318,10 @@ def _indexed(results: Results, policy: Policy) -> pd.DataFrame:
 def check(baseline: str | Path, current: str | Path, policy: Policy | None = None) -> CheckResult:
     """Compare `current` with `baseline` under `policy` (default: the shipped policy)."""
     policy = policy or load_policy()
-    base = _indexed(load_checked(baseline, "--baseline"), policy)
-    cur = _indexed(load_checked(current, "--current"), policy)
+    base_run, cur_run = load_checked(baseline, "--baseline"), load_checked(current, "--current")
+    base, cur = _indexed(base_run, policy), _indexed(cur_run, policy)
     result = CheckResult(Path(baseline), Path(current), policy)
+    comparable = environment_rows(result, base_run.run.get("environment") or {}, cur_run.run.get("environment") or {})
     for key in base.index:
         if key not in cur.index:
             result.rows.append(CheckRow(key, "cell", "present", "missing", "present", "absent",
@@ -313,9 +335,26 @@ def check(baseline: str | Path, current: str | Path, policy: Policy | None = Non
             row = compare_metric(key, metric, rule, base.loc[key].get(metric), cur.loc[key].get(metric))
             if row is not None:
                 result.rows.append(row)
-    if policy.timing.enabled:
+    if policy.timing.enabled and comparable:
         check_timing(result, base, cur, ok)
     return result
+
+
+ENVIRONMENT_NOTES = ("cpu_model", "cpu_count_logical", "gpu_name", "torch_version", "python_version")
+
+
+def environment_rows(result: CheckResult, base: dict, cur: dict) -> bool:
+    """Note environment differences; False (timings not comparable) when the thread counts differ."""
+    for key in ENVIRONMENT_NOTES:
+        if key in base and key in cur and base[key] != cur[key]:
+            result.rows.append(CheckRow("(environment)", key, "note", "changed", base[key], cur[key], note="timings may not transfer"))
+    b, c = base.get("torch_num_threads"), cur.get("torch_num_threads")
+    if b is None or c is None or b == c or not result.policy.timing.enabled:
+        return True
+    result.rows.append(CheckRow("(environment)", "torch_num_threads", "equal", "regression", b, c, fails=True,
+                                note="timings not compared: record the baseline with the thread count the check runs "
+                                     "(.ci/run sets OMP_NUM_THREADS=1)"))
+    return False
 
 
 def _status_rows(result: CheckResult, key: str, b: pd.Series, c: pd.Series) -> bool:

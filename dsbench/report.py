@@ -199,7 +199,8 @@ def _context(row: pd.Series, axis: str) -> str:
 
 
 def ablation(data: ReportData) -> pd.DataFrame:
-    """Long table: axis, comparison (B ÷ A), context, run, metric, A, B, ratio, emulated."""
+    """Long table: axis, comparison (B ÷ A), context, run, metric, A, B, ratio, speed_caveat
+    (emulated / numerics only, on speed metrics of pairs with such a side)."""
     ok, rows = data.ok, []
     metrics = [m for m in MAIN_METRICS if m in ok]
     for axis in AXES:
@@ -207,23 +208,24 @@ def ablation(data: ReportData) -> pd.DataFrame:
         if len(values) < 2:
             continue
         for a, b in _pairs(ok, axis, values[0]):
-            emulated = "emulated" in (speed_flag(a), speed_flag(b))
+            flags = (speed_flag(a), speed_flag(b))
+            caveat = "emulated" if "emulated" in flags else ("numerics only" if "noted" in flags else "")
             for m in metrics:
                 if present(a[m]) and present(b[m]) and float(a[m]) != 0:
                     rows.append({"axis": axis, "comparison": f"{_side(b, axis)} ÷ {_side(a, axis)}", "context": _context(a, axis),
                                  "run": a["run"], "metric": m, "a": float(a[m]), "b": float(b[m]), "ratio": float(b[m]) / float(a[m]),
-                                 "emulated": emulated and m in SPEED_METRICS})
-    return pd.DataFrame(rows, columns=["axis", "comparison", "context", "run", "metric", "a", "b", "ratio", "emulated"])
+                                 "speed_caveat": caveat if m in SPEED_METRICS else ""})
+    return pd.DataFrame(rows, columns=["axis", "comparison", "context", "run", "metric", "a", "b", "ratio", "speed_caveat"])
 
 
 def ablation_summary(long: pd.DataFrame) -> pd.DataFrame:
     """Per axis, comparison and metric: geometric mean of the ratios over contexts, min, max, n
-    (speeds of pairs with an emulated side summarised apart)."""
+    (speeds of pairs with an emulated or numerics-only side summarised apart)."""
     if long.empty:
-        return pd.DataFrame(columns=["axis", "comparison", "metric", "geomean", "min", "max", "n", "emulated"])
-    g = long[long["ratio"] > 0].groupby(["axis", "comparison", "metric", "emulated"], sort=False)
+        return pd.DataFrame(columns=["axis", "comparison", "metric", "geomean", "min", "max", "n", "speed_caveat"])
+    g = long[long["ratio"] > 0].groupby(["axis", "comparison", "metric", "speed_caveat"], sort=False)
     out = g["ratio"].agg(geomean=lambda r: float(np.exp(np.log(r).mean())), min="min", max="max", n="size")
-    return out.reset_index()[["axis", "comparison", "metric", "geomean", "min", "max", "n", "emulated"]]
+    return out.reset_index()[["axis", "comparison", "metric", "geomean", "min", "max", "n", "speed_caveat"]]
 
 
 # --- figures: a registry of definitions ---
@@ -753,9 +755,9 @@ def ablation_section(data: ReportData, tables: Path) -> Section:
     rows, classes = [], []
     for _, r in summary.iterrows():
         spread = f"{r['min']:.3f}–{r['max']:.3f}" if r["n"] > 1 else ""
-        rows.append([r["axis"], r["comparison"], r["metric"], f"×{r['geomean']:.3f}", spread, str(r["n"]),
-                     "emulated: speed means nothing" if r["emulated"] else ""])
-        classes.append("emulated" if r["emulated"] else "")
+        note = {"emulated": "emulated: speed means nothing", "numerics only": "numerics only: speed not representative"}.get(r["speed_caveat"], "")
+        rows.append([r["axis"], r["comparison"], r["metric"], f"×{r['geomean']:.3f}", spread, str(r["n"]), note])
+        classes.append({"emulated": "emulated", "numerics only": "noted"}.get(r["speed_caveat"], ""))
     s.table(["axis", "B ÷ A", "metric", "ratio", "min–max", "contexts", "note"], rows, classes)
     detail = long.pivot_table(index=["axis", "comparison", "context", "run"], columns="metric", values="ratio", sort=False).reset_index()
     if len(data.runs) == 1:

@@ -1,8 +1,8 @@
 """How far the CI gate can be trusted on this machine: false positives and sensitivity.
 
-    python scripts/gate_reliability.py --baseline results/ci-baseline --runs 10 [--preset ci] [--work DIR]
+    python scripts/gate_reliability.py --baseline results/ci-baseline --runs 10 [--preset ci] [--work DIR] [--threads 1]
 
-Runs the preset N times (each a fresh sweep, as .ci/run does) and checks each run against the
+Runs the preset N times (each a fresh sweep with OMP_NUM_THREADS=1, as .ci/run does) and checks each run against the
 baseline with the default policy: a run that fails is a false positive (nothing changed).
 Then, on every run, plants a 25% slowdown in each cell whose timing is gated (one at a time)
 and a +2% change in the train loss (scripts/plant_regression.py) and checks again: each
@@ -23,13 +23,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plant_regression import plant  # noqa: E402
 
-from dsbench.check import speed_class, check, load_policy  # noqa: E402
+from dsbench.check import check, collapse_replicates, load_policy, speed_class  # noqa: E402
 from dsbench.results import load_results  # noqa: E402
 
 
 def gated_cells(run: Path, reference: str | None) -> list[str]:
     """Labels of the ok cells timed at the main threshold (not the reference, not numerics-only)."""
-    cells = load_results(run).cells
+    cells = collapse_replicates(load_results(run).cells, "step_time_ms_p10")  # a label prefix plants in every replicate
     return [r["label"] for _, r in cells.iterrows() if r["status"] == "ok" and r["label"] != reference and speed_class(r) == "real"]
 
 
@@ -37,8 +37,9 @@ def one_run(i: int, args, work: Path) -> dict:
     out = work / f"run-{i:02d}"
     load = os.getloadavg()[0]
     start = time.perf_counter()
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}  # as .ci/run runs the gate
     done = subprocess.run([sys.executable, "-m", "dsbench", "run", "sweep", "--preset", args.preset, "--out", str(out)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if done.returncode not in (0, 1):
         raise SystemExit(f"run {i}: the sweep exited {done.returncode}: {done.stderr[-500:]}")
@@ -53,7 +54,7 @@ def one_run(i: int, args, work: Path) -> dict:
         plant(out, planted, slow=label, factor=1.25)
         slow_caught += check(args.baseline, planted, load_policy()).exit_code == 1
     planted = work / f"run-{i:02d}-loss"
-    train = [label for label in load_results(out).ok()["label"] if label.startswith("train/")]
+    train = [label for label in collapse_replicates(load_results(out).ok(), "step_time_ms_p10")["label"] if label.startswith("train/")]
     plant(out, planted, loss=train[-1], loss_factor=1.02)  # one variant's loss (the last train cell)
     loss_caught = check(args.baseline, planted, load_policy()).exit_code == 1
     return {"run": i, "load": load, "wall_s": wall, "fails": bool(failing), "failing": failing, "machine": result.machine_factor,
@@ -66,6 +67,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--preset", default="ci")
     parser.add_argument("--work", type=Path, default=None, help="where the runs go (default: a temp folder)")
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the sweeps (.ci/run uses 1)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="dsbench-gate-"))
     work.mkdir(parents=True, exist_ok=True)

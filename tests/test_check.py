@@ -190,6 +190,19 @@ def test_replicates_collapse_to_the_fastest_process(folders):
     assert check(*folders(slowed, replicated(1.0))).exit_code == 1
 
 
+def test_thread_count_mismatch_fails_and_skips_timing(tmp_path):
+    base = write_results(tmp_path / "base", ci_cells(), series=[])
+    cur = write_results(tmp_path / "cur", scaled(ci_cells(), "decode/dense/mha/fp32", 2.0), series=[])
+    for path, threads, cpu in ((base, 2, "test CPU"), (cur, 1, "another CPU")):
+        info = json.loads((path / "run.json").read_text())
+        info["environment"].update(torch_num_threads=threads, cpu_model=cpu)
+        (path / "run.json").write_text(json.dumps(info))
+    result = check(base, cur)
+    assert [(r.metric, r.baseline, r.current) for r in result.failures] == [("torch_num_threads", 2, 1)]
+    assert not any(r.rule == "timing" for r in result.rows)
+    assert any(r.metric == "cpu_model" and r.verdict == "changed" and not r.fails for r in result.rows)
+
+
 # --- cells on one side only; failed cells ---
 
 

@@ -71,7 +71,7 @@ def test_ablation_ratios_hold_everything_else_fixed(rich):
     kv = pick("attention", "mla ÷ mha", "kv_cache_bytes_per_token")
     assert len(kv) == 8 and (kv.ratio == 0.25).all()  # 6 train pairs (dense ×2 precisions, moe ×2 ×2 balances) + 2 decode contexts
     fp8 = pick("precision", "fp8 ÷ bf16", "tokens_per_s_median")
-    assert len(fp8) == 6 and fp8.emulated.all() and fp8.ratio.round(3).eq(0.625).all()
+    assert len(fp8) == 6 and fp8.speed_caveat.eq("emulated").all() and fp8.ratio.round(3).eq(0.625).all()
     maxvio = pick("balance", "bias ÷ aux", "maxvio_global")
     assert len(maxvio) == 4 and maxvio.ratio.round(6).eq(0.2).all()
     # along ffn, a dense cell (balance n/a) pairs with each balance of the routed cell

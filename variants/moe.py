@@ -34,6 +34,8 @@ from .balance import (
 )
 from .config import FFNConfig, ModelConfig
 from .ffn import DenseFFN
+from .fp8 import fp8_grouped_mm
+from .precision import PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -195,15 +197,23 @@ def _padded_bmm(x_MK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor) -
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as stacked weights, applied to expert-sorted rows."""
 
-    def __init__(self, n_experts: int, d_model: int, d_ff: int):
+    def __init__(self, n_experts: int, d_model: int, d_ff: int, fp8_recipe: str | None = None):
         super().__init__()
         self.w1_ECF = nn.Parameter(torch.empty(n_experts, d_model, d_ff))  # gate
         self.w3_ECF = nn.Parameter(torch.empty(n_experts, d_model, d_ff))  # up
         self.w2_EFC = nn.Parameter(torch.empty(n_experts, d_ff, d_model))  # down
+        self.fp8_recipe = fp8_recipe  # the experts' GEMMs in FP8 too (V3 §3.3), under fp8 precisions
+        if fp8_recipe is not None:
+            self.fp8_probe = None  # set by fp8.QuantisationProbe while it measures SQNR
+
+    def _mm(self, x_MK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor) -> torch.Tensor:
+        if self.fp8_recipe is None:
+            return grouped_mm(x_MK, w_EKN, ends_E)
+        return fp8_grouped_mm(x_MK, w_EKN, ends_E, self.fp8_recipe, self.fp8_probe)
 
     def forward(self, x_MC: torch.Tensor, ends_E: torch.Tensor) -> torch.Tensor:
-        hidden_MF = F.silu(grouped_mm(x_MC, self.w1_ECF, ends_E)) * grouped_mm(x_MC, self.w3_ECF, ends_E)
-        return grouped_mm(hidden_MF, self.w2_EFC, ends_E)
+        hidden_MF = F.silu(self._mm(x_MC, self.w1_ECF, ends_E)) * self._mm(x_MC, self.w3_ECF, ends_E)
+        return self._mm(hidden_MF, self.w2_EFC, ends_E)
 
     def expert(self, e: int, x_MC: torch.Tensor) -> torch.Tensor:
         """One expert alone (the naive reference's building block)."""
@@ -271,7 +281,7 @@ class MoEFeedForward(nn.Module):
         self.lay = lay = layout(f)
         self.balance, self.ffn_cfg = f.balance, f
         self.router = Router(cfg, lay)
-        self.experts = GroupedExperts(lay.n_routed, cfg.d_model, lay.expert_d_ff)
+        self.experts = GroupedExperts(lay.n_routed, cfg.d_model, lay.expert_d_ff, PRECISIONS[cfg.precision].fp8_recipe)
         for p in (self.router.weight, *self.experts.parameters()):
             nn.init.normal_(p, mean=0.0, std=cfg.init_std)
         shared_cfg = replace_ffn(cfg, kind="dense", d_ff=lay.shared_d_ff)
