@@ -10,8 +10,8 @@ Rules: `exact` for deterministic quantities (parameters, FLOPs, KV bytes), `rela
 `absolute` tolerances for seeded quantities (losses, MaxVio) and memory, and timing as a ratio
 to a reference cell of the same run, with a threshold widened by the samples' spread — a
 machine uniformly faster or slower than the baseline's cancels out, a variant that slowed
-down alone does not. Replicates of a cell (separate processes) count once, timed by the
-fastest. Cells pair up by label, so new config fields (which change every cell_id) do not
+down alone does not; a cell is timed by its fastest step, over all its processes
+(replicates count once). Cells pair up by label, so new config fields (which change every cell_id) do not
 orphan a baseline.
 """
 
@@ -31,7 +31,6 @@ RULES = ("exact", "relative", "absolute", "ignore")
 DIRECTIONS = ("both", "higher", "lower")
 POLICY_VERSION = 1
 EXACT_RTOL = 1e-9  # "exact" on floats written through JSON and parquet: round-off only
-FAILING = ("regression", "missing", "failed")
 
 
 class PolicyError(ValueError):
@@ -60,7 +59,7 @@ class TimingRule:
     metric: str = "step_time_ms_min"
     reference: str = "first"
     threshold: float = 1.10
-    spread_weight: float = 0.25
+    spread_weight: float = 0.1
     noted_threshold: float = 1.5
     confirm_absolute: bool = True  # a regression must also show in the cell's own current ÷ baseline time
 
@@ -418,37 +417,46 @@ def _spread(row: pd.Series) -> float:
     return float(p90) / float(p10)
 
 
-def find_reference(timing: TimingRule, base: pd.DataFrame, cur: pd.DataFrame, ok: list[str]) -> str | None:
-    """The reference cell's key: the first timeable ok cell, or the one the policy names."""
+def _timeable(timing: TimingRule, b: pd.Series, c: pd.Series) -> bool:
+    return speed_class(b) == "real" and speed_class(c) == "real" and _present(b.get(timing.metric)) and _present(c.get(timing.metric))
+
+
+def find_reference(timing: TimingRule, base: pd.DataFrame, cur: pd.DataFrame, ok: list[str]) -> tuple[str | None, str | None]:
+    """(the reference cell's key, the cell the reference itself is timed against): the first
+    and second timeable ok cells, or the cell the policy names and the first other one."""
+    timeable = [k for k in ok if _timeable(timing, base.loc[k], cur.loc[k])]
     if timing.reference != "first":
         named = [k for k in base.index if k == timing.reference or str(base.loc[k, "cell_id"]) == timing.reference]
         if not named:
             raise PolicyError(f"policy.timing.reference: {timing.reference!r} names no cell of the baseline; "
                               "give a label or cell_id from it, or \"first\"")
-        return named[0] if named[0] in ok else None
-    for key in ok:
-        if speed_class(base.loc[key]) == "real" and speed_class(cur.loc[key]) == "real" and \
-                _present(base.loc[key].get(timing.metric)) and _present(cur.loc[key].get(timing.metric)):
-            return key
-    return None
+        if named[0] not in ok:
+            return None, None
+        timeable = [named[0]] + [k for k in timeable if k != named[0]]
+    return (timeable + [None, None])[0], (timeable + [None, None])[1]
 
 
 def check_timing(result: CheckResult, base: pd.DataFrame, cur: pd.DataFrame, ok: list[str]) -> None:
+    """Every cell against the reference; the reference against the next timeable cell, so a
+    slowdown of the reference alone fails there (and shows as every other cell improving)."""
     timing = result.policy.timing
     metric = timing.metric
-    ref = find_reference(timing, base, cur, ok)
+    ref, alt = find_reference(timing, base, cur, ok)
     if ref is None:
         result.rows.append(CheckRow("(all cells)", metric, "timing", "skipped", note="no reference cell ok in both runs; timings not compared"))
         return
     rb, rc = float(base.loc[ref, metric]), float(cur.loc[ref, metric])
     result.reference, result.machine_factor = ref, rc / rb
-    result.rows.append(CheckRow(ref, metric, "timing", "reference", rb, rc, rc / rb,
-                                note=f"the reference: this run is ×{rc / rb:.3f} the baseline's time overall"))
     for key in ok:
-        if key != ref:
-            row = compare_timing(timing, key, base.loc[key], cur.loc[key], base.loc[ref], cur.loc[ref])
-            if row is not None:
-                result.rows.append(row)
+        other = ref if key != ref else alt
+        if other is None:
+            result.rows.append(CheckRow(ref, metric, "timing", "reference", rb, rc, rc / rb, note="the reference; no other timeable cell to time it against"))
+            continue
+        row = compare_timing(timing, key, base.loc[key], cur.loc[key], base.loc[other], cur.loc[other])
+        if row is not None and key == ref:
+            row.note = f"the reference (machine factor ×{rc / rb:.3f}), itself timed against {alt}: " + row.note
+        if row is not None:
+            result.rows.append(row)
 
 
 def agreeing(a: float, b: float) -> float:
@@ -481,6 +489,8 @@ def compare_timing(timing: TimingRule, key: str, b: pd.Series, c: pd.Series, rb:
     verdict = "regression" if ratio > limit else ("improved" if ratio < 1 / limit else "ok")
     note = f"×{relative:.3f} vs the reference, ×{absolute:.3f} absolute; spread {spread:.2f}"
     note += " (numerics-only row: looser threshold)" if kind == "noted" else ""
+    fallback = [str(r.get("step_time_source")) for r in (b, c) if str(r.get("step_time_source", "")).startswith("p10")]
+    note += f"; {fallback[0]}" if fallback else ""
     return CheckRow(key, metric, "timing", verdict, tb, tc, ratio, f"≤ ×{limit:.3f}", note, fails=verdict == "regression")
 
 

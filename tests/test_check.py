@@ -32,8 +32,8 @@ def scaled(cells: list[dict], label_prefix: str, factor: float, keys=TIMES) -> l
 @pytest.fixture
 def folders(tmp_path):
     def make(current: list[dict], baseline: list[dict] | None = None) -> tuple[Path, Path]:
-        base = write_results(tmp_path / "base", baseline or ci_cells(), series=[])
-        cur = write_results(tmp_path / "cur", current, series=[])
+        base = write_results(tmp_path / "base", baseline or ci_cells())  # step-time series from each row's median
+        cur = write_results(tmp_path / "cur", current)
         return base, cur
 
     return make
@@ -106,7 +106,7 @@ def test_uniformly_slower_machine_passes(folders):
 
 def test_one_cell_25_percent_slower_fails(folders):
     result = check(*folders(scaled(ci_cells(), "decode/dense/mha/fp32", 1.25)))
-    assert [(r.cell, r.metric) for r in result.failures] == [("decode/dense/mha/fp32 b4×ctx128+32", "step_time_ms_p10")]
+    assert [(r.cell, r.metric) for r in result.failures] == [("decode/dense/mha/fp32 b4×ctx128+32", "step_time_ms_min")]
     assert result.failures[0].change == pytest.approx(1.25)
 
 
@@ -127,10 +127,31 @@ def test_contended_reference_in_the_baseline(folders, tmp_path):
     assert check(*folders(ci_cells(), base), load_policy(policy_file)).exit_code == 1
 
 
+def test_reference_slowed_alone_fails_at_the_reference(folders):
+    result = check(*folders(scaled(ci_cells(), "train/dense/mha/fp32", 1.25)))
+    assert [(r.cell, r.change) for r in result.failures] == [("train/dense/mha/fp32 b8×t128", pytest.approx(1.25))]
+    assert "timed against prefill/dense/mha/fp32" in result.failures[0].note
+
+
+def test_timed_by_the_fastest_step_of_the_series(tmp_path):
+    """Contention that doubles most steps leaves the fastest one: no regression. Without
+    step-time series the check falls back to p10 and says so."""
+    cells = ci_cells()
+    base = write_results(tmp_path / "base", cells)
+    contended = [(c, [dict(step=s, metric="step_time_ms", value=c["step_time_ms_median"] * (1 if s == 7 else 2)) for s in range(20)])
+                 for c in cells]
+    cur = write_results(tmp_path / "cur", scaled(cells, "decode/dense/mha/fp32", 2.0), series=contended)
+    assert check(base, cur).exit_code == 0
+    bare = write_results(tmp_path / "bare", scaled(cells, "decode/dense/mha/fp32", 2.0), series=[])
+    result = check(base, bare)
+    assert [r.cell for r in result.failures] == ["decode/dense/mha/fp32 b4×ctx128+32"]
+    assert "p10 (no step-time series)" in result.failures[0].note
+
+
 def test_faster_cell_is_improved_not_failed(folders):
     result = check(*folders(scaled(ci_cells(), "prefill/dense/mha/fp32", 0.7)))
     assert result.exit_code == 0
-    assert verdicts(result, "step_time_ms_p10")["prefill/dense/mha/fp32 b8×t128"] == "improved"
+    assert verdicts(result, "step_time_ms_min")["prefill/dense/mha/fp32 b8×t128"] == "improved"
 
 
 def test_spread_widens_the_limit(folders):
@@ -142,7 +163,7 @@ def test_spread_widens_the_limit(folders):
         if c["label"].startswith("decode/dense/mha/fp32"):
             c["step_time_ms_p90"] = 3 * c["step_time_ms_p10"]
     result = check(*folders(noisy))
-    row = next(r for r in result.rows if r.cell.startswith("decode/dense/mha/fp32") and r.metric == "step_time_ms_p10")
+    row = next(r for r in result.rows if r.cell.startswith("decode/dense/mha/fp32") and r.metric == "step_time_ms_min")
     assert result.exit_code == 0 and row.verdict == "ok" and "spread 3.00" in row.note
 
 
@@ -157,7 +178,7 @@ def test_emulated_rows_are_never_timed(folders):
     cur = [make_cell("train"), make_cell("train", precision="fp8", step_time_ms_p10=1e6, step_time_ms_p90=1.1e6)]
     result = check(*folders(cur, base))
     assert result.exit_code == 0
-    assert verdicts(result, "step_time_ms_p10")["train/dense/mha/fp8 b8×t128"] == "skipped"
+    assert verdicts(result, "step_time_ms_min")["train/dense/mha/fp8 b8×t128"] == "skipped"
 
 
 def test_named_reference_and_unknown_reference(folders, tmp_path):
@@ -288,7 +309,7 @@ def test_cli_exit_codes_markdown_and_json(folders):
     as_json = run_cli("check", "--baseline", str(base), "--current", str(cur), "--json")
     payload = json.loads(as_json.stdout)
     assert as_json.exit_code == 1 and payload["exit_code"] == 1 and payload["verdict"] == "regression"
-    assert any(r["fails"] and r["metric"] == "step_time_ms_p10" for r in payload["rows"])
+    assert any(r["fails"] and r["metric"] == "step_time_ms_min" for r in payload["rows"])
 
 
 def test_cli_bad_inputs_one_line_exit_2(tmp_path):
