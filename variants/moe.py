@@ -299,19 +299,22 @@ class MoEFeedForward(nn.Module):
 
     # --- accounting ---
     @staticmethod
-    def param_count(cfg: ModelConfig, layer_idx: int = 0) -> int:
+    def _params(cfg: ModelConfig, layer_idx: int, active: bool) -> int:
+        """Gate (every token scores every routed expert) + routed experts (all, or the K a token
+        uses) + shared experts; a leading dense layer counts as the dense FFN."""
         if layer_idx < cfg.ffn.first_k_dense:
             return DenseFFN.param_count(cfg)
         lay, C = layout(cfg.ffn), cfg.d_model
-        return lay.n_routed * C + 3 * C * (lay.n_routed * lay.expert_d_ff + lay.shared_d_ff)
+        routed = lay.top_k if active else lay.n_routed
+        return lay.n_routed * C + 3 * C * (routed * lay.expert_d_ff + lay.shared_d_ff)
+
+    @staticmethod
+    def param_count(cfg: ModelConfig, layer_idx: int = 0) -> int:
+        return MoEFeedForward._params(cfg, layer_idx, active=False)
 
     @staticmethod
     def active_param_count(cfg: ModelConfig, layer_idx: int = 0) -> int:
-        """Gate (every token scores every routed expert) + K routed experts + shared experts."""
-        if layer_idx < cfg.ffn.first_k_dense:
-            return DenseFFN.param_count(cfg)
-        lay, C = layout(cfg.ffn), cfg.d_model
-        return lay.n_routed * C + 3 * C * (lay.top_k * lay.expert_d_ff + lay.shared_d_ff)
+        return MoEFeedForward._params(cfg, layer_idx, active=True)
 
     @staticmethod
     def flops_per_token(cfg: ModelConfig, layer_idx: int = 0) -> float:
