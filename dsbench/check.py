@@ -26,6 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from dsbench.results import Results, ResultsError, load_results
+from dsbench.spec import check_choice
 
 RULES = ("exact", "relative", "absolute", "ignore")
 DIRECTIONS = ("both", "higher", "lower")
@@ -127,9 +128,7 @@ def _table(raw: dict, key: str, allowed: tuple | None) -> dict:
 
 
 def _choice(key: str, value, allowed: tuple) -> str:
-    if value not in allowed:
-        raise PolicyError(f"policy.{key}: {value!r} is not allowed; allowed: {', '.join(allowed)}")
-    return value
+    return check_choice(f"policy.{key}", value, allowed, error=PolicyError)
 
 
 def _number(key: str, value, minimum: float) -> float:

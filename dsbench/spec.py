@@ -241,9 +241,10 @@ def _check_str(key: str, value) -> str:
     return value
 
 
-def check_choice(key: str, value, allowed: tuple) -> str:
+def check_choice(key: str, value, allowed: tuple, error: type[ValueError] = SpecError) -> str:
+    """value if it is one of allowed, else `error` naming the key, the value and the choices."""
     if value not in allowed:
-        raise SpecError(f"{key}: {value!r} is not allowed; allowed: {', '.join(allowed)}")
+        raise error(f"{key}: {value!r} is not allowed; allowed: {', '.join(allowed)}")
     return value
 
 
