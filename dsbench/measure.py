@@ -21,6 +21,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from dsbench.variants import profiling
+
 __all__ = [
     "StepTimer",
     "summarize",
@@ -58,21 +60,22 @@ class StepTimer:
     `reset()` to drop everything recorded so far.
     """
 
-    def __init__(self, device: torch.device | str):
+    def __init__(self, device: torch.device | str, kind: str = profiling.STEP):
         self.device = torch.device(device)
+        self.kind = kind  # the profiler range around each step (variants/profiling.py)
         self._use_events = self.device.type == "cuda"
         self._pending: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._samples_s: list[float] = []
 
     @contextlib.contextmanager
     def step(self, record: bool = True) -> Iterator[None]:
-        if not record:
-            yield
-            return
-        if self._use_events:
-            yield from self._step_events()
-        else:
-            yield from self._step_host_clock()
+        with profiling.step_range(self.kind if record else profiling.WARMUP):
+            if not record:
+                yield
+            elif self._use_events:
+                yield from self._step_events()
+            else:
+                yield from self._step_host_clock()
 
     def _step_events(self) -> Iterator[None]:
         start = torch.cuda.Event(enable_timing=True)

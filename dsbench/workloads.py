@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from dsbench.measure import StepTimer
 from dsbench.variants.fp8 import QuantisationProbe
 from dsbench.variants.precision import Precision
+from dsbench.variants.profiling import PREFILL, WARMUP, part
 
 
 class Diverged(RuntimeError):
@@ -100,13 +101,19 @@ def run_train(ctx: Context, settings: dict) -> WorkloadRun:
             group["lr"] = lr_at(step, settings)
         with timer.step(record=step >= ctx.warmup):
             with _autocast(ctx):
-                per_row = _loss_per_row(model(inputs), targets)
-                loss = per_row.mean()
-                aux = model.aux_loss()
-            (loss if aux is None else loss + aux).backward()
-            grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip).detach())
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                logits = model(inputs)
+                with part("loss"):
+                    per_row = _loss_per_row(logits, targets)
+                    loss = per_row.mean()
+                    aux = model.aux_loss()
+                    total = loss if aux is None else loss + aux
+            with part("autograd"):
+                total.backward()
+            with part("grad_clip"):
+                grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip).detach())
+            with part("optimizer"):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             model.after_optimizer_step()
         # Kept on the device and read once at the end: a per-step .item() would sync the GPU.
         row_losses.append(per_row.detach())
@@ -219,12 +226,12 @@ def run_decode(ctx: Context, settings: dict) -> WorkloadRun:
     domains = (batch.domains, ctx.data.domains)
     model.set_token_domains(*domains)
     caches = model.new_caches(B, L + N, ctx.precision.inference_dtype, ctx.device)
-    prefill_timer, token_timer = StepTimer(ctx.device), StepTimer(ctx.device)
+    prefill_timer, token_timer = StepTimer(ctx.device, kind=PREFILL), StepTimer(ctx.device)
     # A max-batch cell fits weights + KV cache to a memory budget; its prefill runs a few rows at
     # a time so the prefill's activations stay small beside them (as a server prefills requests).
     rows = max(1, MAX_PREFILL_TOKENS // L) if "memory_budget_bytes" in settings else B
     if ctx.warmup:
-        _generate(model, context, caches, min(ctx.warmup, N), StepTimer(ctx.device), StepTimer(ctx.device), rows, domains)
+        _generate(model, context, caches, min(ctx.warmup, N), StepTimer(ctx.device, WARMUP), StepTimer(ctx.device, WARMUP), rows, domains)
     for _ in range(math.ceil(ctx.repeats / N)):
         last_logits = _generate(model, context, caches, N, prefill_timer, token_timer, rows, domains)
     _check_finite(last_logits.float(), "decode logits")
@@ -248,7 +255,8 @@ def _generate(model, context, caches, n_tokens: int, prefill_timer: StepTimer, t
         logits = _prefill(model, context, caches, rows or context.shape[0], domains)  # (B, V)
     for i in range(n_tokens):
         with token_timer.step():
-            next_token = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+            with part("sample"):
+                next_token = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
             logits = model(next_token, L + i, caches)[:, -1]
     return logits
 

@@ -13,6 +13,7 @@ from torch import nn
 from .config import ModelConfig
 from .layers import RotaryEmbedding
 from .precision import linear
+from .profiling import part
 
 
 class KVCache(nn.Module):
@@ -144,11 +145,15 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, D)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = self.rope(q, start_pos), self.rope(k, start_pos)
-        if cache is not None:
-            k, v = cache.update(start_pos, k, v)  # (B, G, S, D)
-        out = causal_attention(q, k, v, start_pos)  # (B, H, T, D)
-        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        with part("attn.proj", self):
+            q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+            k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, D)
+            v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        with part("attn.rope", self):
+            q, k = self.rope(q, start_pos), self.rope(k, start_pos)
+        with part("attn.core", self):
+            if cache is not None:
+                k, v = cache.update(start_pos, k, v)  # (B, G, S, D)
+            out = causal_attention(q, k, v, start_pos)  # (B, H, T, D)
+        with part("attn.proj", self):
+            return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

@@ -12,6 +12,7 @@ from . import registry
 from .balance import combine_layers
 from .config import ModelConfig
 from .layers import RMSNorm
+from .profiling import part
 
 
 class Block(nn.Module):
@@ -59,10 +60,13 @@ class Decoder(nn.Module):
                 f"positions up to {start_pos + T} exceed max_seq_len {self.cfg.max_seq_len}; "
                 "raise model.max_seq_len or shorten the context"
             )
-        x = self.embed(tokens)  # (B, T, C)
+        with part("embedding", self.embed):
+            x = self.embed(tokens)  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, start_pos, caches[i] if caches is not None else None)
-        return self.head(self.norm(x))  # (B, T, V)
+        x = self.norm(x)
+        with part("lm_head", self.head):
+            return self.head(x)  # (B, T, V)
 
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of the extra training losses the FFNs left from the last forward (MoE balance)."""

@@ -11,10 +11,13 @@ from torch import nn
 
 from .config import ModelConfig
 from .precision import linear
+from .profiling import part
 
 
 class DenseFFN(nn.Module):
     """SwiGLU FFN (Shazeer 2002.05202): w2(silu(w1 x) ⊙ w3 x), as in LLaMA and DeepSeek."""
+
+    part_name = "ffn"  # its profiler range; "shared_experts" when it serves as DeepSeekMoE's shared experts
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
@@ -37,4 +40,5 @@ class DenseFFN(nn.Module):
         return 2 * DenseFFN.active_param_count(cfg, layer_idx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) → (B, T, C)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        with part(self.part_name, self):
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -40,6 +40,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .profiling import part
+
 RECIPES = ("blockwise", "tensorwise")
 _BF16_BYTES = 2  # what a BF16 autocast linear keeps of its input for the weight gradient
 
@@ -87,11 +89,12 @@ class Quantised(NamedTuple):
 def quantise(x: torch.Tensor, recipe: str, role: str) -> Quantised:
     """x (R, C) quantised for `role` "act" (1×128 tiles along C) or "weight" (128×128 blocks)."""
     fq = _kernels()[0]
-    if recipe == "tensorwise":
-        return Quantised(*fq.tensor_quant(x, check_finite=False), None)
-    if role == "act":
-        return Quantised(*fq.act_quant(x, check_finite=False), (1, fq.GROUP))
-    return Quantised(*fq.weight_quant(x, check_finite=False), (fq.GROUP, fq.GROUP))
+    with part("fp8_quant"):
+        if recipe == "tensorwise":
+            return Quantised(*fq.tensor_quant(x, check_finite=False), None)
+        if role == "act":
+            return Quantised(*fq.act_quant(x, check_finite=False), (1, fq.GROUP))
+        return Quantised(*fq.weight_quant(x, check_finite=False), (fq.GROUP, fq.GROUP))
 
 
 def gemm(a: Quantised, b: Quantised, out_dtype: torch.dtype) -> torch.Tensor:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .profiling import part
+
 
 class RMSNorm(nn.Module):
     """RMSNorm (Zhang & Sennrich 1910.07467), computed in fp32 as DeepSeek-V3 §3.3.2 keeps norms."""
@@ -22,9 +24,10 @@ class RMSNorm(nn.Module):
         return dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).type_as(x)
+        with part("norm", self):
+            x32 = x.float()
+            normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+            return (normed * self.weight.float()).type_as(x)
 
 
 class RotaryEmbedding(nn.Module):

@@ -38,6 +38,7 @@ from .attention import KVCache, _row_view, cached_attention, causal_attention
 from .config import ModelConfig
 from .layers import RMSNorm, RotaryEmbedding
 from .precision import linear
+from .profiling import part
 
 MLA_IMPLS = ("absorbed", "naive")
 
@@ -167,28 +168,36 @@ class MultiHeadLatentAttention(nn.Module):
     def forward(self, x: torch.Tensor, start_pos: int = 0, cache: LatentCache | KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         d = self.dims
-        q_nope, q_rope = self._queries(x, start_pos)  # (B, H, T, Dn), (B, H, T, Dr)
-        c_kv, k_rope = self.wkv_a(x).split([d.Dc, d.Dr], dim=-1)  # (B, T, Dc), (B, T, Dr)
+        with part("attn.proj", self):
+            q_nope, q_rope = self._queries(x)  # (B, H, T, Dn), (B, H, T, Dr)
+            c_kv, k_rope = self.wkv_a(x).split([d.Dc, d.Dr], dim=-1)  # (B, T, Dc), (B, T, Dr)
         c_kv = self.kv_norm(c_kv)
-        k_rope = self.rope(k_rope.unsqueeze(1), start_pos)  # (B, 1, T, Dr): one key for all heads
+        with part("attn.rope", self):
+            q_rope = self.rope(q_rope, start_pos)
+            k_rope = self.rope(k_rope.unsqueeze(1), start_pos)  # (B, 1, T, Dr): one key for all heads
         if self.impl == "absorbed" and cache is not None:
-            kv = cache.update(start_pos, torch.cat([c_kv, k_rope.squeeze(1)], dim=-1))  # (B, S, Dc + Dr)
+            with part("attn.core", self):
+                kv = cache.update(start_pos, torch.cat([c_kv, k_rope.squeeze(1)], dim=-1))  # (B, S, Dc + Dr)
             if start_pos > 0:  # earlier tokens exist only as latents: attend over the latent cache
                 return self._out(self._attend_latent(q_nope, q_rope, kv, start_pos))
             cache = None  # a fresh prefill: the expanded form below, the cache already holds the latent
-        k_nope, v = self._expand(c_kv)  # (B, H, T, Dn), (B, H, T, Dv)
-        q = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, Dn + Dr)
-        k = torch.cat([k_nope, k_rope.expand(-1, d.H, -1, -1)], dim=-1)
-        if cache is not None:  # naive: the cache holds the expanded per-head K and V
-            k, v = cache.update(start_pos, k, v)  # (B, H, S, ·)
-        return self._out(causal_attention(q, k, v, start_pos, scale=self.scale))  # (B, H, T, Dv) in
+        with part("attn.proj", self):
+            k_nope, v = self._expand(c_kv)  # (B, H, T, Dn), (B, H, T, Dv)
+        with part("attn.core", self):
+            q = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, Dn + Dr)
+            k = torch.cat([k_nope, k_rope.expand(-1, d.H, -1, -1)], dim=-1)
+            if cache is not None:  # naive: the cache holds the expanded per-head K and V
+                k, v = cache.update(start_pos, k, v)  # (B, H, S, ·)
+            o = causal_attention(q, k, v, start_pos, scale=self.scale)  # (B, H, T, Dv)
+        return self._out(o)
 
-    def _queries(self, x: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q^C, q^R before RoPE), (B, H, T, Dn) and (B, H, T, Dr)."""
         B, T, _ = x.shape
         d = self.dims
         q = self.wq_b(self.q_norm(self.wq_a(x))) if d.Dq else self.wq(x)  # (B, T, H·(Dn + Dr))
         q_nope, q_rope = q.view(B, T, d.H, d.Dn + d.Dr).transpose(1, 2).split([d.Dn, d.Dr], dim=-1)
-        return q_nope, self.rope(q_rope, start_pos)
+        return q_nope, q_rope
 
     def _expand(self, c_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent (B, T, Dc) → per-head k^C (B, H, T, Dn) and v^C (B, H, T, Dv)."""
@@ -206,18 +215,22 @@ class MultiHeadLatentAttention(nn.Module):
     def _attend_latent(self, q_nope, q_rope, kv: torch.Tensor, start_pos: int) -> torch.Tensor:
         """Absorbed attention over the latent cache kv (B, S, Dc + Dr) → (B, H, T, Dv)."""
         w_uk, w_uv = self._up_weights()
-        q_latent = torch.einsum("bhtn,hnc->bhtc", q_nope, w_uk)  # W^UK folded into the query
-        q = torch.cat([q_latent, q_rope], dim=-1)  # (B, H, T, Dc + Dr)
-        Dc, T = self.dims.Dc, q.shape[2]
-        if q.is_cuda and T == 1:  # the FlashMLA-style Triton kernel; the same math as below
-            from dsbench.kernels.mla_decode import mla_decode  # on first use: importing triton slows every cell's start
+        with part("attn.proj", self):
+            q_latent = torch.einsum("bhtn,hnc->bhtc", q_nope, w_uk)  # W^UK folded into the query
+        with part("attn.core", self):
+            q = torch.cat([q_latent, q_rope], dim=-1)  # (B, H, T, Dc + Dr)
+            Dc, T = self.dims.Dc, q.shape[2]
+            if q.is_cuda and T == 1:  # the FlashMLA-style Triton kernel; the same math as below
+                from dsbench.kernels.mla_decode import mla_decode  # on first use: importing triton slows every cell's start
 
-            o = mla_decode(q[:, :, 0], kv, Dc, self.scale).unsqueeze(2)
-        else:  # one key head shared by all H query heads (MQA over the latent); V = its first Dc channels
-            o = cached_attention(q, kv.unsqueeze(1), kv[:, None, :, :Dc], start_pos, scale=self.scale)  # (B, H, T, Dc)
-        return torch.einsum("bhtc,hvc->bhtv", o, w_uv)  # W^UV folded into the output
+                o = mla_decode(q[:, :, 0], kv, Dc, self.scale).unsqueeze(2)
+            else:  # one key head shared by all H query heads (MQA over the latent); V = its first Dc channels
+                o = cached_attention(q, kv.unsqueeze(1), kv[:, None, :, :Dc], start_pos, scale=self.scale)  # (B, H, T, Dc)
+        with part("attn.proj", self):
+            return torch.einsum("bhtc,hvc->bhtv", o, w_uv)  # W^UV folded into the output
 
 
     def _out(self, o: torch.Tensor) -> torch.Tensor:
         B, H, T, Dv = o.shape
-        return self.wo(o.transpose(1, 2).reshape(B, T, H * Dv))
+        with part("attn.proj", self):
+            return self.wo(o.transpose(1, 2).reshape(B, T, H * Dv))

@@ -36,6 +36,7 @@ from .config import FFNConfig, ModelConfig
 from .ffn import DenseFFN
 from .fp8 import fp8_grouped_mm
 from .precision import PRECISIONS
+from .profiling import part
 
 
 @dataclass(frozen=True)
@@ -286,6 +287,8 @@ class MoEFeedForward(nn.Module):
             nn.init.normal_(p, mean=0.0, std=cfg.init_std)
         shared_cfg = replace_ffn(cfg, kind="dense", d_ff=lay.shared_d_ff)
         self.shared = DenseFFN(shared_cfg) if lay.shared_d_ff else None
+        if self.shared is not None:
+            self.shared.part_name = "shared_experts"
         self.stats = RoutingStats(lay.n_routed)
         self.aux_loss: torch.Tensor | None = None
         self.token_domains: tuple[torch.Tensor, tuple[str, ...]] | None = None  # set by the decoder
@@ -326,16 +329,24 @@ class MoEFeedForward(nn.Module):
     def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
         B, T, C = x_BTC.shape
         x_NC = x_BTC.reshape(B * T, C)
-        routing = self.router(x_NC)
-        if self.ffn_cfg.uniform_routing:
-            routing.expert_ids_NK = uniform_assignment(B * T, self.lay.n_routed, self.lay.top_k, x_NC.device)
-            routing.weights_NK = self.router.gate_weights(routing.scores_NE, routing.expert_ids_NK)
-        plan = plan_dispatch(routing.expert_ids_NK, routing.weights_NK, self.lay.n_routed, self.capacity(B * T))
-        out_NC = combine(self.experts(x_NC[plan.token_M], plan.ends_E), plan, B * T)
+        with part("router", self):
+            routing = self.router(x_NC)
+            if self.ffn_cfg.uniform_routing:
+                routing.expert_ids_NK = uniform_assignment(B * T, self.lay.n_routed, self.lay.top_k, x_NC.device)
+                routing.weights_NK = self.router.gate_weights(routing.scores_NE, routing.expert_ids_NK)
+        with part("dispatch", self):
+            plan = plan_dispatch(routing.expert_ids_NK, routing.weights_NK, self.lay.n_routed, self.capacity(B * T))
+            x_MC = x_NC[plan.token_M]
+        with part("experts", self):
+            expert_out_MC = self.experts(x_MC, plan.ends_E)
+        with part("dispatch", self):
+            out_NC = combine(expert_out_MC, plan, B * T)
         if self.shared is not None:
             out_NC = out_NC + self.shared(x_NC)
-        self.aux_loss = self.balance_loss(routing, B, T) if self.training else None
-        self._observe(routing, plan, B, T)
+        with part("balance", self):
+            self.aux_loss = self.balance_loss(routing, B, T) if self.training else None
+        with part("routing_stats", self):
+            self._observe(routing, plan, B, T)
         return out_NC.view(B, T, C)
 
     def capacity(self, n_tokens: int) -> int | None:
@@ -369,7 +380,8 @@ class MoEFeedForward(nn.Module):
     def after_optimizer_step(self) -> None:
         load_E = self.stats.take_pending_load()
         if self.balance == "bias" and load_E is not None:
-            update_bias(self.router.expert_bias_E, load_E, self.ffn_cfg.bias_update_rate, self.ffn_cfg.bias_zero_mean)
+            with part("balance", self):
+                update_bias(self.router.expert_bias_E, load_E, self.ffn_cfg.bias_update_rate, self.ffn_cfg.bias_zero_mean)
 
     def metrics(self, layer: int) -> tuple[list[dict], dict]:
         bias = self.router.expert_bias_E if self.balance == "bias" else None
