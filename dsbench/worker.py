@@ -67,8 +67,11 @@ def _apply_fault(kind: str, cell: Cell, model: torch.nn.Module) -> None:
         os._exit(3)
 
 
-def measure_cell(cell: Cell, runtime: dict) -> tuple[dict, list]:
-    """Build the model, run the workload, and return (metrics row, series rows)."""
+def measure_cell(cell: Cell, runtime: dict, profile: dict | None = None) -> tuple[dict, list]:
+    """Build the model, run the workload, and return (metrics row, series rows).
+
+    profile ({"root", "steps", "warmup"}): afterwards, profile the cell (dsbench/profile.py).
+    """
     device = torch.device(cell.device)
     precision = PRECISIONS[cell.model.precision]
     setup_start = time.perf_counter()
@@ -96,7 +99,22 @@ def measure_cell(cell: Cell, runtime: dict) -> tuple[dict, list]:
     row["emulated"] = precision.emulated_on(device)
     row["speed_note"] = precision.speed_note(device)
     series = [point(s, "step_time_ms", 1e3 * t) for s, t in enumerate(run.step_times_s)] + run.series
+    if profile is not None:
+        row.update(profile_columns(ctx, cell, runtime, profile, summarize(run.step_times_s)["median"]))
     return row, series
+
+
+def profile_columns(ctx: Context, cell: Cell, runtime: dict, profile: dict, unprofiled_step_s: float) -> dict:
+    """Profile the cell after its measured run (so the profiler never touches measured steps)."""
+    from pathlib import Path
+
+    from dsbench import profile as profile_lib
+
+    root = Path(profile["root"])
+    folder = profile_lib.profile_folder(root, cell.cell_id)
+    options = profile_lib.ProfileOptions(steps=profile["steps"], warmup=profile["warmup"])
+    summary = profile_lib.profile_cell(ctx, cell, runtime, folder, unprofiled_step_s, options)
+    return profile_lib.row_columns(summary, folder, root)
 
 
 def timing_columns(run: WorkloadRun) -> dict:
@@ -138,7 +156,7 @@ def run_task(task: dict) -> dict:
     runtime = task.get("runtime", {})
     startup_s = time.time() - runtime["spawn_time"] if "spawn_time" in runtime else None
     try:
-        row, series = measure_cell(cell, runtime)
+        row, series = measure_cell(cell, runtime, task.get("profile"))
         return {"status": "ok", "error": None, "row": {"worker_startup_s": startup_s, **row}, "series": series}
     except Exception as exc:  # noqa: BLE001 — every failure becomes a recorded status
         traceback.print_exc()  # the whole trace goes to the cell's log; the row keeps the last line

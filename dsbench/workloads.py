@@ -49,6 +49,7 @@ class Context:
     precision: Precision
     warmup: int
     repeats: int
+    observe: bool = True  # False (a profiled pass): only the steps, no metrics, no probes
 
 
 def _autocast(ctx: Context):
@@ -128,7 +129,8 @@ def run_train(ctx: Context, settings: dict) -> WorkloadRun:
     run.summary["first_loss"] = float(losses[0].mean())
     run.summary.update(_evaluate(ctx, settings, run.series))
     _add_part_metrics(ctx, run)
-    run.summary.update(_quantisation_stats(ctx, settings))
+    if ctx.observe:
+        run.summary.update(_quantisation_stats(ctx, settings))
     return run
 
 
@@ -151,6 +153,8 @@ def _quantisation_stats(ctx: Context, settings: dict) -> dict:
 
 def _add_part_metrics(ctx: Context, run: WorkloadRun) -> None:
     """Series and columns the model's parts observed themselves (routing balance, …)."""
+    if not ctx.observe:
+        return
     records, columns = ctx.model.collect_metrics()
     run.series += [point(**r) for r in records]
     run.summary.update(columns)

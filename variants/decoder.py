@@ -26,8 +26,16 @@ class Block(nn.Module):
         self.ffn = registry.FFN[cfg.ffn.kind].build(cfg, layer_idx)
 
     def forward(self, x: torch.Tensor, start_pos: int = 0, cache=None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), start_pos, cache)
-        return x + self.ffn(self.ffn_norm(x))
+        h = self.attn_norm(x)
+        with part("attn.other", self.attn):  # the module call itself; its parts open their own ranges
+            h = self.attn(h, start_pos, cache)
+        with part("residual", self):
+            x = x + h
+        h = self.ffn_norm(x)
+        with part("ffn.other", self.ffn):
+            h = self.ffn(h)
+        with part("residual", self):
+            return x + h
 
 
 class Decoder(nn.Module):

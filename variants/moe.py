@@ -339,10 +339,11 @@ class MoEFeedForward(nn.Module):
             x_MC = x_NC[plan.token_M]
         with part("experts", self):
             expert_out_MC = self.experts(x_MC, plan.ends_E)
+        shared_NC = self.shared(x_NC) if self.shared is not None else None
         with part("dispatch", self):
             out_NC = combine(expert_out_MC, plan, B * T)
-        if self.shared is not None:
-            out_NC = out_NC + self.shared(x_NC)
+            if shared_NC is not None:
+                out_NC = out_NC + shared_NC
         with part("balance", self):
             self.aux_loss = self.balance_loss(routing, B, T) if self.training else None
         with part("routing_stats", self):

@@ -27,14 +27,17 @@ PARTS = {
     "attn.proj": "attention weight matmuls: Q/K/V/O, MLA down/up projections and absorbed W^UK/W^UV",
     "attn.rope": "rotary position embedding of q and k",
     "attn.core": "KV-cache write, scores, softmax, weighted sum of values",
+    "attn.other": "the attention module's call, reshapes and Python outside the parts above",
     "ffn": "dense SwiGLU FFN",
     "router": "gate matmul, affinities, top-k, gate weights",
     "dispatch": "sort tokens by expert, gather rows, weight and scatter-add back (combine)",
     "experts": "routed experts' grouped GEMMs and SiLU",
     "shared_experts": "DeepSeekMoE shared experts",
+    "ffn.other": "the FFN module's call, reshapes and Python outside its named parts",
     "balance": "auxiliary balance losses; the routing-bias update (aux-loss-free)",
     "routing_stats": "dsbench's own routing counters (load, MaxVio, by domain)",
     "fp8_quant": "FP8 quantisation of activations, weights and gradients",
+    "residual": "the blocks' residual additions",
     "lm_head": "output projection to the vocabulary",
     "loss": "cross-entropy and its reduction",
     "autograd": "autograd engine time outside any node (scheduling, accumulate-grad)",
@@ -43,6 +46,7 @@ PARTS = {
     "sample": "greedy next-token argmax (decode)",
 }
 STEP, WARMUP, PREFILL = "step", "warmup", "prefill"  # the step-level ranges StepTimer opens
+STEP_HOOK = None  # set by a profiling session: kind → context manager that opens the step's range
 
 
 def part(name: str, module=None):
@@ -57,6 +61,8 @@ def step_range(kind: str):
     """The range around one whole step (STEP, WARMUP or PREFILL), opened by measure.StepTimer."""
     if not ENABLED:
         return _NULL
+    if STEP_HOOK is not None:
+        return STEP_HOOK(kind)
     return record_function(f"{PREFIX}{kind}")
 
 
