@@ -7,6 +7,8 @@ Exit codes: 0 success; 1 a cell failed (the sweep still recorded every cell); 2 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -63,6 +65,8 @@ def run_sweep_cmd(
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda; overrides the spec.")] = None,
     data: Annotated[Optional[str], typer.Option(help="'synthetic', a uint16 token file, a .txt file or a folder of .txt files.")] = None,
     dry_run: Annotated[bool, typer.Option(help="List the cells and their accounting; run nothing.")] = False,
+    profile: Annotated[bool, typer.Option(help="Also profile each cell after measuring it (see `dsbench profile`); the report links the profiles.")] = False,
+    profile_steps: Annotated[int, typer.Option(min=1, help="With --profile: steps to profile.")] = 3,
 ) -> None:
     """Run every cell of a sweep, each in a fresh process; write results tables."""
     from dsbench import runner
@@ -75,7 +79,9 @@ def run_sweep_cmd(
             out_console.print(cells_table(cells, title=f"{spec.name}: {len(cells)} cells"))
             return
         runner.check_data(spec)
-        outcome = runner.run_sweep(spec, out=out, resume=resume, rerun_failed=rerun_failed, console=err_console, spec_source=source)
+        options = {"steps": profile_steps, "warmup": 1} if profile else None
+        outcome = runner.run_sweep(spec, out=out, resume=resume, rerun_failed=rerun_failed, console=err_console,
+                                   spec_source=source, profile=options)
     finish(outcome)
 
 
@@ -102,6 +108,17 @@ def run_cell_cmd(
     """Run one configuration given by flags (the same isolation and results as a sweep)."""
     from dsbench import runner
 
+    with user_errors():
+        spec = cell_spec(workload, ffn, attention, precision, balance, size, batch_size, seq_len, context_len, new_tokens,
+                         steps, warmup, repeats, seed, device, data)
+        runner.check_data(spec)
+        outcome = runner.run_sweep(spec, out=out, console=err_console, spec_source="dsbench run cell")
+    finish(outcome)
+
+
+def cell_spec(workload, ffn, attention, precision, balance, size, batch_size, seq_len, context_len, new_tokens,
+              steps, warmup, repeats, seed, device, data, name: str = "cell") -> spec_lib.SweepSpec:
+    """The one-cell spec that `run cell`'s flags describe."""
     raw = {
         "name": "cell", "device": device, "seed": seed, "data": data, "model": {"size": size},
         "axes": {"workload": workload, "ffn": ffn, "attention": attention, "precision": precision, "balance": balance},
@@ -110,11 +127,72 @@ def run_cell_cmd(
         "decode": {"batch_size": batch_size, "context_lens": [context_len], "new_tokens": new_tokens},
         "measure": {"warmup": warmup, "repeats": repeats},
     }
+    raw["name"] = name
+    return spec_lib.parse_spec(raw)
+
+
+def with_cell_flags(command):
+    """Give `command` run cell's flags too (Typer reads the signature), so they are declared once."""
+    own = inspect.signature(command, eval_str=True).parameters
+    flags = [p for name, p in inspect.signature(run_cell_cmd, eval_str=True).parameters.items() if name not in own]
+    params = [p for p in own.values() if p.kind is not inspect.Parameter.VAR_KEYWORD] + flags
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
+
+
+@app.command("profile")
+@with_cell_flags
+def profile_cmd(
+    spec_file: Annotated[Optional[Path], typer.Argument(metavar="[SPEC]", help="A sweep spec to take --cell from.")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="A shipped preset to take --cell from.")] = None,
+    results: Annotated[Optional[Path], typer.Option(help="A results folder to take --cell from (its recorded spec).")] = None,
+    cell: Annotated[Optional[str], typer.Option(help="Cell id (or a unique prefix) in --results, SPEC or --preset; without it the flags below describe the cell.")] = None,
+    profile_steps: Annotated[int, typer.Option(min=1, help="Steps to profile (decode: one round of new_tokens tokens).")] = 3,
+    out: Annotated[Optional[Path], typer.Option(help="Results folder; default results/profile-<time>.")] = None,
+    **flags,
+) -> None:
+    """Profile one cell: time per part (forward, backward) with its roofline place, memory
+    breakdown and a Chrome/Perfetto trace, in <out>/profiles/<cell_id>/."""
+    from dsbench import profile as profile_lib
+    from dsbench import runner
+
     with user_errors():
-        spec = spec_lib.parse_spec(raw)
+        spec, cell_id, source = profile_target(spec_file, preset, results, cell, flags)
+        spec = dataclasses.replace(spec, name="profile", measure=dataclasses.replace(spec.measure, calibrate=True))
         runner.check_data(spec)
-        outcome = runner.run_sweep(spec, out=out, console=err_console, spec_source="dsbench run cell")
+        options = {"steps": profile_steps, "warmup": 1}
+        outcome = runner.run_sweep(spec, out=out, console=err_console, spec_source=source, only={cell_id}, profile=options)
+    folder = profile_lib.profile_folder(outcome.out, cell_id)
+    if (folder / "profile.json").exists():
+        print_profile(profile_lib.load_profile(folder), folder)
     finish(outcome)
+
+
+def profile_target(spec_file, preset, results, cell_id, flags) -> tuple[spec_lib.SweepSpec, str, str]:
+    """(spec, the cell's id, where it came from) for `dsbench profile`."""
+    from dsbench import profile as profile_lib
+    from dsbench import runner
+
+    if results is not None:
+        if spec_file or preset:
+            raise UsageError("--results: take the cell from a results folder or from a SPEC/--preset, not both")
+        if cell_id is None:
+            raise UsageError("--cell: missing; --results needs the id of the cell to profile (the cell_id column)")
+        spec, device = profile_lib.spec_of_results(results)
+        spec, where = dataclasses.replace(spec, device=device), str(results)
+    elif spec_file or preset:
+        spec, where = load_sweep_spec(spec_file, preset)
+    else:
+        if cell_id is not None:
+            raise UsageError("--cell: needs --results DIR, a SPEC or --preset to look the id up in")
+        spec, where = cell_spec(**flags), "dsbench profile flags"
+    cells = spec_lib.expand(spec, runner.resolve_device(spec.device))
+    if cell_id is None:
+        if len(cells) != 1:
+            raise UsageError(f"--cell: {where} has {len(cells)} cells; choose one with --cell ID (`dsbench run sweep --dry-run` lists them)")
+        return spec, cells[0].cell_id, where
+    return spec, profile_lib.find_cell(cells, cell_id, where).cell_id, where
 
 
 @app.command("presets")
@@ -246,6 +324,38 @@ def peaks_table(peaks: dict) -> Table:
         copy = cal.get("copy_bytes_per_s")
         table.add_row(name, f"{p['peak_flops_per_s']:.3e}" if p["peak_flops_per_s"] else "unknown", p["peak_source"], f"{copy:.3e}" if copy else "-")
     return table
+
+
+def print_profile(summary: dict, folder: Path) -> None:
+    """The per-part table (ms per step, roofline), the memory table, and how it was measured."""
+    ceilings = summary["ceilings"]
+    table = Table("part", "fwd ms", "bwd ms", "total ms", "share", "GFLOP/s", "GB/s", "FLOP/B", "bound", "of roof",
+                  title=f"{summary['label']}: {summary['breakdown_ms_per_step']:.2f} ms per step ({summary['time_basis']}, {summary['steps_profiled']} steps)")
+    for p in summary["parts"]:
+        table.add_row(p["part"], f"{p['forward_ms']:.3f}", f"{p['backward_ms']:.3f}", f"{p['total_ms']:.3f}", _pct(p["share"]),
+                      _scaled(p["achieved_flops_per_s"], 1e9), _scaled(p["achieved_bytes_per_s"], 1e9),
+                      _scaled(p["flops_per_byte"], 1), p["bound"] or "-", _pct(p["roof_fraction"]))
+    out_console.print(table)
+    memory = Table("memory", "MiB", "how", title="memory breakdown")
+    for m in summary["memory"]:
+        memory.add_row(m["category"], _scaled(m["bytes"], 2**20), m["how"])
+    out_console.print(memory)
+    out_console.print(
+        f"ceilings: {_scaled(ceilings['peak_flops_per_s'], 1e9)} GFLOP/s, {_scaled(ceilings['bandwidth_bytes_per_s'], 1e9)} GB/s "
+        f"({ceilings['source']})\n"
+        f"named parts cover {_pct(summary['coverage'])} of the step; the breakdown sums to {_pct(summary['breakdown_vs_timer'])} of "
+        f"the timer's total for the same steps\n"
+        f"profiling overhead: {summary['step_ms_profiled']:.2f} ms profiled vs {summary['step_ms_unprofiled']:.2f} ms unprofiled "
+        f"per step ({_pct(summary['overhead'])})\n"
+        f"trace: {folder / summary['trace']}  (ui.perfetto.dev or chrome://tracing); tables: {folder}", highlight=False, soft_wrap=True)
+
+
+def _pct(value) -> str:
+    return "-" if value is None or value != value else f"{value:.1%}"
+
+
+def _scaled(value, unit: float) -> str:
+    return "-" if value is None or value != value else f"{value / unit:,.3g}"
 
 
 def finish(outcome) -> None:

@@ -376,11 +376,16 @@ def write_profile(cell: Cell, runtime: dict, folder: Path, split: Split, run, me
         "coverage": 1 - other / parts["total_ms"].sum() if parts["total_ms"].sum() else None,
         "ceilings": dataclasses.asdict(roof) | {"ridge_flops_per_byte": roof.ridge_flops_per_byte},
         "trace": trace_path.name,
-        "parts": parts.to_dict(orient="records"),
-        "memory": mem.to_dict(orient="records"),
+        "parts": _records(parts),
+        "memory": _records(mem),
     }
     (folder / "profile.json").write_text(json.dumps(summary, indent=2, default=_json_default))
     return summary
+
+
+def _records(frame: pd.DataFrame) -> list[dict]:
+    """Rows as dicts with None, not NaN, where a value is missing."""
+    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
 
 
 def _json_default(value):
@@ -402,3 +407,32 @@ def row_columns(summary: dict, folder: Path, root: Path) -> dict:
         "profile_step_ms": summary["step_ms_profiled"],
     }
 
+
+
+# --- choosing the cell ---
+
+
+def find_cell(cells: list[Cell], cell_id: str, where: str) -> Cell:
+    """The cell whose id starts with `cell_id` (ids are 12 hex digits; a unique prefix will do)."""
+    from dsbench.runner import UsageError
+
+    matches = [c for c in cells if c.cell_id.startswith(cell_id)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        sample = ", ".join(c.cell_id for c in cells[:3])
+        raise UsageError(f"--cell: {cell_id!r} is no cell of {where} ({len(cells)} cells, e.g. {sample}; "
+                             "`dsbench run sweep --dry-run` lists them)")
+    raise UsageError(f"--cell: {cell_id!r} matches {len(matches)} cells of {where}; give more of the id")
+
+
+def spec_of_results(folder: Path):
+    """(spec, device) a results folder was run with, read back from its run.json."""
+    from dsbench.results import ResultsError, ResultStore
+    from dsbench.spec import SweepSpec
+
+    info = ResultStore(folder).read_run_info() if Path(folder).is_dir() else None
+    if info is None or "spec" not in info:
+        raise ResultsError(f"--results: {str(folder)!r} is not a dsbench results folder (no run.json with a spec)")
+    spec = SweepSpec.from_dict(info["spec"])
+    return spec, info.get("probe", {}).get("device") or spec.device

@@ -27,6 +27,7 @@ from dsbench.results import SCHEMA_VERSION, ResultStore
 from dsbench.spec import Cell, SpecError, SweepSpec, expand
 
 PROBE_TIMEOUT_S = 300
+PROFILE_TIMEOUT_FACTOR = 2  # a profiled cell runs its workload twice (measured, then profiled)
 
 
 class UsageError(ValueError):
@@ -82,12 +83,18 @@ def git_state() -> dict:
 # --- one cell ---
 
 
-def run_cell_process(cell: Cell, store: ResultStore, runtime: dict, timeout_s: float) -> dict:
-    """Run one cell in a fresh interpreter; always returns a result, whatever happened to it."""
+def run_cell_process(cell: Cell, store: ResultStore, runtime: dict, timeout_s: float, profile: dict | None = None) -> dict:
+    """Run one cell in a fresh interpreter; always returns a result, whatever happened to it.
+
+    profile ({"steps", "warmup"}): the worker also profiles the cell into <out>/profiles/<cell_id>.
+    """
     task_path = store.work_dir / f"{cell.cell_id}.task.json"
     result_path = store.work_dir / f"{cell.cell_id}.result.json"
     result_path.unlink(missing_ok=True)
-    task_path.write_text(json.dumps({"cell": cell.to_json(), "runtime": {**runtime, "spawn_time": time.time()}}))
+    task = {"cell": cell.to_json(), "runtime": {**runtime, "spawn_time": time.time()}}
+    if profile is not None:
+        task["profile"] = {**profile, "root": str(store.root)}
+    task_path.write_text(json.dumps(task))
     log_path = store.logs_dir / f"{cell.cell_id}.log"
     start = time.perf_counter()
     with open(log_path, "w") as log:
@@ -175,13 +182,18 @@ def run_sweep(
     device: str | None = None,
     console: Console | None = None,
     spec_source: str = "",
+    only: set[str] | None = None,
+    profile: dict | None = None,
 ) -> SweepOutcome:
-    """Run every cell of `spec` not yet recorded in `out`; returns counts. Safe to interrupt."""
+    """Run every cell of `spec` not yet recorded in `out`; returns counts. Safe to interrupt.
+
+    only: run just these cell ids. profile ({"steps", "warmup"}): also profile each cell.
+    """
     console = console or Console(stderr=True)
     sweep_start = time.perf_counter()
     device = resolve_device(device or spec.device)
     spec = dataclasses.replace(spec, device=device)
-    cells = expand(spec, device)
+    cells = [c for c in expand(spec, device) if only is None or c.cell_id in only]
     out = Path(out) if out else default_out(spec)
     spec_dict = json.loads(json.dumps(spec.to_dict()))
     store, info = prepare_out(spec, out, resume, spec_dict)
@@ -202,7 +214,7 @@ def run_sweep(
     info["status"] = "running"
     store.write_run_info(info)
     try:
-        _run_cells(todo, {c.cell_id: i for i, c in enumerate(cells)}, store, info, spec, console, outcome)
+        _run_cells(todo, {c.cell_id: i for i, c in enumerate(cells)}, store, info, spec, console, outcome, profile)
     except KeyboardInterrupt:
         outcome.interrupted = True
     # Summed over resumed invocations: the sweep's own wall time, probe and cells included.
@@ -213,14 +225,16 @@ def run_sweep(
     return outcome
 
 
-def _run_cells(cells: list[Cell], order: dict[str, int], store: ResultStore, info: dict, spec: SweepSpec, console: Console, outcome: SweepOutcome) -> None:
+def _run_cells(cells: list[Cell], order: dict[str, int], store: ResultStore, info: dict, spec: SweepSpec, console: Console,
+               outcome: SweepOutcome, profile: dict | None = None) -> None:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("starting", total=len(cells))
         for cell in cells:
             progress.update(task, description=cell.label())
             runtime = info["probe"]["peaks"].get(cell.model.precision, {})
-            result = run_cell_process(cell, store, runtime, spec.measure.timeout_s)
+            timeout_s = spec.measure.timeout_s * (PROFILE_TIMEOUT_FACTOR if profile else 1)
+            result = run_cell_process(cell, store, runtime, timeout_s, profile)
             row = {"run_id": info["run_id"], "status": result["status"], "error": result["error"], **static_row(cell), **result["row"]}
             row["cell_index"] = order[cell.cell_id]
             store.write_cell(row, result["series"])

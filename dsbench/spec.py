@@ -109,6 +109,15 @@ class SweepSpec:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @staticmethod
+    def from_dict(recorded: dict) -> SweepSpec:
+        """The spec a results folder recorded (to_dict's form), validated again."""
+        # TOML has no null: a None was a default left unset.
+        raw = {k: {kk: vv for kk, vv in v.items() if vv is not None} if isinstance(v, dict) else v
+               for k, v in recorded.items() if v is not None}
+        raw["model"] = {**raw.get("model", {}), "size": raw.pop("size", "debug")}
+        return parse_spec(raw)
+
 
 @dataclass(frozen=True)
 class Cell:
