@@ -4,7 +4,7 @@ After a cell's measured run, the worker runs the same workload again for a few s
 torch.profiler with the parts' ranges on (variants/profiling.py) and writes, in
 <results>/profiles/<cell_id>/:
 
-  trace.json        Chrome/Perfetto trace (chrome://tracing, ui.perfetto.dev)
+  trace.json.gz     Chrome/Perfetto trace (ui.perfetto.dev, chrome://tracing open it gzipped)
   parts.csv         time per step by part (forward, backward), with its roofline placement
   parts_by_path.csv the same by module path (blocks.3.attn …)
   memory.csv        parameters, gradients, optimizer state, activations, KV cache, step peak
@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import gzip
 import json
 import statistics
 from collections import defaultdict
@@ -40,6 +41,7 @@ from dsbench.spec import Cell
 from dsbench.variants import profiling
 
 PROFILES_DIR = "profiles"
+TRACE_FILE = "trace.json.gz"  # gzip: a tenth of the size; Perfetto and chrome://tracing open it as it is
 EVALUATE = "autograd::engine::evaluate_function: "
 OTHER = "other"
 COVERAGE_TARGET = 0.90  # the share of step time the named parts must explain
@@ -82,7 +84,7 @@ def profile_cell(ctx, cell: Cell, runtime: dict, folder: Path, unprofiled_step_s
     memory = MemoryRecorder(ctx.model, ctx.device)
     with profiling.enabled(), memory, torch.profiler.profile(activities=activities, record_shapes=True, profile_memory=True) as prof:
         run = WORKLOADS[cell.axes["workload"]](pass_ctx, settings)
-    trace_path = folder / "trace.json"
+    trace_path = folder / TRACE_FILE
     prof.export_chrome_trace(str(trace_path))
     if on_cuda:
         memory.dump_snapshot(folder / "cuda_memory_snapshot.pickle")
@@ -333,9 +335,14 @@ def memory_table(cell: Cell, model: torch.nn.Module, memory: MemoryRecorder, run
     return pd.DataFrame([{"category": c, "bytes": b, "how": how} for c, b, how in rows])
 
 
+def read_trace(path: Path) -> dict:
+    with gzip.open(path, "rt") if str(path).endswith(".gz") else open(path) as f:
+        return json.load(f)
+
+
 def step_peak_from_trace(trace_path: Path) -> int | None:
     """Largest rise of 'Total Allocated' within a timed step, from the trace's [memory] events."""
-    events = json.loads(trace_path.read_text())["traceEvents"]
+    events = read_trace(trace_path)["traceEvents"]
     steps = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("ph") == "X" and e.get("name") == profiling.PREFIX + profiling.STEP]
     memory = sorted((e["ts"], e["args"]["Total Allocated"]) for e in events
                     if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0)

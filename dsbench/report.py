@@ -20,6 +20,7 @@ import base64
 import datetime as dt
 import html
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -416,6 +417,48 @@ def draw_routing(data: ReportData):
     return _heatmaps(data, "routing_by_domain", _domain_matrix, "expert id", "data domain", "share of the domain's tokens")
 
 
+def _profiled(data: ReportData) -> list[tuple[pd.Series, dict]]:
+    """(cell row, its profile summary) for every ok cell that kept a profile (run sweep --profile)."""
+    from dsbench.profile import load_profile
+
+    if "profile_dir" not in data.ok:
+        return []
+    roots = {key: run.path for key, run in zip(data.keys, data.runs)}
+    found = []
+    for _, row in data.ok[data.ok["profile_dir"].notna()].iterrows():
+        folder = Path(roots[row["run"]]) / str(row["profile_dir"])
+        if (folder / "profile.json").exists():
+            found.append((row, load_profile(folder) | {"folder": folder}))
+    return found
+
+
+@figure("profile_breakdown", "Where the step time goes (profiles)", "Each profiled cell's step split by part (ms per step, "
+        "forward and backward together), from `run sweep --profile`: ranges the model parts open, backward matched to "
+        "forward by autograd sequence number. Times are under the profiler (its overhead is in the Profiles section).",
+        columns=("profile_dir",))
+def draw_profile_breakdown(data: ReportData):
+    profiled = _profiled(data)
+    if not profiled:
+        return []
+    parts = list(dict.fromkeys(p["part"] for _, summary in profiled for p in summary["parts"]))
+    colors = {part: LINE_COLORS[i % len(LINE_COLORS)] for i, part in enumerate(parts)}
+    fig = _new_figure(len(profiled))
+    ax = fig.subplots()
+    labelled = set()
+    for y, (row, summary) in enumerate(profiled):
+        left = 0.0
+        for p in summary["parts"]:
+            ax.barh(y, p["total_ms"], left=left, color=colors[p["part"]], label=None if p["part"] in labelled else p["part"])
+            labelled.add(p["part"])
+            left += p["total_ms"]
+    ax.set_yticks(range(len(profiled)), [display_name(r) for r, _ in profiled], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per step (profiled)")
+    ax.legend(fontsize=7, ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.4 / max(1, len(profiled))))
+    ax.grid(axis="x", alpha=0.3)
+    return [("profile_breakdown", fig)]
+
+
 def _variant(row: pd.Series) -> str:
     parts = [str(row[a]) for a in ("ffn", "attention", "precision", "balance") if str(row[a]) != "n/a"]
     budget = row.get("memory_budget_bytes")
@@ -630,6 +673,8 @@ def _html_block(block) -> str:
         return html_table(block[1], block[2], block[3])
     if kind == "details":
         return f"<details><summary>{html.escape(block[1])}</summary>\n" + "\n".join(_html_block(b) for b in block[2]) + "\n</details>"
+    if kind == "links":
+        return "<ul>" + "".join(f'<li><a href="{html.escape(href)}">{html.escape(text)}</a></li>' for text, href in block[1]) + "</ul>"
     fig = block[1]
     data = base64.b64encode(fig["file"].read_bytes()).decode("ascii")
     return (f'<figure><h3>{html.escape(fig["title"])}</h3><img alt="{html.escape(fig["title"])}" src="data:image/png;base64,{data}">'
@@ -652,6 +697,8 @@ def _md_block(block, root: Path) -> str:
         return md_table(block[1], block[2]) + "\n"
     if kind == "details":
         return f"<details><summary>{md_escape(block[1])}</summary>\n\n" + "\n".join(_md_block(b, root) for b in block[2]) + "\n</details>\n"
+    if kind == "links":
+        return "\n".join(f"- [{md_escape(text)}]({href.replace(' ', '%20')})" for text, href in block[1]) + "\n"
     fig = block[1]
     rel = fig["file"].relative_to(root).as_posix()
     return f"### {md_escape(fig['title'])}\n\n![{md_escape(fig['title'])}]({rel})\n\n{md_escape(fig['caption'])}\n"
@@ -683,6 +730,9 @@ def build_report(results: list, out: str | Path | None = None, baseline: str | P
     claims = claims_section(runs, tables_dir)  # only when the runs hold evidence for an empirical claim
     if claims is not None:
         sections.append(claims)
+    profiles = profiles_section(data, out, tables_dir)  # only when cells were profiled
+    if profiles is not None:
+        sections.append(profiles)
     sections.append(figures_section(data, figures_dir))
     title = f"dsbench report: {', '.join(data.keys)}"
     (out / "index.html").write_text(render_html(title, sections), encoding="utf-8")
@@ -793,6 +843,29 @@ def claims_section(runs: list[Results], tables: Path) -> Section | None:
     from dsbench.claims import report_section  # claims builds its Section from this module
 
     return report_section(runs, tables)
+
+
+def profiles_section(data: ReportData, out: Path, tables: Path) -> Section | None:
+    """Each profiled cell: its trace and tables (linked), overhead, coverage, and its top parts."""
+    profiled = _profiled(data)
+    if not profiled:
+        return None
+    s = Section("Profiles")
+    s.text("Cells profiled after their measured run (`dsbench run sweep --profile`). Open a trace in ui.perfetto.dev "
+           "or chrome://tracing; parts.csv holds every part with its roofline place, memory.csv the memory breakdown.")
+    rows, links, long = [], [], []
+    for row, summary in profiled:
+        top = sorted(summary["parts"], key=lambda p: -p["total_ms"])[:3]
+        rows.append([display_name(row), f"{summary['breakdown_ms_per_step']:.3g}", fmt_num(summary["overhead"], "pct"),
+                     fmt_num(summary["coverage"], "pct"), ", ".join(f"{p['part']} {p['share']:.0%}" for p in top)])
+        rel = Path(os.path.relpath(summary["folder"], out))
+        links.append((f"{display_name(row)}: trace", (rel / summary["trace"]).as_posix()))
+        links.append((f"{display_name(row)}: parts.csv", (rel / "parts.csv").as_posix()))
+        long += [{"run": row["run"], "cell_id": row["cell_id"], **p} for p in summary["parts"]]
+    _csv(pd.DataFrame(long), tables, "profile_parts")
+    s.table(["cell", "ms/step (profiled)", "overhead", "named coverage", "largest parts"], rows)
+    s.blocks.append(("links", links))
+    return s
 
 
 def figures_section(data: ReportData, folder: Path) -> Section:
