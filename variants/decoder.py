@@ -71,7 +71,8 @@ class Decoder(nn.Module):
         with part("embedding", self.embed):
             x = self.embed(tokens)  # (B, T, C)
         for i, block in enumerate(self.blocks):
-            x = block(x, start_pos, caches[i] if caches is not None else None)
+            with part("block.other", block):  # the block's call and glue; its parts open their own ranges
+                x = block(x, start_pos, caches[i] if caches is not None else None)
         x = self.norm(x)
         with part("lm_head", self.head):
             return self.head(x)  # (B, T, V)

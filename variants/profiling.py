@@ -38,6 +38,7 @@ PARTS = {
     "routing_stats": "dsbench's own routing counters (load, MaxVio, by domain)",
     "fp8_quant": "FP8 quantisation of activations, weights and gradients",
     "residual": "the blocks' residual additions",
+    "block.other": "a block's call and Python outside its attention, FFN, norms and residuals",
     "lm_head": "output projection to the vocabulary",
     "loss": "cross-entropy and its reduction",
     "autograd": "autograd engine time outside any node (scheduling, accumulate-grad)",
