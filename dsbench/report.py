@@ -441,21 +441,27 @@ def draw_profile_breakdown(data: ReportData):
     if not profiled:
         return []
     parts = list(dict.fromkeys(p["part"] for _, summary in profiled for p in summary["parts"]))
-    colors = {part: LINE_COLORS[i % len(LINE_COLORS)] for i, part in enumerate(parts)}
-    fig = _new_figure(len(profiled))
-    ax = fig.subplots()
+    palette = colormaps["tab20"].colors + colormaps["tab20b"].colors  # 40 colours: every part its own
+    colors = {part: palette[i % len(palette)] for i, part in enumerate(parts)}
+    workloads = list(dict.fromkeys(row["workload"] for row, _ in profiled))  # one panel each: own time scale
+    fig = _new_figure(len(profiled) + 4, len(workloads))
+    axes = fig.subplots(len(workloads), 1, squeeze=False,
+                        height_ratios=[sum(r["workload"] == w for r, _ in profiled) for w in workloads])[:, 0]
     labelled = set()
-    for y, (row, summary) in enumerate(profiled):
-        left = 0.0
-        for p in summary["parts"]:
-            ax.barh(y, p["total_ms"], left=left, color=colors[p["part"]], label=None if p["part"] in labelled else p["part"])
-            labelled.add(p["part"])
-            left += p["total_ms"]
-    ax.set_yticks(range(len(profiled)), [display_name(r) for r, _ in profiled], fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("ms per step (profiled)")
-    ax.legend(fontsize=7, ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.4 / max(1, len(profiled))))
-    ax.grid(axis="x", alpha=0.3)
+    for ax, workload in zip(axes, workloads):
+        cells = [(row, summary) for row, summary in profiled if row["workload"] == workload]
+        for y, (row, summary) in enumerate(cells):
+            left = 0.0
+            for p in summary["parts"]:
+                ax.barh(y, p["total_ms"], left=left, color=colors[p["part"]], label=None if p["part"] in labelled else p["part"])
+                labelled.add(p["part"])
+                left += p["total_ms"]
+        ax.set_yticks(range(len(cells)), [display_name(r) for r, _ in cells], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(workload, fontsize=10, loc="left")
+        ax.set_xlabel("ms per step (profiled)")
+        ax.grid(axis="x", alpha=0.3)
+    fig.legend(fontsize=7, ncols=6, loc="outside lower center")
     return [("profile_breakdown", fig)]
 
 
