@@ -329,10 +329,11 @@ def peaks_table(peaks: dict) -> Table:
 def print_profile(summary: dict, folder: Path) -> None:
     """The per-part table (ms per step, roofline), the memory table, and how it was measured."""
     ceilings = summary["ceilings"]
-    table = Table("part", "fwd ms", "bwd ms", "total ms", "share", "GFLOP/s", "GB/s", "FLOP/B", "bound", "of roof",
+    table = Table("part", "fwd ms", "bwd ms", "total ms", "share", "ops", "GFLOP/s", "GB/s", "FLOP/B", "bound", "of roof",
                   title=f"{summary['label']}: {summary['breakdown_ms_per_step']:.2f} ms per step ({summary['time_basis']}, {summary['steps_profiled']} steps)")
     for p in summary["parts"]:
         table.add_row(p["part"], f"{p['forward_ms']:.3f}", f"{p['backward_ms']:.3f}", f"{p['total_ms']:.3f}", _pct(p["share"]),
+                      f"{p['ops_per_step']:.0f}",
                       _scaled(p["achieved_flops_per_s"], 1e9), _scaled(p["achieved_bytes_per_s"], 1e9),
                       _scaled(p["flops_per_byte"], 1), p["bound"] or "-", _pct(p["roof_fraction"]))
     out_console.print(table)
@@ -346,7 +347,8 @@ def print_profile(summary: dict, folder: Path) -> None:
         f"named parts cover {_pct(summary['coverage'])} of the step; the breakdown sums to {_pct(summary['breakdown_vs_timer'])} of "
         f"the timer's total for the same steps\n"
         f"profiling overhead: {summary['step_ms_profiled']:.2f} ms profiled vs {summary['step_ms_unprofiled']:.2f} ms unprofiled "
-        f"per step ({_pct(summary['overhead'])})\n"
+        f"per step ({_pct(summary['overhead'])}; about {_scaled(summary['overhead_us_per_op'], 1)} µs for each of "
+        f"{summary['ops_per_step']:.0f} ops a step: a part with many small ops is inflated the most)\n"
         f"trace: {folder / summary['trace']}  (ui.perfetto.dev or chrome://tracing); tables: {folder}", highlight=False, soft_wrap=True)
 
 

@@ -175,6 +175,7 @@ class Split:
     """Time in µs by (part, module path, backward?) over the profiled steps."""
 
     time_us: dict[tuple[str, str, bool], float]
+    ops: dict[tuple[str, str, bool], int]  # profiled ops, nested ones too: the profiler pays for each
     n_steps: int
     step_total_us: float  # the steps' own durations (host) or the sum of attributed kernel time (device)
     basis: str
@@ -187,12 +188,15 @@ def attribute(events, device_time: bool = False) -> Split:
     starts = [s.time_range.start for s in steps]
     tree = _Tree(cpu_events)
     time_us: dict[tuple[str, str, bool], float] = defaultdict(float)
+    ops: dict[tuple[str, str, bool], int] = defaultdict(int)
     for e in cpu_events:
         step = _step_of(e, steps, starts)
         if step is None or e is step:
             continue
         owner = tree.owner(e)
         owner_key = tree.label(owner) if owner is not None else (OTHER, "", False)
+        if not tree.is_node(e):
+            ops[owner_key] += 1
         if device_time:
             if not tree.is_node(e):
                 time_us[owner_key] += _self_device_us(e)
@@ -203,7 +207,7 @@ def attribute(events, device_time: bool = False) -> Split:
     if not device_time:
         time_us[(OTHER, "", False)] += sum(s.time_range.end - s.time_range.start for s in steps)
     total = sum(time_us.values())
-    return Split(dict(time_us), len(steps), total, "device kernel time" if device_time else "host wall clock")
+    return Split(dict(time_us), dict(ops), len(steps), total, "device kernel time" if device_time else "host wall clock")
 
 
 def _self_device_us(e) -> float:
@@ -294,8 +298,11 @@ def parts_table(split: Split, costs: dict, roof: roofline.Ceilings) -> pd.DataFr
     per_step = 1e3 * max(split.n_steps, 1)  # µs over n steps → ms per step
     rows: dict[str, dict] = {}
     for (part, _path, backward), us in split.time_us.items():
-        row = rows.setdefault(part, {"part": part, "forward_ms": 0.0, "backward_ms": 0.0})
+        row = rows.setdefault(part, {"part": part, "forward_ms": 0.0, "backward_ms": 0.0, "ops_per_step": 0.0})
         row["backward_ms" if backward else "forward_ms"] += us / per_step
+    for (part, _path, _backward), n in split.ops.items():
+        if part in rows:
+            rows[part]["ops_per_step"] += n / max(split.n_steps, 1)
     order = list(profiling.PARTS) + ["autograd", OTHER]
     table = []
     for part in sorted(rows, key=lambda p: order.index(p) if p in order else len(order)):
@@ -378,6 +385,10 @@ def write_profile(cell: Cell, runtime: dict, folder: Path, split: Split, run, me
         "step_ms_profiled": 1e3 * profiled_step_s,
         "step_ms_unprofiled": None if unprofiled_step_s is None else 1e3 * unprofiled_step_s,
         "overhead": None if not unprofiled_step_s else profiled_step_s / unprofiled_step_s - 1,
+        "ops_per_step": float(parts["ops_per_step"].sum()),
+        # The profiler's cost falls per op: a part's inflation is about its ops × this.
+        "overhead_us_per_op": (None if not unprofiled_step_s else
+                               1e6 * (profiled_step_s - unprofiled_step_s) / max(float(parts["ops_per_step"].sum()), 1.0)),
         "breakdown_ms_per_step": split.step_total_us / 1e3 / max(split.n_steps, 1),
         "breakdown_vs_timer": split.step_total_us / timer_total_us if timer_total_us else None,
         "coverage": 1 - other / parts["total_ms"].sum() if parts["total_ms"].sum() else None,

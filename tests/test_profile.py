@@ -78,6 +78,7 @@ def test_named_parts_cover_the_step(tmp_path, workload, ffn, attention, precisio
     else:
         assert all(p["backward_ms"] == 0 for p in parts.values())
     assert summary["step_ms_unprofiled"] > 0 and summary["overhead"] is not None
+    assert parts["attn.proj"]["ops_per_step"] > 0 and summary["ops_per_step"] >= sum(p["ops_per_step"] for p in parts.values()) - 1e-9
     assert row["profile_coverage"] == summary["coverage"]
 
 
