@@ -79,7 +79,7 @@ def run_sweep_cmd(
             out_console.print(cells_table(cells, title=f"{spec.name}: {len(cells)} cells"))
             return
         runner.check_data(spec)
-        options = {"steps": profile_steps, "warmup": 1} if profile else None
+        options = profile_options(profile_steps) if profile else None
         outcome = runner.run_sweep(spec, out=out, resume=resume, rerun_failed=rerun_failed, console=err_console,
                                    spec_source=source, profile=options)
     finish(outcome)
@@ -117,7 +117,7 @@ def run_cell_cmd(
 
 
 def cell_spec(workload, ffn, attention, precision, balance, size, batch_size, seq_len, context_len, new_tokens,
-              steps, warmup, repeats, seed, device, data, name: str = "cell") -> spec_lib.SweepSpec:
+              steps, warmup, repeats, seed, device, data) -> spec_lib.SweepSpec:
     """The one-cell spec that `run cell`'s flags describe."""
     raw = {
         "name": "cell", "device": device, "seed": seed, "data": data, "model": {"size": size},
@@ -127,8 +127,13 @@ def cell_spec(workload, ffn, attention, precision, balance, size, batch_size, se
         "decode": {"batch_size": batch_size, "context_lens": [context_len], "new_tokens": new_tokens},
         "measure": {"warmup": warmup, "repeats": repeats},
     }
-    raw["name"] = name
     return spec_lib.parse_spec(raw)
+
+
+def profile_options(steps: int):
+    from dsbench.profile import ProfileOptions  # on use: it loads torch.profiler and pandas
+
+    return ProfileOptions(steps=steps)
 
 
 def with_cell_flags(command):
@@ -161,8 +166,8 @@ def profile_cmd(
         spec, cell_id, source = profile_target(spec_file, preset, results, cell, flags)
         spec = dataclasses.replace(spec, name="profile", measure=dataclasses.replace(spec.measure, calibrate=True))
         runner.check_data(spec)
-        options = {"steps": profile_steps, "warmup": 1}
-        outcome = runner.run_sweep(spec, out=out, console=err_console, spec_source=source, only={cell_id}, profile=options)
+        outcome = runner.run_sweep(spec, out=out, console=err_console, spec_source=source, only={cell_id},
+                                   profile=profile_options(profile_steps))
     folder = profile_lib.profile_folder(outcome.out, cell_id)
     if (folder / "profile.json").exists():
         print_profile(profile_lib.load_profile(folder), folder)

@@ -322,8 +322,8 @@ def paths_table(split: Split) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["path", "part", "pass"]).reset_index(drop=True)
 
 
-def memory_table(cell: Cell, model: torch.nn.Module, memory: MemoryRecorder, run, trace_path: Path, on_cuda: bool) -> pd.DataFrame:
-    params = {_storage_key(p): p.untyped_storage().nbytes() for p in model.parameters()}
+def memory_table(cell: Cell, memory: MemoryRecorder, run, trace_path: Path, on_cuda: bool) -> pd.DataFrame:
+    params = {_storage_key(p): p.untyped_storage().nbytes() for p in memory.model.parameters()}
     kv_per_token = run.summary.get("kv_cache_bytes_per_token_measured")
     w = cell.workload
     slots = w.get("context_len", 0) + w.get("new_tokens", 0) if cell.axes["workload"] == "decode" else w.get("seq_len", 0)
@@ -369,7 +369,7 @@ def write_profile(cell: Cell, runtime: dict, folder: Path, split: Split, run, me
                   trace_path: Path, unprofiled_step_s: float | None, on_cuda: bool) -> dict:
     roof = roofline.ceilings(runtime, cell.device)
     parts = parts_table(split, roofline.part_costs(cell), roof)
-    mem = memory_table(cell, memory.model, memory, run, trace_path, on_cuda)
+    mem = memory_table(cell, memory, run, trace_path, on_cuda)
     parts.to_csv(folder / "parts.csv", index=False)
     paths_table(split).to_csv(folder / "parts_by_path.csv", index=False)
     mem.to_csv(folder / "memory.csv", index=False)

@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -25,6 +26,9 @@ from dsbench import __version__
 from dsbench.accounting import static_row
 from dsbench.results import SCHEMA_VERSION, ResultStore
 from dsbench.spec import Cell, SpecError, SweepSpec, expand
+
+if TYPE_CHECKING:
+    from dsbench.profile import ProfileOptions
 
 PROBE_TIMEOUT_S = 300
 PROFILE_TIMEOUT_FACTOR = 2  # a profiled cell runs its workload twice (measured, then profiled)
@@ -83,17 +87,17 @@ def git_state() -> dict:
 # --- one cell ---
 
 
-def run_cell_process(cell: Cell, store: ResultStore, runtime: dict, timeout_s: float, profile: dict | None = None) -> dict:
+def run_cell_process(cell: Cell, store: ResultStore, runtime: dict, timeout_s: float, profile: ProfileOptions | None = None) -> dict:
     """Run one cell in a fresh interpreter; always returns a result, whatever happened to it.
 
-    profile ({"steps", "warmup"}): the worker also profiles the cell into <out>/profiles/<cell_id>.
+    profile: the worker also profiles the cell into <out>/profiles/<cell_id>.
     """
     task_path = store.work_dir / f"{cell.cell_id}.task.json"
     result_path = store.work_dir / f"{cell.cell_id}.result.json"
     result_path.unlink(missing_ok=True)
     task = {"cell": cell.to_json(), "runtime": {**runtime, "spawn_time": time.time()}}
     if profile is not None:
-        task["profile"] = {**profile, "root": str(store.root)}
+        task["profile"] = {"options": dataclasses.asdict(profile), "root": str(store.root)}
     task_path.write_text(json.dumps(task))
     log_path = store.logs_dir / f"{cell.cell_id}.log"
     start = time.perf_counter()
@@ -183,11 +187,11 @@ def run_sweep(
     console: Console | None = None,
     spec_source: str = "",
     only: set[str] | None = None,
-    profile: dict | None = None,
+    profile: ProfileOptions | None = None,
 ) -> SweepOutcome:
     """Run every cell of `spec` not yet recorded in `out`; returns counts. Safe to interrupt.
 
-    only: run just these cell ids. profile ({"steps", "warmup"}): also profile each cell.
+    only: run just these cell ids. profile: also profile each cell after measuring it.
     """
     console = console or Console(stderr=True)
     sweep_start = time.perf_counter()
@@ -226,7 +230,7 @@ def run_sweep(
 
 
 def _run_cells(cells: list[Cell], order: dict[str, int], store: ResultStore, info: dict, spec: SweepSpec, console: Console,
-               outcome: SweepOutcome, profile: dict | None = None) -> None:
+               outcome: SweepOutcome, profile: ProfileOptions | None = None) -> None:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("starting", total=len(cells))

@@ -70,7 +70,8 @@ def _apply_fault(kind: str, cell: Cell, model: torch.nn.Module) -> None:
 def measure_cell(cell: Cell, runtime: dict, profile: dict | None = None) -> tuple[dict, list]:
     """Build the model, run the workload, and return (metrics row, series rows).
 
-    profile ({"root", "steps", "warmup"}): afterwards, profile the cell (dsbench/profile.py).
+    profile ({"options": ProfileOptions as a dict, "root": results folder}): afterwards, profile
+    the cell (dsbench/profile.py).
     """
     device = torch.device(cell.device)
     precision = PRECISIONS[cell.model.precision]
@@ -100,7 +101,7 @@ def measure_cell(cell: Cell, runtime: dict, profile: dict | None = None) -> tupl
     row["speed_note"] = precision.speed_note(device)
     series = [point(s, "step_time_ms", 1e3 * t) for s, t in enumerate(run.step_times_s)] + run.series
     if profile is not None:
-        row.update(profile_columns(ctx, cell, runtime, profile, summarize(run.step_times_s)["median"]))
+        row.update(profile_columns(ctx, cell, runtime, profile, row["step_time_ms_median"] / 1e3))
     return row, series
 
 
@@ -112,7 +113,7 @@ def profile_columns(ctx: Context, cell: Cell, runtime: dict, profile: dict, unpr
 
     root = Path(profile["root"])
     folder = profile_lib.profile_folder(root, cell.cell_id)
-    options = profile_lib.ProfileOptions(steps=profile["steps"], warmup=profile["warmup"])
+    options = profile_lib.ProfileOptions(**profile["options"])
     summary = profile_lib.profile_cell(ctx, cell, runtime, folder, unprofiled_step_s, options)
     return profile_lib.row_columns(summary, folder, root)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pandas as pd
@@ -37,7 +38,8 @@ def tiny_cell(workload="train", ffn="dense", attention="mha", precision="fp32", 
 
 def profiled(tmp_path, cell, runtime=None) -> tuple[dict, dict]:
     """(results row, profile summary) of one cell measured and profiled in this process."""
-    row, _ = measure_cell(cell, runtime or {}, {"root": str(tmp_path), "steps": 2, "warmup": 1})
+    options = dataclasses.asdict(profile_lib.ProfileOptions(steps=2))
+    row, _ = measure_cell(cell, runtime or {}, {"root": str(tmp_path), "options": options})
     return row, profile_lib.load_profile(tmp_path / row["profile_dir"])
 
 
