@@ -66,7 +66,7 @@ def run_sweep_cmd(
     data: Annotated[Optional[str], typer.Option(help="'synthetic', a uint16 token file, a .txt file or a folder of .txt files.")] = None,
     dry_run: Annotated[bool, typer.Option(help="List the cells and their accounting; run nothing.")] = False,
     profile: Annotated[bool, typer.Option(help="Also profile each cell after measuring it (see `dsbench profile`); the report links the profiles.")] = False,
-    profile_steps: Annotated[int, typer.Option(min=1, help="With --profile: steps to profile.")] = 3,
+    profile_steps: Annotated[int, typer.Option(help="With --profile: steps to profile (≥ 1).")] = 3,
 ) -> None:
     """Run every cell of a sweep, each in a fresh process; write results tables."""
     from dsbench import runner
@@ -133,6 +133,8 @@ def cell_spec(workload, ffn, attention, precision, balance, size, batch_size, se
 def profile_options(steps: int):
     from dsbench.profile import ProfileOptions  # on use: it loads torch.profiler and pandas
 
+    if steps < 1:
+        raise UsageError(f"--profile-steps: {steps} is not allowed; give a whole number ≥ 1")
     return ProfileOptions(steps=steps)
 
 
@@ -153,7 +155,7 @@ def profile_cmd(
     preset: Annotated[Optional[str], typer.Option(help="A shipped preset to take --cell from.")] = None,
     results: Annotated[Optional[Path], typer.Option(help="A results folder to take --cell from (its recorded spec).")] = None,
     cell: Annotated[Optional[str], typer.Option(help="Cell id (or a unique prefix) in --results, SPEC or --preset; without it the flags below describe the cell.")] = None,
-    profile_steps: Annotated[int, typer.Option(min=1, help="Steps to profile (decode: one round of new_tokens tokens).")] = 3,
+    profile_steps: Annotated[int, typer.Option(help="Steps to profile, ≥ 1 (decode: one round of new_tokens tokens).")] = 3,
     out: Annotated[Optional[Path], typer.Option(help="Results folder; default results/profile-<time>.")] = None,
     **flags,
 ) -> None:

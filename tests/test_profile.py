@@ -213,3 +213,7 @@ def test_bad_selection_is_one_line_and_exit_2(tmp_path, tiny_spec_file):
     assert_usage_error(dsbench("profile", "--cell", "abc"), "--cell", "--results")
     assert_usage_error(dsbench("profile", "--results", str(tmp_path), "--cell", "abc"), "--results", "not a dsbench results folder")
     assert_usage_error(dsbench("profile", "--ffn", "nope"), "ffn", "nope")
+    assert_usage_error(dsbench("profile", "--profile-steps", "0"), "--profile-steps", "0", "≥ 1")
+    assert_usage_error(dsbench("run", "sweep", str(spec), "--profile", "--profile-steps", "0", "--out", str(tmp_path / "x")),
+                       "--profile-steps", "0")
+    assert not (tmp_path / "x").exists()  # nothing ran
