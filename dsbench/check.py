@@ -7,26 +7,36 @@ comments state every rule).
     print(result.markdown())
 
 Rules: `exact` for deterministic quantities (parameters, FLOPs, KV bytes), `relative` or
-`absolute` tolerances for seeded quantities (losses, MaxVio) and memory, and timing as a ratio
-to a reference cell of the same run, with a threshold widened by the samples' spread — a
-machine uniformly faster or slower than the baseline's cancels out, a variant that slowed
-down alone does not; a cell is timed by its fastest step, over all its processes
-(replicates count once). Cells pair up by label, so new config fields (which change every cell_id) do not
+`absolute` tolerances for seeded quantities (losses, MaxVio) and memory, and two timing rules:
+- samples (both sides ran the cell in several processes, as `dsbench ab` does on one machine):
+  an exact one-sided Mann–Whitney rank test over the processes' step times and the
+  Hodges–Lehmann ratio (dsbench/stats.py); a regression needs both the ratio above the
+  threshold and the test significant;
+- reference (one process a side): the ratio to a reference cell of the same run, with a
+  threshold widened by the samples' spread — a machine uniformly faster or slower than the
+  baseline's cancels out, a variant that slowed down alone does not. Only comparable on one
+  kind of machine: CPUs of other ISAs slow cells unevenly.
+Contended or noisy measurements (measure.py's contention columns) are flagged, never silently
+compared. Cells pair up by label, so new config fields (which change every cell_id) do not
 orphan a baseline.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import tomllib
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from dsbench.contention import flag, measurement_warnings
 from dsbench.results import Results, ResultsError, load_results
 from dsbench.spec import check_choice
+from dsbench.stats import compare_samples
 
 RULES = ("exact", "relative", "absolute", "ignore")
 DIRECTIONS = ("both", "higher", "lower")
@@ -63,6 +73,11 @@ class TimingRule:
     spread_weight: float = 0.1
     noted_threshold: float = 1.5
     confirm_absolute: bool = True  # a regression must also show in the cell's own current ÷ baseline time
+    # The samples rule (see default.toml): per-process values, a rank test and an effect size.
+    samples_metric: str = "step_time_ms_median"
+    min_processes: int = 3
+    samples_threshold: float = 1.05
+    alpha: float = 0.05
 
     def limit(self, spread: float, noted: bool) -> float:
         base = self.noted_threshold if noted else self.threshold
@@ -155,7 +170,7 @@ def _timing_rule(t: dict) -> TimingRule:
     for key in ("enabled", "confirm_absolute"):
         if not isinstance(t.get(key, True), bool):
             raise PolicyError(f"policy.timing.{key}: expected true or false, got {t.get(key)!r}")
-    for key in ("metric", "reference"):
+    for key in ("metric", "reference", "samples_metric"):
         if not isinstance(t.get(key, "x"), str) or not t.get(key, "x"):
             raise PolicyError(f"policy.timing.{key}: expected a non-empty string, got {t.get(key)!r}")
     return TimingRule(
@@ -166,7 +181,18 @@ def _timing_rule(t: dict) -> TimingRule:
         threshold=_number("timing.threshold", t.get("threshold", TimingRule.threshold), 1.0),
         spread_weight=_number("timing.spread_weight", t.get("spread_weight", TimingRule.spread_weight), 0.0),
         noted_threshold=_number("timing.noted_threshold", t.get("noted_threshold", TimingRule.noted_threshold), 1.0),
+        samples_metric=t.get("samples_metric", TimingRule.samples_metric),
+        min_processes=int(_number("timing.min_processes", t.get("min_processes", TimingRule.min_processes), 2)),
+        samples_threshold=_number("timing.samples_threshold", t.get("samples_threshold", TimingRule.samples_threshold), 1.0),
+        alpha=_alpha(t.get("alpha", TimingRule.alpha)),
     )
+
+
+def _alpha(value) -> float:
+    alpha = _number("timing.alpha", value, 0.0)
+    if not 0 < alpha < 0.5:
+        raise PolicyError(f"policy.timing.alpha: expected a number between 0 and 0.5 (a one-sided significance level), got {value!r}")
+    return alpha
 
 
 # --- the result ---
@@ -194,6 +220,7 @@ class CheckResult:
     rows: list[CheckRow] = field(default_factory=list)
     reference: str | None = None
     machine_factor: float | None = None  # the reference cell's raw current ÷ baseline time
+    warnings: list[str] = field(default_factory=list)  # contended or noisy measurements, by cell
 
     @property
     def failures(self) -> list[CheckRow]:
@@ -219,6 +246,7 @@ class CheckResult:
             "reference": self.reference,
             "machine_factor": _finite(self.machine_factor),
             "counts": self.counts(),
+            "warnings": self.warnings,
             "rows": [{k: _finite(v) for k, v in asdict(r).items()} for r in self.rows],
         }
 
@@ -263,6 +291,9 @@ def collapse_replicates(cells: pd.DataFrame, timing_metric: str) -> pd.DataFrame
     a process slowed by another one's burst of work does not count), and the first failure's
     status if any replicate failed."""
     if "replicate" not in cells or not (cells["replicate"].fillna(0) > 0).any():
+        if SAMPLE in cells:
+            cells = cells.copy()
+            cells[SAMPLES] = [[float(v)] if _present(v) and s == "ok" else [] for v, s in zip(cells[SAMPLE], cells["status"])]
         return cells
     base = cells["label"].astype(str).str.replace(r" #\d+$", "", regex=True)
     rows = []
@@ -278,11 +309,16 @@ def collapse_replicates(cells: pd.DataFrame, timing_metric: str) -> pd.DataFrame
             for col in [c for c in group.columns if c.startswith(("step_time_ms_", "tokens_per_s_")) and c != timing_metric]:
                 row[col] = fastest[col]  # the spread is the fastest process's
         row["replicates"] = len(group)
+        if "contended" in group:
+            row["contended_processes"] = int(sum(flag(v) for v in group["contended"]))
+        if SAMPLE in group:
+            row[SAMPLES] = group.loc[group["status"] == "ok", SAMPLE].dropna().astype(float).tolist()
         rows.append(row)
     return pd.DataFrame(rows).reset_index(drop=True)
 
 
 STEP_MIN = "step_time_ms_min"
+SAMPLE, SAMPLES = "_sample", "_samples"  # one process's value of timing.samples_metric; a cell's list of them
 
 
 def with_step_min(cells: pd.DataFrame, series: pd.DataFrame) -> pd.DataFrame:
@@ -304,8 +340,10 @@ def _indexed(results: Results, policy: Policy) -> pd.DataFrame:
     cells = results.cells
     if "cell_index" in cells:
         cells = cells.sort_values("cell_index", kind="stable")
-    if policy.timing.metric == STEP_MIN and STEP_MIN not in cells:
+    if STEP_MIN in (policy.timing.metric, policy.timing.samples_metric) and STEP_MIN not in cells:
         cells = with_step_min(cells, results.series)
+    if policy.timing.samples_metric in cells:
+        cells = cells.assign(**{SAMPLE: pd.to_numeric(cells[policy.timing.samples_metric], errors="coerce")})
     cells = collapse_replicates(cells, policy.timing.metric)
     return cells.set_index(pd.Index(cell_keys(cells, policy.match).tolist()))
 
@@ -320,6 +358,10 @@ def check(baseline: str | Path, current: str | Path, policy: Policy | None = Non
     base, cur = _indexed(base_run, policy), _indexed(cur_run, policy)
     result = CheckResult(Path(baseline), Path(current), policy)
     comparable = environment_rows(result, base_run.run.get("environment") or {}, cur_run.run.get("environment") or {})
+    if policy.timing.enabled and "baseline_of" in base_run.run:
+        result.rows.append(CheckRow("(all cells)", "timing", "timing", "skipped", note="a host-independent baseline holds no "
+                                    "timings; compare timings on one machine with `dsbench ab`"))
+        comparable = False
     for key in base.index:
         if key not in cur.index:
             result.rows.append(CheckRow(key, "cell", "present", "missing", "present", "absent",
@@ -334,7 +376,12 @@ def check(baseline: str | Path, current: str | Path, policy: Policy | None = Non
             if row is not None:
                 result.rows.append(row)
     if policy.timing.enabled and comparable:
-        check_timing(result, base, cur, ok)
+        sampled = [k for k in ok if _sampled(policy.timing, base.loc[k]) and _sampled(policy.timing, cur.loc[k])]
+        for key in sampled:
+            result.rows.append(compare_timing_samples(policy.timing, key, base.loc[key], cur.loc[key]))
+        if len(sampled) < len(ok):
+            check_timing(result, base, cur, [k for k in ok if k not in sampled])
+    result.warnings = contention_warnings(base_run, "baseline") + contention_warnings(cur_run, "current")
     return result
 
 
@@ -458,6 +505,45 @@ def check_timing(result: CheckResult, base: pd.DataFrame, cur: pd.DataFrame, ok:
             result.rows.append(row)
 
 
+def _sampled(timing: TimingRule, row: pd.Series) -> bool:
+    samples = row.get(SAMPLES)
+    return isinstance(samples, list) and len(samples) >= timing.min_processes
+
+
+def compare_timing_samples(timing: TimingRule, key: str, b: pd.Series, c: pd.Series) -> CheckRow:
+    """The samples rule: each side's per-process values of timing.samples_metric, a one-sided
+    exact rank test and the Hodges–Lehmann ratio. A regression needs both: the ratio above
+    samples_threshold (an effect worth failing CI for) and p(slower) ≤ alpha (not noise)."""
+    metric = timing.samples_metric
+    kinds = {speed_class(b), speed_class(c)}
+    base_values, current_values = b[SAMPLES], c[SAMPLES]
+    tb, tc = float(np.median(base_values)), float(np.median(current_values))
+    if kinds != {"real"}:
+        why = "emulated: its speed means nothing" if "emulated" in kinds else "numerics-only row (speed_note): not timed"
+        return CheckRow(key, metric, "timing (rank test)", "skipped", tb, tc, note=why)
+    cmp = compare_samples(base_values, current_values, confidence=1 - 2 * timing.alpha)
+    limit = f"> ×{timing.samples_threshold:.3f} and p ≤ {timing.alpha:g}"
+    if cmp.ratio > timing.samples_threshold and cmp.p_slower <= timing.alpha:
+        verdict = "regression"
+    elif cmp.ratio < 1 / timing.samples_threshold and cmp.p_faster <= timing.alpha:
+        verdict = "improved"
+    else:
+        verdict = "ok"
+    note = cmp.describe() + _contention_note(b, c)
+    return CheckRow(key, metric, "timing (rank test)", verdict, tb, tc, cmp.ratio, limit, note, fails=verdict == "regression")
+
+
+def _contention_note(b: pd.Series, c: pd.Series) -> str:
+    counts = [int(r.get("contended_processes", 1 if flag(r.get("contended")) else 0) or 0) for r in (b, c)]
+    if not any(counts):
+        return ""
+    return f"; CONTENDED: {counts[0]} baseline and {counts[1]} current process(es) did not get the CPU they asked for"
+
+
+def contention_warnings(results: Results, role: str) -> list[str]:
+    return [f"{role} {line}" for line in measurement_warnings(results.cells)]
+
+
 def agreeing(a: float, b: float) -> float:
     """Two estimates of current ÷ baseline: the one closer to 1 when both point the same way, else 1."""
     if a > 1 and b > 1:
@@ -491,6 +577,37 @@ def compare_timing(timing: TimingRule, key: str, b: pd.Series, c: pd.Series, rb:
     fallback = [str(r.get("step_time_source")) for r in (b, c) if str(r.get("step_time_source", "")).startswith("p10")]
     note += f"; {fallback[0]}" if fallback else ""
     return CheckRow(key, metric, "timing", verdict, tb, tc, ratio, f"≤ ×{limit:.3f}", note, fails=verdict == "regression")
+
+
+# --- the committed baseline: host-independent quantities only ---
+
+# Columns that depend on the machine (or on its load) and never belong in a baseline shared
+# between machines: timings, rates, memory peaks, energy, contention, threads, wall times.
+HOST_DEPENDENT = ("step_time_", "tokens_per_s_", "measured_work_s", "cell_wall_s", "workload_wall_s", "setup_s",
+                  "worker_startup_s", "rss_", "peak_rss", "peak_mem", "cuda_max_", "power_", "energy_", "gpu_mem_",
+                  "model_flops_per_s", "peak_flops_per_s", "peak_source", "mfu", "cpu_", "ctx_switches", "loadavg",
+                  "contended", "contention", "torch_num_threads", "threads_source", "prefill_time_ms", "profile_")
+HOST_DEPENDENT_SERIES = ("step_time_ms", "prefill_time_ms")
+
+
+def write_baseline(results: str | Path, out: str | Path) -> Path:
+    """A copy of a results folder with only what another machine can reproduce: the exact
+    quantities (params, FLOPs, KV bytes, tokens per step) and the seeded losses and balance.
+    `dsbench check` against it compares those; timings are compared by `dsbench ab`."""
+    src, out = Path(results), Path(out)
+    run = load_checked(src, "RESULTS")
+    if out.exists() and any(out.iterdir()):
+        raise ResultsError(f"--out: {str(out)!r} is not empty; choose a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    keep = [c for c in run.cells.columns if not c.startswith(HOST_DEPENDENT)]
+    run.cells[keep].to_parquet(out / "cells.parquet", index=False)
+    series = run.series[~run.series["metric"].isin(HOST_DEPENDENT_SERIES)] if not run.series.empty else run.series
+    series.to_parquet(out / "series.parquet", index=False)
+    info = dict(run.run)
+    info.pop("probe", None)
+    info["baseline_of"] = {"run_id": info.get("run_id"), "dropped": "host-dependent columns (dsbench.check.HOST_DEPENDENT)"}
+    (out / "run.json").write_text(json.dumps(info, indent=1, default=str))
+    return out
 
 
 # --- Markdown ---
@@ -533,6 +650,9 @@ def render_markdown(result: CheckResult) -> str:
     lines.append("")
     summary = ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
     lines.append(f"{len(result.rows)} checks: {summary}. {len(failures)} fail.")
+    if result.warnings:
+        lines += ["", f"**{len(result.warnings)} measurement(s) contended or noisy** (compare them with care):", ""]
+        lines += [f"- {md_escape(w)}" for w in result.warnings]
     if result.reference:
         lines.append(f"Timing reference: `{md_escape(result.reference)}`; the current run's reference time is ×{result.machine_factor:.3f} "
                      "the baseline's (a machine-wide factor, divided out of every other cell).")

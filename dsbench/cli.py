@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dsbench import spec as spec_lib
+from dsbench.ab import AbError
 from dsbench.check import PolicyError
 from dsbench.data import DataError
 from dsbench.results import ResultsError
@@ -33,7 +34,7 @@ app.add_typer(run_app, name="run")
 out_console = Console(width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True)
 
-USER_ERRORS = (spec_lib.SpecError, UsageError, DataError, ResultsError, PolicyError)
+USER_ERRORS = (spec_lib.SpecError, UsageError, DataError, ResultsError, PolicyError, AbError)
 
 
 @contextlib.contextmanager
@@ -270,6 +271,42 @@ def check_cmd(
     raise typer.Exit(result.exit_code)
 
 
+@app.command("ab")
+def ab_cmd(
+    spec_file: Annotated[Optional[Path], typer.Argument(metavar="[SPEC]", help="The sweep spec both sides run (TOML).")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Or this checkout's preset of that name (its file is given to both sides).")] = None,
+    base: Annotated[str, typer.Option(help="The commit to compare with: a sha, branch, tag or HEAD~N.")] = "HEAD~1",
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds: processes per cell and side (≥ policy timing.min_processes).")] = 5,
+    threads: Annotated[int, typer.Option(help="OMP_NUM_THREADS for both sides' cells.")] = 1,
+    out: Annotated[Optional[Path], typer.Option(help="Work folder (a new one); default a temporary folder.")] = None,
+    policy: Annotated[Optional[Path], typer.Option(help="Policy TOML laid over the shipped default.")] = None,
+    confirm: Annotated[bool, typer.Option(help="After a timing regression, run as many rounds again and decide on all.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the check's JSON instead of the Markdown summary.")] = False,
+) -> None:
+    """Time this checkout against another commit on this machine, interleaved: exit 0 clean, 1 regression, 2 usage error."""
+    from dsbench import ab as ab_lib
+    from dsbench import check as check_lib
+
+    with user_errors():
+        outcome = ab_lib.run_ab(base, spec_file, preset, rounds, out, check_lib.load_policy(policy), threads, confirm,
+                                say=lambda line: err_console.print(line, highlight=False))
+    typer.echo(json.dumps(outcome.result.to_json(), indent=2) if as_json else outcome.markdown())
+    raise typer.Exit(outcome.result.exit_code)
+
+
+@app.command("baseline")
+def baseline_cmd(
+    results: Annotated[Path, typer.Argument(help="A results folder (e.g. of --preset ci).")],
+    out: Annotated[Path, typer.Option(help="Where the baseline goes (a new folder).")],
+) -> None:
+    """Write the host-independent part of RESULTS (exact quantities, seeded losses) as a baseline for `dsbench check`."""
+    from dsbench import check as check_lib
+
+    with user_errors():
+        folder = check_lib.write_baseline(results, out)
+    typer.echo(f"baseline: {folder} (exact quantities and seeded losses; no timings)")
+
+
 @app.command("claims")
 def claims_cmd(
     results: Annotated[Optional[list[Path]], typer.Argument(metavar="[RESULTS]...", help="Results folders holding the empirical evidence (e.g. of --preset paper-cpu).")] = None,
@@ -368,6 +405,7 @@ def _scaled(value, unit: float) -> str:
 
 
 def finish(outcome) -> None:
+    from dsbench.contention import measurement_warnings
     from dsbench.results import load_results
 
     results = load_results(outcome.out)
@@ -382,6 +420,11 @@ def finish(outcome) -> None:
                       f"{loss:.3f}" if ok and loss is not None and loss == loss else "-")
     out_console.print(table)
     out_console.print(f"results: {outcome.out}  ({outcome.ran} ran, {outcome.skipped} already recorded, {outcome.failed} failed)")
+    warnings = measurement_warnings(results.cells)
+    if warnings:
+        err_console.print(f"[yellow]{len(warnings)} measurement(s) contended or noisy; compare their timings with care:[/yellow]")
+        for line in warnings:
+            err_console.print(f"  [yellow]{line}[/yellow]")
     if outcome.interrupted:
         err_console.print(f"interrupted: finished cells are kept; continue with --out {outcome.out} --resume")
         raise typer.Exit(130)

@@ -236,7 +236,7 @@ def _run_cells(cells: list[Cell], order: dict[str, int], store: ResultStore, inf
         task = progress.add_task("starting", total=len(cells))
         for cell in cells:
             progress.update(task, description=cell.label())
-            runtime = info["probe"]["peaks"].get(cell.model.precision, {})
+            runtime = {**info["probe"]["peaks"].get(cell.model.precision, {}), "threads": spec.measure.threads}
             timeout_s = spec.measure.timeout_s * (PROFILE_TIMEOUT_FACTOR if profile else 1)
             result = run_cell_process(cell, store, runtime, timeout_s, profile)
             row = {"run_id": info["run_id"], "status": result["status"], "error": result["error"], **static_row(cell), **result["row"]}

@@ -79,6 +79,7 @@ class MeasureSettings:
     timeout_s: float = 600.0
     calibrate: bool = True  # measure this machine's matmul rate for MFU where no datasheet peak applies
     replicates: int = 1  # run each cell this many times, each in its own process (repeatability)
+    threads: int = field(default=0, metadata={"min": 0})  # torch threads per cell; 0 = the cores free when the cell starts, or OMP_NUM_THREADS (contention.py)
 
 
 SECTIONS = {"train": TrainSettings, "prefill": PrefillSettings, "decode": DecodeSettings, "measure": MeasureSettings}

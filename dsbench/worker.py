@@ -20,6 +20,7 @@ import traceback
 import torch
 
 from dsbench import accounting
+from dsbench.contention import ContentionMeter, choose_threads
 from dsbench.data import load_dataset
 from dsbench.measure import NvmlSampler, current_rss_bytes, peak_memory, reset_peak_memory, summarize
 from dsbench.spec import Cell
@@ -75,6 +76,8 @@ def measure_cell(cell: Cell, runtime: dict, profile: dict | None = None) -> tupl
     """
     device = torch.device(cell.device)
     precision = PRECISIONS[cell.model.precision]
+    threads, threads_source = choose_threads(int(runtime.get("threads", 0)))
+    torch.set_num_threads(threads)
     setup_start = time.perf_counter()
     data = load_dataset(cell.data, cell.seed)
     data.check_vocab(cell.model.vocab_size)
@@ -88,11 +91,13 @@ def measure_cell(cell: Cell, runtime: dict, profile: dict | None = None) -> tupl
     rss_before = current_rss_bytes()
     reset_peak_memory(device)
     workload_start = time.perf_counter()
-    with NvmlSampler(device) as nvml:
+    with NvmlSampler(device) as nvml, ContentionMeter(threads) as contention:
         run = WORKLOADS[cell.axes["workload"]](ctx, cell.workload)
     workload_s = time.perf_counter() - workload_start
-    row = {"setup_s": setup_s, "workload_wall_s": workload_s, "rss_before_workload_bytes": rss_before}
+    row = {"setup_s": setup_s, "workload_wall_s": workload_s, "rss_before_workload_bytes": rss_before,
+           "torch_num_threads": threads, "threads_source": threads_source}
     row.update(timing_columns(run))
+    row.update(contention.columns())
     row.update(peak_memory(device))
     row.update(energy_columns(nvml.summary(), run))
     row.update(mfu_columns(cell, row["tokens_per_s_median"], runtime))
@@ -128,6 +133,7 @@ def timing_columns(run: WorkloadRun) -> dict:
         "step_time_ms_p90": 1e3 * stats["p90"],
         "step_time_ms_mean": 1e3 * stats["mean"],
         "step_time_n": stats["n"],
+        "step_time_spread": stats["p90"] / stats["p10"] if stats["p10"] > 0 else None,  # p90/p10 (contention.SPREAD_LIMIT)
         "measured_work_s": float(sum(run.step_times_s)),
         "tokens_per_s_median": tokens / stats["median"],
         "tokens_per_s_p10": tokens / stats["p90"],
