@@ -81,6 +81,10 @@ def run_keys(runs: list[Results]) -> list[str]:
     return keys
 
 
+TIMED_COLUMNS = ("tokens_per_s_median", "tokens_per_s_p10", "tokens_per_s_p90", "step_time_ms_median", "step_time_ms_p10",
+                 "step_time_ms_p90", "peak_mem_bytes", "mfu", "model_flops_per_s", "energy_j_per_token")
+
+
 def prepare(runs: list[Results]) -> ReportData:
     keys = run_keys(runs)
     cells, series = [], []
@@ -98,6 +102,9 @@ def prepare(runs: list[Results]) -> ReportData:
     for col in AXES:
         if col not in cells:
             cells[col] = "n/a"
+    for col in TIMED_COLUMNS:  # a host-independent baseline (dsbench baseline) has no timings: empty, not missing
+        if col not in cells:
+            cells[col] = float("nan")
     series = pd.concat(series, ignore_index=True) if series else pd.DataFrame()
     if "layer" not in series:
         series["layer"] = pd.array([pd.NA] * len(series), dtype="Int64")

@@ -1,6 +1,18 @@
 """How far the CI gate can be trusted on this machine: false positives and sensitivity.
 
+    python scripts/gate_reliability.py --ab --runs 20 [--rounds 5] [--base HEAD] [--load 1] [--isa avx2] [--work DIR]
     python scripts/gate_reliability.py --baseline results/ci-baseline --runs 10 [--preset ci] [--work DIR] [--threads 1]
+
+--ab (the gate .ci/run uses): each run is a whole `dsbench ab --preset ci-timing` against --base
+(default HEAD: the same code on both sides, so a failing run is a false positive), confirmation
+rounds included. Then, on each run's data, a slowdown of 10% and of 25% is planted in the
+current side of each timed cell, one at a time, and checked again (the first --rounds rounds,
+no confirmation: a real regression would fail the confirming rounds too). --load N runs N
+CPU-burning processes beside the runs; --isa runs both sides under ATEN_CPU_CAPABILITY=ISA
+(another host's kernels). Beside the rank test it prints what a bootstrap rule would have
+decided on the same data (percentile interval of the ratio of medians, resampling processes).
+
+Without --ab, the reference-cell mode against a stored baseline (the gate before the A/B):
 
 Runs the preset N times (each a fresh sweep with OMP_NUM_THREADS=1, as .ci/run does) and checks each run against the
 baseline with the default policy: a run that fails is a false positive (nothing changed).
@@ -15,6 +27,7 @@ other processes sharing the CPU are the noise the gate has to live with.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -26,7 +39,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plant_regression import plant  # noqa: E402
 
-from dsbench.check import check, collapse_replicates, load_policy, speed_class  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dsbench.ab import ab_policy, combine, run_ab  # noqa: E402
+from dsbench.check import SAMPLES, _indexed, check, collapse_replicates, load_policy, speed_class  # noqa: E402
 from dsbench.results import load_results  # noqa: E402
 
 
@@ -76,6 +92,97 @@ def one_run(i: int, args, work: Path) -> dict:
             "ratios": ratios, "slow": (sum(slow), len(slow)), "loss": loss_caught}
 
 
+# --- the A/B mode ---
+
+
+def bootstrap_fails(base: list[float], current: list[float], threshold: float, alpha: float, rng: np.random.Generator,
+                    n: int = 2000) -> bool:
+    """The alternative rule: the percentile interval (1 − 2·alpha) of median(current)/median(base),
+    resampling processes with replacement, lies above 1 and the point ratio above threshold."""
+    a, b = np.asarray(base), np.asarray(current)
+    ratios = np.median(rng.choice(b, (n, b.size)), axis=1) / np.median(rng.choice(a, (n, a.size)), axis=1)
+    return float(np.median(b) / np.median(a)) > threshold and float(np.quantile(ratios, alpha)) > 1.0
+
+
+def ab_verdicts(base: Path, current: Path, policy, rng) -> dict[str, tuple[bool, bool, float]]:
+    """Per timed cell: (rank test fails, bootstrap fails, Hodges–Lehmann ratio)."""
+    result = check(base, current, policy)
+    rows = {r.cell: r for r in result.rows if r.rule == "timing (rank test)" and r.verdict != "skipped"}
+    b, c = _indexed(load_results(base), policy), _indexed(load_results(current), policy)
+    return {k: (r.fails, bootstrap_fails(b.loc[k, SAMPLES], c.loc[k, SAMPLES], policy.timing.samples_threshold,
+                                         policy.timing.alpha, rng), r.change) for k, r in rows.items()}
+
+
+def one_ab_run(i: int, args, work: Path, policy, rng) -> dict:
+    out = work / f"ab-{i:02d}"
+    load = os.getloadavg()[0]
+    if not args.recheck:
+        shutil.rmtree(out, ignore_errors=True)
+        outcome = run_ab(args.base, preset=args.preset, rounds=args.rounds, out=out, confirm=True, say=lambda line: None)
+        wall, confirmed, fails = outcome.wall_s, outcome.confirmed, outcome.result.exit_code != 0
+        contended = len(outcome.result.warnings)
+    else:
+        info = json.loads((out / "ab.json").read_text())
+        wall, confirmed, fails, contended = float("nan"), info["confirmed"], info["check"]["exit_code"] != 0, len(info["check"]["warnings"])
+    first = {s: combine([out / s / f"round-{r:02d}" for r in range(args.rounds)], out / f"{s}-first", _side(s)) for s in ("base", "current")}
+    clean = ab_verdicts(first["base"], first["current"], policy, rng)
+    planted = {}
+    for factor in (1.10, 1.25):
+        for n, label in enumerate(clean):
+            dst = out / f"planted-{factor:.2f}-{n}"
+            shutil.rmtree(dst, ignore_errors=True)
+            plant(first["current"], dst, slow=label, factor=factor)
+            verdict = ab_verdicts(first["base"], dst, policy, rng)[label]
+            planted.setdefault(factor, []).append((verdict[0], verdict[1]))
+    return {"run": i, "load": load, "wall_s": wall, "fails": fails, "confirmed": confirmed, "contended": contended,
+            "first": clean, "planted": planted}
+
+
+def _side(name: str):
+    from dsbench.ab import Side
+
+    return Side(name, None, None)
+
+
+def main_ab(args) -> None:
+    work = args.work or Path(tempfile.mkdtemp(prefix="dsbench-gate-ab-"))
+    work.mkdir(parents=True, exist_ok=True)
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
+    if args.isa:
+        os.environ["ATEN_CPU_CAPABILITY"] = args.isa
+    policy = ab_policy(load_policy())
+    rng = np.random.default_rng(0)
+    print(f"A/B gate: preset {args.preset}, base {args.base}, {args.rounds} rounds a side, {args.runs} runs into {work}; "
+          f"{os.cpu_count()} CPUs, {args.load} CPU-burning neighbour(s), ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', 'default')}; "
+          f"rule: HL ratio > ×{policy.timing.samples_threshold} and p ≤ {policy.timing.alpha}", flush=True)
+    rows = []
+    try:
+        for i in range(args.runs):
+            r = one_ab_run(i, args, work, policy, rng)
+            rows.append(r)
+            ratios = ", ".join(f"{k.split(' ')[0].split('/')[0]} ×{v[2]:.3f}{'!' if v[0] else ''}" for k, v in r["first"].items())
+            caught = {f: sum(v[0] for v in vs) for f, vs in r["planted"].items()}
+            print(f"run {i:2d}: load {r['load']:4.2f}, {r['wall_s']:5.0f} s, gate {'FAIL' if r['fails'] else 'pass'}"
+                  f"{' (after confirming rounds)' if r['confirmed'] else ''}, {r['contended']} contended/noisy rows; "
+                  f"first {args.rounds} rounds: {ratios}; planted caught: 10% {caught[1.10]}/{len(r['planted'][1.10])}, "
+                  f"25% {caught[1.25]}/{len(r['planted'][1.25])}", flush=True)
+    finally:
+        for b in burners:
+            b.kill()
+    n = len(rows)
+    print(f"\nfalse positives (whole gate, confirmation included): {sum(r['fails'] for r in rows)}/{n} runs (goal 0)")
+    print(f"  before confirmation (first {args.rounds} rounds): rank test {sum(any(v[0] for v in r['first'].values()) for r in rows)}/{n}, "
+          f"bootstrap {sum(any(v[1] for v in r['first'].values()) for r in rows)}/{n}")
+    for factor, goal in ((1.10, "≥ 19/20"), (1.25, "20/20")):
+        rank = [sum(v[0] for v in r["planted"][factor]) for r in rows]
+        boot = [sum(v[1] for v in r["planted"][factor]) for r in rows]
+        total = sum(len(r["planted"][factor]) for r in rows)
+        print(f"planted {factor - 1:.0%} slowdowns caught: rank test {sum(rank)}/{total}, bootstrap {sum(boot)}/{total} (goal {goal} of runs)")
+    ratios = np.array([v[2] for r in rows for v in r["first"].values()])
+    print(f"clean Hodges–Lehmann ratios: p5 ×{np.quantile(ratios, 0.05):.3f}, median ×{np.median(ratios):.3f}, "
+          f"p95 ×{np.quantile(ratios, 0.95):.3f}, max ×{ratios.max():.3f} over {ratios.size} cell comparisons")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", type=Path, default=Path("results/ci-baseline"))
@@ -84,7 +191,15 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="where the runs go (default: a temp folder)")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the sweeps (.ci/run uses 1)")
     parser.add_argument("--recheck", action="store_true", help="re-check the runs already in --work; sweep nothing")
+    parser.add_argument("--ab", action="store_true", help="the A/B gate (dsbench ab) instead of the stored-baseline mode")
+    parser.add_argument("--base", default="HEAD", help="--ab: the commit the checkout is timed against (HEAD: the same code)")
+    parser.add_argument("--rounds", type=int, default=5, help="--ab: rounds a side before any confirmation")
+    parser.add_argument("--load", type=int, default=0, help="--ab: CPU-burning neighbour processes during the runs")
+    parser.add_argument("--isa", default=None, help="--ab: ATEN_CPU_CAPABILITY for both sides (e.g. avx2)")
     args = parser.parse_args()
+    if args.ab:
+        args.preset = "ci-timing" if args.preset == "ci" else args.preset
+        return main_ab(args)
     work = args.work or Path(tempfile.mkdtemp(prefix="dsbench-gate-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"baseline {args.baseline}, preset {args.preset}, {args.runs} runs into {work}, {os.cpu_count()} CPUs")
