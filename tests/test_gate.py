@@ -272,4 +272,5 @@ def test_ab_end_to_end_against_head(tmp_path):
     assert (tmp_path / "ab" / "base-site" / "dsbench" / "__init__.py").exists()
     base_cells = pd.read_parquet(tmp_path / "ab" / "base-all" / "cells.parquet")
     assert "cpu_share" in base_cells  # the base (HEAD) records contention too
+    assert set(base_cells["torch_num_threads"]) == {1} and set(base_cells["threads_source"]) == {"OMP_NUM_THREADS"}
     assert "## dsbench ab:" in outcome.markdown() and outcome.base.sha[:12] in outcome.markdown()

@@ -1,0 +1,65 @@
+"""What a measurement competed with: the contention columns, their limits, the thread choice."""
+
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+import pytest
+
+from dsbench import contention
+from dsbench.contention import ContentionMeter, choose_threads, contention_reason, measurement_warnings
+
+QUIET = {"cpu_share": 0.98, "cpu_others_cores": 0.1, "cpu_steal_fraction": 0.0}
+
+
+def test_quiet_measurement_is_not_contended():
+    assert contention_reason(QUIET, threads=1) is None
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"cpu_share": 0.5}, "got 50% of the CPU its 1 thread(s) asked for (limit 90%)"),
+    ({"cpu_steal_fraction": 0.2}, "the hypervisor took 20% of the CPU time (steal; limit 5%)"),
+])
+def test_each_limit_names_its_reason(change, words):
+    assert words in contention_reason({**QUIET, **change}, threads=1)
+
+
+def test_others_beyond_the_free_cores(monkeypatch):
+    monkeypatch.setattr(contention, "usable_cores", lambda: 2)
+    assert contention_reason({**QUIET, "cpu_others_cores": 1.0}, threads=1) is None  # one core free beside one thread
+    assert "other processes kept 1.8 cores busy, 1 free" in contention_reason({**QUIET, "cpu_others_cores": 1.8}, threads=1)
+    assert contention_reason({**QUIET, "cpu_others_cores": 1.0}, threads=2) is not None  # none free beside two threads
+
+
+def test_meter_measures_a_busy_loop():
+    with ContentionMeter(threads=1) as meter:
+        end = time.perf_counter() + 0.3
+        while time.perf_counter() < end:
+            pass
+    row = meter.columns()
+    assert 0.3 < row["cpu_share"] <= 1.05  # a spinning thread gets its core unless the machine is very busy
+    assert set(row) >= {"cpu_others_cores", "cpu_steal_fraction", "ctx_switches_involuntary_per_s", "loadavg_1m", "contended", "contention"}
+    assert row["contended"] == (row["contention"] is not None)
+
+
+def test_thread_choice_and_its_reason(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert choose_threads(2) == (2, "measure.threads")
+    assert choose_threads(0) == (3, "OMP_NUM_THREADS")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(contention, "usable_cores", lambda: 4)
+    monkeypatch.setattr(contention, "busy_cores_now", lambda: 1.2)
+    assert choose_threads(0) == (3, "free cores: 3 of 4 (others kept 1.2 busy at the start)")
+    monkeypatch.setattr(contention, "busy_cores_now", lambda: 7.0)
+    assert choose_threads(0)[0] == 1  # never fewer than one
+
+
+def test_warnings_name_contended_and_noisy_cells():
+    cells = pd.DataFrame([
+        {"label": "a", "status": "ok", "step_time_ms_p10": 10.0, "step_time_ms_p90": 11.0, "contended": False},
+        {"label": "b", "status": "ok", "step_time_ms_p10": 10.0, "step_time_ms_p90": 30.0, "contended": False},
+        {"label": "c", "status": "ok", "step_time_ms_p10": 10.0, "step_time_ms_p90": 11.0, "contended": True, "contention": "why"},
+        {"label": "d", "status": "error", "step_time_ms_p10": None, "step_time_ms_p90": None, "contended": True},
+    ])
+    assert measurement_warnings(cells) == ["b: noisy, step-time p90/p10 = 3.00 (limit 2)", "c: contended (why)"]
