@@ -33,6 +33,7 @@ from matplotlib.figure import Figure
 
 from dsbench import __version__
 from dsbench.check import check, fmt_value, load_checked, md_escape
+from dsbench.contention import measurement_warnings
 from dsbench.results import Results, ResultsError
 
 AXES = ("workload", "ffn", "attention", "precision", "balance")
@@ -764,6 +765,12 @@ def overview_section(data: ReportData, tables: Path) -> Section:
     s = Section("Environment and spec")
     n = data.cells["status"].value_counts().to_dict()
     s.text(f"{len(data.runs)} run(s), {len(data.cells)} cells: " + ", ".join(f"{v} {k}" for k, v in n.items()) + ".")
+    warnings = [f"{key}: {line}" if len(data.runs) > 1 else line for key, run in zip(data.keys, data.runs)
+                for line in measurement_warnings(run.cells)]
+    if warnings:
+        s.text(f"{len(warnings)} measurement(s) contended or noisy — compare their timings with care (what each cell "
+               "competed with: the cpu_share, cpu_others_cores, cpu_steal_fraction columns; dsbench/contention.py states the limits):")
+        s.table(["cell", "why"], [w.split(": ", 1) if ": " in w else [w, ""] for w in warnings], ["failed"] * len(warnings))
     s.table(*_transpose(env))
     s.table(*_transpose(spec))
     return s

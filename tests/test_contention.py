@@ -63,3 +63,17 @@ def test_warnings_name_contended_and_noisy_cells():
         {"label": "d", "status": "error", "step_time_ms_p10": None, "step_time_ms_p90": None, "contended": True},
     ])
     assert measurement_warnings(cells) == ["b: noisy, step-time p90/p10 = 3.00 (limit 2)", "c: contended (why)"]
+
+
+def test_report_names_contended_cells(tmp_path):
+    from fixture_results import ci_cells, write_results
+
+    from dsbench.report import build_report
+
+    cells = ci_cells()
+    cells[0].update(contended=True, contention="got 41% of the CPU its 1 thread(s) asked for (limit 90%)")
+    cells[2].update(step_time_ms_p90=cells[2]["step_time_ms_p10"] * 7.7)  # the smoke cell a busy machine gave
+    out = build_report([write_results(tmp_path / "run", cells)], out=tmp_path / "report")
+    md = (out / "index.md").read_text()
+    assert "2 measurement(s) contended or noisy" in md
+    assert "got 41% of the CPU" in md and "p90/p10 = 7.70 (limit 2)" in md
