@@ -74,7 +74,7 @@ class TimingRule:
     noted_threshold: float = 1.5
     confirm_absolute: bool = True  # a regression must also show in the cell's own current ÷ baseline time
     # The samples rule (see default.toml): per-process values, a rank test and an effect size.
-    samples_metric: str = "step_time_ms_median"
+    samples_metric: str = "step_time_ms_min"  # each process's fastest step: half the spread of its median (default.toml)
     min_processes: int = 3
     samples_threshold: float = 1.05
     alpha: float = 0.05
