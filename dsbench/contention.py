@@ -11,8 +11,10 @@ over its workload (warm-up and timed steps):
 - `loadavg_1m` at the end (a lagging, one-minute view; recorded for context, not used to flag).
 
 `contended` is true, with the reason in `contention`, when the cell got less than
-CPU_SHARE_MIN of its threads' time, or others needed more cores than were free beside the
-cell's threads (by more than OTHERS_SLACK_CORES), or steal passed STEAL_MAX. Separately, a
+CPU_SHARE_MIN of one core (cpu_share × threads: a process whose ops are too small to use its
+second thread gets one core and is not starved), or others needed more cores than were free
+beside the cell's threads (by more than OTHERS_SLACK_CORES: how a starved multi-threaded cell
+shows), or steal passed STEAL_MAX. Separately, a
 step-time p90/p10 above SPREAD_LIMIT marks a noisy measurement (pyperf's habit of warning on
 unstable samples). Both are warnings: the run's summary, `dsbench check` and the report name
 the cells; nothing is silently compared.
@@ -125,8 +127,9 @@ class ContentionMeter:
 def contention_reason(row: dict, threads: int) -> str | None:
     """Why a measurement was contended, in words; None when it was not."""
     reasons = []
-    if row["cpu_share"] < CPU_SHARE_MIN:
-        reasons.append(f"got {row['cpu_share']:.0%} of the CPU its {threads} thread(s) asked for (limit {CPU_SHARE_MIN:.0%})")
+    cores_got = row["cpu_share"] * threads
+    if cores_got < CPU_SHARE_MIN:
+        reasons.append(f"got {cores_got:.0%} of a core with {threads} thread(s) (limit {CPU_SHARE_MIN:.0%})")
     free = usable_cores() - threads
     others = row.get("cpu_others_cores")
     if others is not None and others > free + OTHERS_SLACK_CORES:

@@ -7,6 +7,7 @@ cells' memory readings.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -14,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,7 +220,8 @@ def run_sweep(
     info["status"] = "running"
     store.write_run_info(info)
     try:
-        _run_cells(todo, {c.cell_id: i for i, c in enumerate(cells)}, store, info, spec, console, outcome, profile)
+        with _interrupt_flag() as interrupted:
+            _run_cells(todo, {c.cell_id: i for i, c in enumerate(cells)}, store, info, spec, console, outcome, profile, interrupted)
     except KeyboardInterrupt:
         outcome.interrupted = True
     # Summed over resumed invocations: the sweep's own wall time, probe and cells included.
@@ -229,12 +232,35 @@ def run_sweep(
     return outcome
 
 
+@contextlib.contextmanager
+def _interrupt_flag():
+    """Ctrl-C raises KeyboardInterrupt as usual and also sets a flag the cell loop checks: a
+    KeyboardInterrupt raised where Python ignores exceptions (a finaliser, logging's lock
+    release: "Exception ignored in …") would otherwise be lost and the sweep run on."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        flag.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _run_cells(cells: list[Cell], order: dict[str, int], store: ResultStore, info: dict, spec: SweepSpec, console: Console,
-               outcome: SweepOutcome, profile: ProfileOptions | None = None) -> None:
+               outcome: SweepOutcome, profile: ProfileOptions | None = None, interrupted: threading.Event | None = None) -> None:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("starting", total=len(cells))
         for cell in cells:
+            if interrupted is not None and interrupted.is_set():
+                raise KeyboardInterrupt
             progress.update(task, description=cell.label())
             runtime = {**info["probe"]["peaks"].get(cell.model.precision, {}), "threads": spec.measure.threads}
             timeout_s = spec.measure.timeout_s * (PROFILE_TIMEOUT_FACTOR if profile else 1)

@@ -18,11 +18,17 @@ def test_quiet_measurement_is_not_contended():
 
 
 @pytest.mark.parametrize("change, words", [
-    ({"cpu_share": 0.5}, "got 50% of the CPU its 1 thread(s) asked for (limit 90%)"),
+    ({"cpu_share": 0.5}, "got 50% of a core with 1 thread(s) (limit 90%)"),
     ({"cpu_steal_fraction": 0.2}, "the hypervisor took 20% of the CPU time (steal; limit 5%)"),
 ])
 def test_each_limit_names_its_reason(change, words):
     assert words in contention_reason({**QUIET, **change}, threads=1)
+
+
+def test_two_threads_on_one_busy_core_are_not_starved():
+    """Tiny ops leave a second thread idle: half the threads' time is one whole core."""
+    assert contention_reason({**QUIET, "cpu_share": 0.5}, threads=2) is None
+    assert "got 60% of a core with 2 thread(s)" in contention_reason({**QUIET, "cpu_share": 0.3}, threads=2)
 
 
 def test_others_beyond_the_free_cores(monkeypatch):
