@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from dsbench.spec import Cell
 from dsbench.variants import decoder, registry
-from dsbench.variants.moe import layout
-from dsbench.variants.mla import MultiHeadLatentAttention, mla_dims
 from dsbench.variants.precision import PRECISIONS, dtype_bytes
 
 
@@ -50,37 +48,18 @@ def static_row(cell: Cell) -> dict:
     cfg = cell.model
     row = {"cell_id": cell.cell_id, "label": cell.label(), **cell.axes, "device": cell.device}
     row.update(
-        d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.attention.n_heads, n_kv_heads=cfg.n_kv_heads(),
+        # n_kv_heads is the attention variant's own column (row_columns); None keeps its place
+        d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.attention.n_heads, n_kv_heads=None,
         head_dim=cfg.head_dim(), d_ff=cfg.ffn.d_ff, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len,
     )
     row.update({k: cell.workload.get(k) for k in ("batch_size", "seq_len", "context_len", "new_tokens", "steps", "lr")})
     row.update(warmup_steps=cell.measure["warmup"], repeats=cell.measure["repeats"], replicate=cell.measure.get("replicate", 0))
     row.update(seed=cell.seed, data=cell.data)
     row.update(accounting(cell))
-    row.update(attention_columns(cfg))
-    row.update(ffn_columns(cfg))
+    row.update(registry.ATTENTION[cfg.attention.kind].module.row_columns(cfg))
+    row.update(registry.FFN[cfg.ffn.kind].module.row_columns(cfg))
     if "memory_budget_bytes" in cell.workload:  # a max-batch decode cell: what the fit counted
         w, width = cell.workload, dtype_bytes(PRECISIONS[cfg.precision].inference_dtype)
         row.update(memory_budget_bytes=w["memory_budget_bytes"], weights_bytes=decoder.weight_bytes(cfg, width),
                    kv_cache_bytes=row["kv_cache_bytes_per_token"] * w["batch_size"] * (w["context_len"] + w["new_tokens"]))
     return row
-
-
-def attention_columns(cfg) -> dict:
-    """MLA's resolved dims and decode path; only MLA rows get them (and have no n_kv_heads)."""
-    if registry.ATTENTION[cfg.attention.kind].module is not MultiHeadLatentAttention:
-        return {}
-    d = mla_dims(cfg)
-    return {"n_kv_heads": None, "kv_lora_rank": d.Dc, "q_lora_rank": d.Dq, "qk_nope_head_dim": d.Dn,
-            "qk_rope_head_dim": d.Dr, "v_head_dim": d.Dv, "mla_impl": cfg.attention.mla_impl}
-
-
-def ffn_columns(cfg) -> dict:
-    """A routed FFN's resolved layout and router; only routed rows get them."""
-    if not registry.FFN[cfg.ffn.kind].routed:
-        return {}
-    f, lay = cfg.ffn, layout(cfg.ffn)
-    return {"n_experts": f.n_experts, "top_k": f.top_k, "granularity": f.granularity if f.kind == "deepseekmoe" else None,
-            "n_shared": f.n_shared if f.kind == "deepseekmoe" else 0, "n_routed_experts": lay.n_routed,
-            "routed_top_k": lay.top_k, "expert_d_ff": lay.expert_d_ff, "first_k_dense": f.first_k_dense,
-            "router": f.router, "capacity_factor": f.capacity_factor, "uniform_routing": f.uniform_routing}

@@ -223,13 +223,13 @@ def check_v2_training_cost(_results) -> Evidence:
 
 def ok_cells(results: Sequence[Results]) -> pd.DataFrame:
     """Every ok cell of every run, with `n_shared` resolved (the row's column, else the run's
-    spec, else FFNConfig's default) for deepseekmoe cells, and the run it came from."""
-    from dsbench.variants.config import FFNConfig
+    spec, else DeepSeekMoEConfig's default) for deepseekmoe cells, and the run it came from."""
+    from dsbench.variants.moe import DeepSeekMoEConfig
 
     frames = []
     for i, res in enumerate(results):
         cells = res.cells[res.cells["status"] == "ok"].copy()
-        spec_shared = ((res.run.get("spec") or {}).get("ffn") or {}).get("n_shared", FFNConfig().n_shared)
+        spec_shared = ((res.run.get("spec") or {}).get("ffn") or {}).get("n_shared", DeepSeekMoEConfig().n_shared)
         column = cells["n_shared"] if "n_shared" in cells else pd.Series(float("nan"), index=cells.index)
         cells["n_shared"] = column.where(column.notna(), spec_shared).where(cells["ffn"] == "deepseekmoe")
         cells["run"] = i

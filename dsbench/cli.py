@@ -344,11 +344,13 @@ def apply_overrides(spec: spec_lib.SweepSpec, device: str | None, data: str | No
 def cells_table(cells, title: str) -> Table:
     from dsbench.accounting import static_row
 
-    table = Table("cell_id", "workload", "ffn", "attention", "precision", "balance", "shape", "params_total", "params_active", "flops/token", "kv B/token", title=title)
+    named = ("workload", "ffn", "attention", "precision", "balance")
+    dotted = list(dict.fromkeys(k for cell in cells for k in cell.axes if k not in named))  # dotted-key axes
+    table = Table("cell_id", *named, *dotted, "shape", "params_total", "params_active", "flops/token", "kv B/token", title=title)
     for cell in cells:
         row = static_row(cell)
         shape = cell.label().split(" ")[-1]
-        table.add_row(row["cell_id"], row["workload"], row["ffn"], row["attention"], row["precision"], row["balance"], shape,
+        table.add_row(row["cell_id"], *(row[a] for a in named), *(str(cell.axes.get(k, "")) for k in dotted), shape,
                       f"{row['params_total']:,}", f"{row['params_active']:,}", f"{row['flops_per_token']:.3g}", f"{row['kv_cache_bytes_per_token']:,}")
     return table
 

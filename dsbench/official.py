@@ -34,6 +34,11 @@ import json
 from dataclasses import dataclass, fields
 from importlib import resources
 
+from dsbench.variants import registry
+from dsbench.variants.attention import MHAConfig
+from dsbench.variants.config import ModelConfig
+from dsbench.variants.mla import MLAConfig, MultiHeadLatentAttention
+
 OFFICIAL_MODELS = ("deepseek-v3", "deepseek-v2", "deepseek-v2-lite", "deepseek-moe-16b", "deepseek-llm-67b", "llama-2-7b")
 FP8_BLOCK = 128  # V3's checkpoint stores one FP32 scale per 128×128 block of each FP8 weight
 
@@ -102,20 +107,32 @@ def load_official(name: str) -> Arch:
 # --- parameters, per part ---
 
 
+def attention_config(a: Arch) -> ModelConfig:
+    """The arch's attention as dsbench's own variant builds it (MLA absorbed, or MHA/GQA), so its
+    counts come from the variant's formulas (variants/attention.py, variants/mla.py). The FFN is
+    not one of dsbench's cuts of a dense base (V2/V3 size their experts freely): counted below."""
+    if a.is_mla:
+        attention = MLAConfig(n_heads=a.num_attention_heads, q_lora_rank=a.q_lora_rank or 0, kv_lora_rank=a.kv_lora_rank,
+                              qk_nope_head_dim=a.qk_nope_head_dim, qk_rope_head_dim=a.qk_rope_head_dim, v_head_dim=a.v_head_dim)
+    else:
+        attention = MHAConfig(n_heads=a.num_attention_heads, n_kv_heads=a.kv_heads)
+    return ModelConfig(d_model=a.hidden_size, n_layers=a.num_hidden_layers, vocab_size=a.vocab_size, attention=attention)
+
+
+def _attention(a: Arch):
+    return registry.ATTENTION[attention_config(a).attention.kind].module
+
+
 def attention_params(a: Arch) -> int:
     """One layer's attention, norms inside MLA included (matmuls + RMSNorm weights)."""
-    return attention_matmul_params(a) + (a.kv_lora_rank + (a.q_lora_rank or 0) if a.is_mla else 0)
+    return _attention(a).param_count(attention_config(a))
 
 
 def attention_matmul_params(a: Arch) -> int:
-    C, H = a.hidden_size, a.num_attention_heads
-    if not a.is_mla:  # q, k, v, o; GQA shares each K/V head across n_heads / n_kv heads
-        d = a.head_dim
-        return C * H * d + 2 * C * a.kv_heads * d + H * d * C
-    qk = a.qk_nope_head_dim + a.qk_rope_head_dim
-    q = C * a.q_lora_rank + a.q_lora_rank * H * qk if a.q_lora_rank else C * H * qk  # W^DQ, W^UQ|W^QR (or W^Q)
-    kv = C * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank * H * (a.qk_nope_head_dim + a.v_head_dim)  # W^DKV|W^KR, W^UK|W^UV
-    return q + kv + H * a.v_head_dim * C  # + W^O
+    """q, k, v, o (GQA shares each K/V head across n_heads / n_kv heads); MLA's W^DQ, W^UQ|W^QR
+    (or W^Q), W^DKV|W^KR, W^UK|W^UV and W^O."""
+    cfg = attention_config(a)
+    return MultiHeadLatentAttention._matmul_params(cfg) if a.is_mla else _attention(a).param_count(cfg)
 
 
 def swiglu_params(C: int, width: int) -> int:
@@ -197,8 +214,8 @@ def fp8_scale_count(a: Arch) -> int:
 
 def kv_cache_elements_per_token(a: Arch) -> int:
     """Cached elements per token over all layers: MLA (d_c + d_h^R)·l, else 2·n_kv·d_h·l."""
-    per_layer = a.kv_lora_rank + a.qk_rope_head_dim if a.is_mla else 2 * a.kv_heads * a.head_dim
-    return per_layer * a.num_hidden_layers
+    cfg = attention_config(a)
+    return _attention(a).kv_cache_bytes_per_token(cfg, 1) * a.num_hidden_layers
 
 
 def table1_kv_elements(n_h: int, d_h: int, n_layers: int, n_g: int, d_c: int, d_rope: int) -> dict[str, int]:
@@ -221,11 +238,12 @@ def activated_matmul_params(a: Arch) -> int:
 
 
 def attention_flops_per_token(a: Arch, seq_len: int, causal: bool = True) -> float:
-    """Forward scores (QKᵀ) and AV over every layer; MLA trains in the expanded form (§2.1.2)."""
-    qk = a.qk_nope_head_dim + a.qk_rope_head_dim if a.is_mla else a.head_dim
-    v = a.v_head_dim if a.is_mla else a.head_dim
+    """Forward scores (QKᵀ) and AV over every layer, from the variant's own formula less its
+    projections; MLA trains in the expanded form (§2.1.2)."""
+    cfg = attention_config(a)
     keys = (seq_len + 1) / 2 if causal else seq_len
-    return 2 * a.num_attention_heads * (qk + v) * keys * a.num_hidden_layers
+    per_layer = _attention(a).flops_per_token(cfg, keys) - 2 * attention_matmul_params(a)
+    return per_layer * a.num_hidden_layers
 
 
 def train_flops_per_token(a: Arch, seq_len: int, causal: bool = True) -> float:

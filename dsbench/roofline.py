@@ -21,22 +21,11 @@ from dataclasses import dataclass
 from dsbench import accounting
 from dsbench.spec import Cell
 from dsbench.variants import registry
-from dsbench.variants.mla import MultiHeadLatentAttention, mla_dims
-from dsbench.variants.moe import layout
+from dsbench.variants.base import PartCost, PassShape
 from dsbench.variants.precision import PRECISIONS, dtype_bytes
 
 ADAMW_STATE_PASSES = 7  # read param, grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq
 GRAD_CLIP_PASSES = 3  # read every gradient for the norm; read and write it to scale
-
-
-@dataclass
-class PartCost:
-    flops: float = 0.0
-    bytes: float | None = 0.0  # None: no analytic count (time only)
-
-    def add(self, flops: float = 0.0, nbytes: float = 0.0) -> None:
-        self.flops += flops
-        self.bytes = None if self.bytes is None else self.bytes + nbytes
 
 
 def part_costs(cell: Cell) -> dict[str, PartCost]:
@@ -57,9 +46,13 @@ def part_costs(cell: Cell) -> dict[str, PartCost]:
 
     add("embedding", 0.0, N * C * (weight + act))  # gather one row per token, write it
     add("norm", 0.0, (2 * cfg.n_layers + 1) * 2 * N * C * act)
-    for i in range(cfg.n_layers):
-        _attention(cfg, ctx, decode, N, act, weight, add, cell)
-        _ffn(cfg, i, N, act, weight, add)
+    batch = cell.workload["batch_size"]
+    shape = PassShape(tokens=N, mean_context_len=ctx, decode=decode, batch=batch, act_bytes=act, weight_bytes=weight)
+    attention, ffn = registry.ATTENTION[cfg.attention.kind].module, registry.FFN[cfg.ffn.kind].module
+    for i in range(cfg.n_layers):  # each variant prices its own parts (variants/base.py)
+        for layer_costs in (attention.part_costs(cfg, shape), ffn.part_costs(cfg, i, shape)):
+            for name, cost in layer_costs.items():
+                costs.setdefault(name, PartCost()).add(cost.flops, cost.bytes)
     add("residual", 0.0, cfg.n_layers * 2 * 3 * N * C * act)  # two adds a block: read both, write one
     add("lm_head", 2 * C * V, C * V * weight + N * (C + V) * act)
     if train:
@@ -75,56 +68,6 @@ def part_costs(cell: Cell) -> dict[str, PartCost]:
     if precision.fp8_recipe:
         costs["fp8_quant"] = PartCost(0.0, None)
     return costs
-
-
-def _attention(cfg, ctx: float, decode: bool, N: int, act: int, weight: int, add, cell: Cell) -> None:
-    module = registry.ATTENTION[cfg.attention.kind].module
-    total = module.flops_per_token(cfg, ctx, decode)
-    C = cfg.d_model
-    # Activation traffic of the weight matmuls: each linear reads its input and writes its output.
-    if module is MultiHeadLatentAttention:
-        d = mla_dims(cfg)
-        matmul_params = MultiHeadLatentAttention._matmul_params(cfg)
-        q_width = d.H * (d.Dn + d.Dr)
-        queries = (C + d.Dq) + (d.Dq + q_width) if d.Dq else C + q_width
-        proj_io = queries + (C + d.Dc + d.Dr) + (d.Dc + d.H * (d.Dn + d.Dv)) + (d.H * d.Dv + C)
-        rope_io = 2 * (d.H + 1) * d.Dr  # q^R of every head and the one shared k^R, read and written
-        absorbed = decode and cfg.attention.mla_impl == "absorbed"
-        qo_width = d.H * (2 * d.Dc + d.Dr) if absorbed else d.H * (d.Dn + d.Dr + d.Dv)  # q read, o written
-    else:
-        H, G, D = cfg.attention.n_heads, cfg.n_kv_heads(), cfg.head_dim()
-        matmul_params = module.param_count(cfg)
-        proj_io = (C + H * D) + 2 * (C + G * D) + (H * D + C)
-        rope_io = 2 * (H + G) * D
-        qo_width = 2 * H * D
-    kv_layer = module.kv_cache_bytes_per_token(cfg, act)
-    proj_flops = 2 * matmul_params
-    add("attn.proj", proj_flops, matmul_params * weight + N * proj_io * act)
-    add("attn.rope", 0.0, N * rope_io * act)
-    if decode:  # every step reads the whole cache of its row
-        batch = cell.workload["batch_size"]
-        core_bytes = batch * ctx * kv_layer + N * (qo_width * act + kv_layer)
-    else:  # each key and value read once, written to the cache once
-        core_bytes = N * (2 * kv_layer + qo_width * act)
-    add("attn.core", total - proj_flops, core_bytes)
-
-
-def _ffn(cfg, layer: int, N: int, act: int, weight: int, add) -> None:
-    C, f = cfg.d_model, cfg.ffn
-    variant = registry.FFN[f.kind]
-    if not variant.routed or layer < f.first_k_dense:
-        add("ffn", 2 * 3 * C * f.d_ff, 3 * C * f.d_ff * weight + N * 3 * (C + f.d_ff) * act)
-        return
-    lay = layout(f)
-    E, K, F = lay.n_routed, lay.top_k, lay.expert_d_ff
-    add("router", 2 * E * C, E * C * 4 + N * (C + 2 * E) * 4)  # FP32 gate: x, logits, scores
-    add("dispatch", 0.0, 4 * N * K * C * act)  # gather rows in and out; weight and add them back
-    touched = min(E, N * K)  # experts that receive a token read their weights
-    add("experts", 2 * K * 3 * C * F, touched * 3 * C * F * weight + N * K * 3 * (C + F) * act)
-    if lay.shared_d_ff:
-        add("shared_experts", 2 * 3 * C * lay.shared_d_ff, 3 * C * lay.shared_d_ff * weight + N * 3 * (C + lay.shared_d_ff) * act)
-    add("balance", 0.0, N * E * 4)
-    add("routing_stats", 0.0, N * (E + K) * 4)
 
 
 @dataclass(frozen=True)

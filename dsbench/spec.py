@@ -20,9 +20,8 @@ from importlib import resources
 from pathlib import Path
 
 from dsbench.variants import decoder, registry
-from dsbench.variants.mla import MultiHeadLatentAttention, mla_dims
 from dsbench.variants.precision import PRECISIONS, dtype_bytes
-from dsbench.variants.config import SIZES, AttentionConfig, FFNConfig, ModelConfig, config_from_size
+from dsbench.variants.config import MODEL_FIELDS, SIZES, ModelConfig
 
 AXES = ("workload", "ffn", "attention", "precision", "balance")  # expansion order
 DEFAULT_AXES = {"workload": ("train",), "ffn": ("dense",), "attention": ("mha",), "precision": ("fp32",), "balance": ("none",)}
@@ -87,7 +86,12 @@ SECTIONS = {"train": TrainSettings, "prefill": PrefillSettings, "decode": Decode
 AXIS_FIELDS = {("attention", "kind"): "attention", ("attention", "mla_impl"): "attention", ("ffn", "kind"): "ffn",
                ("ffn", "balance"): "balance", ("model", "precision"): "precision"}
 MODEL_KEYS = ("size", "d_model", "n_layers", "vocab_size", "max_seq_len", "norm_eps", "tie_embeddings", "init_std")
-TOP_KEYS = ("name", "description", "device", "seed", "data", "model", "attention", "ffn", "axes", *SECTIONS)
+PART_SECTIONS = ("attention", "ffn")
+# What a [[sweep]] block may set: its own overrides and axes, merged over the top level's.
+SWEEP_KEYS = ("model", *PART_SECTIONS, "axes", *SECTIONS)
+TOP_KEYS = ("name", "description", "device", "seed", "data", "plugins", "sweep", *SWEEP_KEYS)
+# Sections whose fields can be swept as dotted-key axes ("ffn.n_experts" = [8, 64]).
+DOTTED_SECTIONS = ("model", *PART_SECTIONS, *(k for k in SECTIONS if k != "measure"))
 
 
 @dataclass(frozen=True)
@@ -106,17 +110,38 @@ class SweepSpec:
     prefill: PrefillSettings = field(default_factory=PrefillSettings)
     decode: DecodeSettings = field(default_factory=DecodeSettings)
     measure: MeasureSettings = field(default_factory=MeasureSettings)
+    plugins: tuple[str, ...] = ()  # modules imported first: they register their own variants
+    dotted: dict = field(default_factory=dict)  # dotted-key axes and their values over all points
+    # Every plain sweep this spec runs: (dotted-axis values, spec without dotted axes or blocks).
+    # Empty for a plain spec, which is its own one point.
+    points: tuple[tuple[dict, SweepSpec], ...] = ()
+    source: dict = field(default_factory=dict, compare=False)  # the spec as given (TOML's dict): what from_dict re-parses
+
+    def each_point(self) -> list[tuple[dict, SweepSpec]]:
+        return list(self.points) or [({}, self)]
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The resolved fields (the first sweep's settings, the union of the axes) and, for a spec
+        of several points, its source, which from_dict re-parses."""
+        recorded = dataclasses.asdict(dataclasses.replace(self, points=(), dotted={}, source={}))
+        for key in ("points", "dotted", "source"):
+            recorded.pop(key)
+        recorded["axes"] = {**recorded["axes"], **{k: list(v) for k, v in self.dotted.items()}}
+        if self.points:
+            recorded["source"] = self.source
+        return recorded
 
     @staticmethod
     def from_dict(recorded: dict) -> SweepSpec:
         """The spec a results folder recorded (to_dict's form), validated again."""
         # TOML has no null: a None was a default left unset.
+        if recorded.get("source"):
+            return parse_spec(recorded["source"])
         raw = {k: {kk: vv for kk, vv in v.items() if vv is not None} if isinstance(v, dict) else v
                for k, v in recorded.items() if v is not None}
         raw["model"] = {**raw.get("model", {}), "size": raw.pop("size", "debug")}
+        if not raw.get("plugins"):
+            raw.pop("plugins", None)
         return parse_spec(raw)
 
 
@@ -124,22 +149,27 @@ class SweepSpec:
 class Cell:
     """One point of the matrix: a model config, one workload's settings, how it is measured."""
 
-    axes: dict  # workload, ffn, attention, precision, balance ("n/a" where it does not apply)
+    axes: dict  # workload, ffn, attention, precision, balance ("n/a" where it does not apply), dotted axes
     model: ModelConfig
     workload: dict  # settings of this cell's workload only
     measure: dict  # warmup, repeats, and replicate ≥ 1 for extra replicates (timeout is not identity)
     seed: int
     data: str
     device: str
+    plugins: tuple[str, ...] = ()  # imported before the config is rebuilt (not identity)
 
     @property
     def cell_id(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:12]
 
     def identity(self) -> dict:
-        model = {**self.model.to_dict(), "attention": registry.relevant_fields(self.model.attention),
-                 "ffn": registry.relevant_fields(self.model.ffn)}
-        return {"axes": self.axes, "model": model, "workload": self.workload,
+        """What the cell runs. The rule: the five named axes, the model config (each part holds
+        only the fields its variant reads), the workload's settings, warmup/repeats/replicate,
+        seed, data and device. Dotted axes are not identity (what they set is in the config or
+        settings), so a cell has one id whichever sweep built it, and a new field, variant or
+        setting changes no existing id unless existing cells read it."""
+        axes = {k: v for k, v in self.axes.items() if k in AXES}
+        return {"axes": axes, "model": self.model.to_dict(), "workload": self.workload,
                 "measure": self.measure, "seed": self.seed, "data": self.data, "device": self.device}
 
     def label(self) -> str:
@@ -147,6 +177,7 @@ class Cell:
         parts = [a["workload"], a["ffn"], a["attention"], a["precision"]]
         if a["balance"] != "n/a":
             parts.append(a["balance"])
+        parts += [f"{k}={v}" for k, v in a.items() if k not in AXES and v != "n/a"]
         w = self.workload
         batch = f"b{w['batch_size']}" + (f"(max@{w['memory_budget_bytes'] / 2**20:.4g}MiB)" if "memory_budget_bytes" in w else "")
         shape = f"{batch}×" + (f"ctx{w['context_len']}+{w['new_tokens']}" if "context_len" in w else f"t{w['seq_len']}")
@@ -154,14 +185,17 @@ class Cell:
         return "/".join(parts) + " " + shape + (f" #{replicate}" if replicate else "")
 
     def to_json(self) -> str:
-        return json.dumps({**self.identity(), "cell_id": self.cell_id})
+        return json.dumps({**self.identity(), "axes": self.axes, "plugins": list(self.plugins), "cell_id": self.cell_id})
 
     @staticmethod
     def from_json(text: str) -> Cell:
         d = json.loads(text)
-        model = d["model"]
-        cfg = ModelConfig(**{**model, "attention": AttentionConfig(**model["attention"]), "ffn": FFNConfig(**model["ffn"])})
-        return Cell(d["axes"], cfg, d["workload"], d["measure"], d["seed"], d["data"], d["device"])
+        plugins = tuple(d.get("plugins", ()))
+        registry.import_plugins(plugins)
+        model = dict(d["model"])
+        parts = {s: registry.part_config(s, model[s]["kind"], model.pop(s))[0] for s in PART_SECTIONS}
+        cfg = ModelConfig(**model, **parts)
+        return Cell(d["axes"], cfg, d["workload"], d["measure"], d["seed"], d["data"], d["device"], plugins)
 
 
 # --- loading ---
@@ -200,8 +234,119 @@ def _parse_toml(text: str, where: str) -> dict:
 
 
 def parse_spec(raw: dict) -> SweepSpec:
-    """Validate a spec dict (as parsed from TOML) into a SweepSpec, or raise SpecError."""
+    """Validate a spec dict (as parsed from TOML) into a SweepSpec, or raise SpecError.
+
+    A spec is one sweep, or several `[[sweep]]` blocks (each merged over the top level: its
+    sections key by key, its axes axis by axis) run as one run; within each, dotted-key axes
+    (`"ffn.n_experts" = [8, 64]`) multiply the named ones. Each resulting point is validated
+    as the plain spec it is, so a dotted value gets the same one-line check as the same key
+    written in its section.
+    """
     _reject_unknown("spec", raw, TOP_KEYS)
+    plugins = _import_plugins(raw.get("plugins", []))
+    blocks = _check_blocks(raw.get("sweep"))
+    top = {k: v for k, v in raw.items() if k != "sweep"}
+    # A block need not read the top level's [attention]/[ffn] keys; some block must (checked below).
+    inherited = _part_keys(top) if blocks else {}
+    points: list[tuple[dict, SweepSpec]] = []
+    for i, block in enumerate(blocks or [{}]):
+        try:
+            points += _points(_merge_block(top, block), plugins, {s: keys - _part_keys(block).get(s, set())
+                                                                  for s, keys in inherited.items()})
+        except SpecError as e:
+            raise SpecError(f"sweep[{i}] {e}" if blocks else str(e)) from None
+    for section, keys in inherited.items():
+        kinds = tuple(dict.fromkeys(k for _, p in points for k in p.axes[section]))
+        for key in keys:
+            _check_part_overrides(section, {key: None}, kinds, check_values=False)
+    base = points[0][1]
+    if len(points) == 1 and not points[0][0]:
+        return dataclasses.replace(base, source=raw)
+    axes = {a: tuple(dict.fromkeys(v for _, p in points for v in p.axes[a])) for a in AXES}
+    dotted: dict[str, dict] = {}
+    for values, _ in points:
+        for k, v in values.items():
+            dotted.setdefault(k, {})[json.dumps(v)] = v  # ordered and deduplicated
+    dotted_values = {k: tuple(v.values()) for k, v in dotted.items()}
+    return dataclasses.replace(base, axes=axes, dotted=dotted_values, points=tuple(points), source=raw)
+
+
+def _import_plugins(value) -> tuple[str, ...]:
+    names = value if isinstance(value, list) else [value]
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise SpecError(f"plugins: expected a list of module names, got {value!r}")
+        try:
+            registry.import_plugins([name])
+        except Exception as e:  # an import error or one the plugin's own code raises
+            raise SpecError(f"plugins: cannot import {name!r}: {type(e).__name__}: {e}".splitlines()[0]) from None
+    return tuple(names)
+
+
+def _part_keys(raw: dict) -> dict[str, set[str]]:
+    """The [attention] / [ffn] keys a raw spec (or block) sets, its dotted axes' included."""
+    keys = {s: set(raw.get(s, {})) if isinstance(raw.get(s), dict) else set() for s in PART_SECTIONS}
+    for key in raw.get("axes", {}) if isinstance(raw.get("axes"), dict) else ():
+        section, _, name = key.partition(".")
+        if section in keys and name:
+            keys[section].add(name)
+    return keys
+
+
+def _check_blocks(value) -> list[dict]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not value or not all(isinstance(b, dict) for b in value):
+        raise SpecError(f"sweep: expected one or more [[sweep]] tables, got {value!r}")
+    for i, block in enumerate(value):
+        _reject_unknown(f"sweep[{i}]", block, SWEEP_KEYS)
+    return value
+
+
+def _merge_block(top: dict, block: dict) -> dict:
+    merged = dict(top)
+    for key, table in block.items():
+        merged[key] = {**_table(key, top.get(key, {})), **_table(key, table)}
+    return merged
+
+
+def _points(raw: dict, plugins: tuple[str, ...], inherited: dict | None = None) -> list[tuple[dict, SweepSpec]]:
+    """(dotted-axis values, plain spec) for each combination of this sweep's dotted axes."""
+    axes = _table("axes", raw.get("axes", {}))
+    plain = {**raw, "axes": {k: v for k, v in axes.items() if "." not in k}}
+    dotted = _check_dotted({k: v for k, v in axes.items() if "." in k}, raw)
+    points = []
+    for combo in itertools.product(*dotted.values()):
+        values = dict(zip(dotted, combo))
+        point = dict(plain)
+        for key, value in values.items():
+            section, name = key.split(".", 1)
+            point[section] = {**_table(section, point.get(section, {})), name: value}
+        points.append((values, _parse_plain(point, plugins, inherited or {})))
+    return points
+
+
+def _check_dotted(dotted: dict, raw: dict) -> dict[str, list]:
+    for key, value in dotted.items():
+        section, name = key.split(".", 1)
+        if section not in DOTTED_SECTIONS or not name:
+            raise SpecError(f"axes.{key}: unknown key; allowed: {', '.join(AXES)}, or a dotted key section.field "
+                            f"with section one of {', '.join(DOTTED_SECTIONS)}")
+        values = value if isinstance(value, list) else [value]
+        if not values:
+            raise SpecError(f"axes.{key}: empty list; list the values to sweep")
+        for v in values:
+            if values.count(v) > 1:
+                raise SpecError(f"axes.{key}: {v!r} is listed twice; list each value once")
+        given = raw.get(section, {})
+        if isinstance(given, dict) and name in given:
+            raise SpecError(f"axes.{key}: also set in [{section}] {name} = {given[name]!r}; set it in one place")
+    return {k: v if isinstance(v, list) else [v] for k, v in dotted.items()}
+
+
+def _parse_plain(raw: dict, plugins: tuple[str, ...], inherited: dict | None = None) -> SweepSpec:
+    """One sweep without dotted axes or blocks; `inherited` part keys (a block's, from the top
+    level) may go unread here."""
     if "name" not in raw:
         raise SpecError("name: missing; every spec needs a name (a short string used for the results folder)")
     name = _check_str("name", raw["name"])
@@ -212,6 +357,9 @@ def parse_spec(raw: dict) -> SweepSpec:
     data = _check_str("data", raw.get("data", "synthetic"))
     model = dict(_table("model", raw.get("model", {})))
     size = check_choice("model.size", model.pop("size", "debug"), tuple(SIZES))
+    model = _check_config_overrides("model", model, ModelConfig, allowed=MODEL_KEYS[1:])
+    parts = {s: _table(s, raw.get(s, {})) for s in PART_SECTIONS}  # shape checked before the axes
+    axes = _check_axes(_table("axes", raw.get("axes", {})))
     spec = SweepSpec(
         name=name,
         description=_check_str("description", raw.get("description", "")),
@@ -219,10 +367,10 @@ def parse_spec(raw: dict) -> SweepSpec:
         seed=seed,
         data=data,
         size=size,
-        model=_check_config_overrides("model", model, ModelConfig, allowed=MODEL_KEYS[1:]),
-        attention=_check_config_overrides("attention", _table("attention", raw.get("attention", {})), AttentionConfig),
-        ffn=_check_config_overrides("ffn", _table("ffn", raw.get("ffn", {})), FFNConfig),
-        axes=_check_axes(_table("axes", raw.get("axes", {}))),
+        model=model,
+        **{s: _check_part_overrides(s, table, axes[s], optional=(inherited or {}).get(s, set())) for s, table in parts.items()},
+        axes=axes,
+        plugins=plugins,
         **{key: _check_section(key, _table(key, raw.get(key, {})), cls) for key, cls in SECTIONS.items()},
     )
     _check_combinations(spec)
@@ -326,6 +474,31 @@ def _check_config_overrides(section: str, table: dict, cls, allowed: tuple | Non
     return {k: _check_value(f"{section}.{k}", v, hints[k], fields[k].metadata) for k, v in table.items()}
 
 
+def _check_part_overrides(section: str, table: dict, kinds: tuple[str, ...], optional=frozenset(), check_values=True) -> dict:
+    """[attention] / [ffn] keys: each must be read by at least one variant this sweep runs (it
+    then applies to those cells only; `optional` keys may go unread), and is checked against
+    that variant's field."""
+    for key in table:
+        if (section, key) in AXIS_FIELDS:
+            axis = AXIS_FIELDS[(section, key)]
+            raise SpecError(f"{section}.{key}: {table[key]!r} cannot be set here; the axis sets it: use [axes] {axis} = [...]")
+    checked = {}
+    for key, value in table.items():
+        anyone = registry.readers(section, key)
+        if not anyone:
+            known = dict.fromkeys(k for kind in registry.TABLES[section] for k in registry.config_fields(section, kind)
+                                  if (section, k) not in AXIS_FIELDS)
+            raise SpecError(f"{section}.{key}: unknown key; allowed: {', '.join(known)}")
+        if check_values:
+            f = registry.config_fields(section, anyone[0])[key]
+            hints = typing.get_type_hints(registry.TABLES[section][anyone[0]].config)
+            checked[key] = _check_value(f"{section}.{key}", value, hints[key], f.metadata)
+        if key not in optional and not registry.readers(section, key, kinds):
+            raise SpecError(f"{section}.{key}: no {section} variant of this sweep reads it (axes.{section} = "
+                            f"{', '.join(kinds)}); it is read by {', '.join(anyone)}: add one to [axes] {section} or drop the key")
+    return checked
+
+
 def _check_axes(table: dict) -> dict:
     available = registry.axis_values()
     _reject_unknown("axes", table, AXES)
@@ -344,22 +517,16 @@ def _check_axes(table: dict) -> dict:
 
 
 def _check_combinations(spec: SweepSpec) -> None:
-    cfg = base_config(spec)
-    H, G, C = cfg.attention.n_heads, cfg.n_kv_heads(), cfg.d_model
-    if cfg.attention.head_dim is None and C % H:
-        raise SpecError(f"attention.n_heads: {H} does not divide model.d_model {C}; choose a divisor or set attention.head_dim")
-    if H % G:
-        raise SpecError(f"attention.n_kv_heads: {G} does not divide attention.n_heads {H}")
-    if cfg.head_dim() % 2:
-        raise SpecError(f"attention.head_dim: {cfg.head_dim()} is odd; RoPE needs an even head dim")
+    configs = list(_cell_configs(spec))
+    cfg = configs[0][1]
     if spec.data == "synthetic" and cfg.vocab_size < 256:
         raise SpecError(f"model.vocab_size: {cfg.vocab_size} is below 256, the byte vocabulary of the synthetic data")
-    for kind in spec.axes["ffn"]:  # a variant may refuse a config it cannot build, in one line
-        module = registry.FFN[kind].module
-        if hasattr(module, "check_config"):
-            problem = module.check_config(dataclasses.replace(cfg, ffn=dataclasses.replace(cfg.ffn, kind=kind)))
+    for _, cell_cfg in configs:  # each variant refuses a config it cannot build, in one line
+        for section in PART_SECTIONS:
+            problem = registry.TABLES[section][getattr(cell_cfg, section).kind].module.check_config(cell_cfg)
             if problem:
                 raise SpecError(problem)
+    _check_distinct_variants(spec)
     limit = cfg.max_seq_len
     workloads = spec.axes["workload"]
     if "train" in workloads:
@@ -376,19 +543,23 @@ def _check_combinations(spec: SweepSpec) -> None:
             if L + spec.decode.new_tokens > limit:
                 raise SpecError(f"decode.context_lens: {L} + decode.new_tokens {spec.decode.new_tokens} exceeds model.max_seq_len {limit}")
         _check_max_batch(spec)
-    _check_attention_variants(spec)
 
 
-def _check_attention_variants(spec: SweepSpec) -> None:
-    kinds, G = spec.axes["attention"], base_config(spec).attention.n_kv_heads
-    if "mha" in kinds and "gqa" in kinds and G not in (None, base_config(spec).attention.n_heads):
-        raise SpecError(f"attention.n_kv_heads: {G} would group the mha cells' KV heads too, making mha the same model as "
-                        "gqa; leave it unset (gqa then uses n_heads/4) or drop mha from [axes] attention")
-    for _, cfg in _cell_configs(spec):
-        if registry.ATTENTION[cfg.attention.kind].module is MultiHeadLatentAttention:
-            rope = mla_dims(cfg).Dr
-            if rope % 2:
-                raise SpecError(f"attention.qk_rope_head_dim: {rope} is odd; RoPE needs an even dim")
+def _check_distinct_variants(spec: SweepSpec) -> None:
+    """Two values of one axis must build different modules (mha with n_kv_heads set would be gqa)."""
+    for section in PART_SECTIONS:
+        built: dict[tuple, str] = {}
+        for kind in spec.axes[section]:
+            kinds = {"attention": spec.axes["attention"][0], "ffn": spec.axes["ffn"][0], section: kind}
+            part = getattr(part_configs(spec, kinds, "none"), section)
+            fields = {k: v for k, v in dataclasses.asdict(part).items() if k != "kind"}
+            key = (registry.TABLES[section][kind].module, json.dumps(fields, sort_keys=True))
+            if key in built:
+                given = getattr(spec, section)
+                settings = ", ".join(f"{section}.{k} = {v}" for k, v in (given or fields).items() if v is not None)
+                raise SpecError(f"axes.{section}: {built[key]!r} and {kind!r} build the same model with these settings "
+                                f"({settings}); drop one from [axes] {section} or change the settings that make them equal")
+            built[key] = kind
 
 
 def _check_max_batch(spec: SweepSpec) -> None:
@@ -414,8 +585,19 @@ def _check_max_batch(spec: SweepSpec) -> None:
 # --- expansion ---
 
 
+def part_configs(spec: SweepSpec, kinds: dict, balance: str, precision: str = "fp32") -> ModelConfig:
+    """The model a cell of these attention/ffn kinds builds: the named size, the [model]
+    overrides, and each part from the [attention] / [ffn] keys its variant reads."""
+    size = SIZES[spec.size]
+    model = {k: v for k, v in {**size, **spec.model}.items() if k in MODEL_FIELDS}
+    attention, _ = registry.part_config("attention", kinds["attention"], {**size, **spec.attention})
+    ffn, _ = registry.part_config("ffn", kinds["ffn"], {**size, **spec.ffn, "balance": balance})
+    return ModelConfig(**model, precision=precision, attention=attention, ffn=ffn)
+
+
 def base_config(spec: SweepSpec) -> ModelConfig:
-    return config_from_size(spec.size, **spec.model, **spec.attention, **spec.ffn)
+    """The model of the first values of the axes (what the model-wide checks look at)."""
+    return part_configs(spec, {"attention": spec.axes["attention"][0], "ffn": spec.axes["ffn"][0]}, "n/a")
 
 
 def _workload_settings(spec: SweepSpec, workload: str, cfg: ModelConfig) -> list[dict]:
@@ -447,31 +629,36 @@ def max_batch(cfg: ModelConfig, budget_bytes: int, positions: int) -> int:
 
 def _cell_configs(spec: SweepSpec):
     """(axes, model config) for each combination of the axes, as the cells are built."""
-    base = base_config(spec)
     for combo in itertools.product(*(spec.axes[a] for a in AXES)):
         axes = dict(zip(AXES, combo))
         if not registry.FFN[axes["ffn"]].routed:
             axes["balance"] = "n/a"
-        cfg = dataclasses.replace(
-            base,
-            precision=axes["precision"],
-            attention=registry.normalize(dataclasses.replace(base.attention, kind=axes["attention"])),
-            ffn=registry.normalize(dataclasses.replace(base.ffn, kind=axes["ffn"], balance=axes["balance"])),
-        )
-        yield axes, cfg
+        yield axes, part_configs(spec, axes, axes["balance"], axes["precision"])
 
 
 def expand(spec: SweepSpec, device: str) -> list[Cell]:
-    """The product of the axes; balance collapses to n/a on unrouted FFNs; duplicates run once."""
+    """The product of the axes, for each sweep point; balance and dotted axes collapse to n/a
+    where they do not apply; duplicates run once."""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"expand() needs a resolved device (cpu or cuda), got {device!r}")
-    measure = {"warmup": spec.measure.warmup, "repeats": spec.measure.repeats}
-    # Replicate 0 is the plain cell, so its id matches an unreplicated run of the same spec.
-    replicas = [measure] + [{**measure, "replicate": r} for r in range(1, spec.measure.replicates)]
     cells: dict[str, Cell] = {}
-    for axes, cfg in _cell_configs(spec):
-        for settings in _workload_settings(spec, axes["workload"], cfg):
-            for replica in replicas:
-                cell = Cell(axes, cfg, settings, replica, spec.seed, spec.data, device)
-                cells.setdefault(cell.cell_id, cell)
+    for dotted, point in spec.each_point():
+        measure = {"warmup": point.measure.warmup, "repeats": point.measure.repeats}
+        # Replicate 0 is the plain cell, so its id matches an unreplicated run of the same spec.
+        replicas = [measure] + [{**measure, "replicate": r} for r in range(1, point.measure.replicates)]
+        for axes, cfg in _cell_configs(point):
+            axes = {**axes, **{k: v if _applies(k, axes) else "n/a" for k, v in dotted.items()}}
+            for settings in _workload_settings(point, axes["workload"], cfg):
+                for replica in replicas:
+                    cell = Cell(axes, cfg, settings, replica, spec.seed, spec.data, device, spec.plugins)
+                    cells.setdefault(cell.cell_id, cell)
     return list(cells.values())
+
+
+def _applies(key: str, axes: dict) -> bool:
+    """Does dotted axis `key` change this cell? Model keys always; a part's key when the cell's
+    variant reads it; a workload section's key on cells of that workload."""
+    section, name = key.split(".", 1)
+    if section in PART_SECTIONS:
+        return bool(registry.readers(section, name, (axes[section],)))
+    return section == "model" or section == axes["workload"]

@@ -24,7 +24,8 @@ from dsbench.accounting import static_row
 from dsbench.spec import SpecError, expand, load_preset, max_batch, parse_spec
 from dsbench.variants import registry
 from dsbench.variants.attention import MultiHeadAttention
-from dsbench.variants.config import AttentionConfig, ModelConfig, config_from_size
+from dsbench.variants.config import ModelConfig, config_from_size
+from dsbench.variants.mla import MLAConfig
 from dsbench.variants.decoder import build_model, forward_flops_per_token, kv_cache_bytes_per_token, param_counts, weight_bytes
 from dsbench.variants.mla import LatentCache, MultiHeadLatentAttention, mla_dims
 
@@ -34,8 +35,7 @@ KINDS = tuple(registry.ATTENTION)  # mha, gqa, mqa, mla, mla-naive
 
 def resolved(kind: str, **overrides) -> ModelConfig:
     """A debug-size config with 8 heads (so gqa has 2 KV heads, not 1), as a sweep cell builds it."""
-    cfg = config_from_size("debug", **{"n_heads": 8, **overrides})
-    return dataclasses.replace(cfg, attention=registry.normalize(dataclasses.replace(cfg.attention, kind=kind)))
+    return config_from_size("debug", attention=kind, **{"n_heads": 8, **overrides})
 
 
 # MLA with query compression and every width distinct and not a power of two, so no formula
@@ -80,7 +80,7 @@ def test_axis_values_resolve_to_the_variants():
 
 
 def test_mla_dims_default_to_v2_ratios():
-    d = mla_dims(config_from_size("small", kind="mla"))  # d_h = 32
+    d = mla_dims(config_from_size("small", attention="mla"))  # d_h = 32
     assert (d.Dc, d.Dr, d.Dn, d.Dv, d.Dq) == (128, 16, 32, 32, 0)  # d_c = 4·d_h, d_h^R = d_h/2
     d = mla_dims(resolved("mla", **ODD_MLA))
     assert (d.Dc, d.Dq, d.Dn, d.Dr, d.Dv) == (24, 40, 12, 6, 10)
@@ -125,8 +125,8 @@ def test_kv_cache_bytes_by_hand():
     # MLA absorbed (Dc + Dr)·L·4 = (64 + 8)·2·4 = 576; naive H·(Dn + Dr + Dv)·L·4 = 4·40·2·4 = 1280.
     debug = config_from_size("debug")
     assert kv_cache_bytes_per_token(debug, 4) == 1024
-    assert kv_cache_bytes_per_token(dataclasses.replace(debug, attention=AttentionConfig(kind="mla")), 4) == 576
-    assert kv_cache_bytes_per_token(dataclasses.replace(debug, attention=AttentionConfig(kind="mla", mla_impl="naive")), 4) == 1280
+    assert kv_cache_bytes_per_token(dataclasses.replace(debug, attention=MLAConfig(kind="mla")), 4) == 576
+    assert kv_cache_bytes_per_token(dataclasses.replace(debug, attention=MLAConfig(kind="mla", mla_impl="naive")), 4) == 1280
 
 
 def test_kv_cache_ratios_at_deepseek_v3_sizes():
@@ -314,10 +314,12 @@ def test_flops_match_the_flop_counter(name):
     cfg = CONFIGS[name]
     model, B, T = seeded_model(cfg), 2, 16
     toks = tokens(cfg, B, T + 1)
-    d = mla_dims(cfg)
     # SDPA gets V zero-padded to the query/key width (variants/attention.py); the counter sees the
     # padding's products, the model FLOPs do not: 2·H·(Dn + Dr − Dv) per key, token and layer.
-    padding = 2 * d.H * max(0, d.Dn + d.Dr - d.Dv) * T * cfg.n_layers if cfg.attention.kind.startswith("mla") else 0
+    padding = 0
+    if cfg.attention.kind.startswith("mla"):
+        d = mla_dims(cfg)
+        padding = 2 * d.H * max(0, d.Dn + d.Dr - d.Dv) * T * cfg.n_layers
     assert _counted(lambda: model(toks[:, :T])) == B * T * (forward_flops_per_token(cfg, T) + padding)
     caches = model.new_caches(B, T + 1, torch.float32, CPU)
     with torch.no_grad():

@@ -101,7 +101,7 @@ def test_counter_agrees_with_dsbench_own_modules():
     assert 3 * forward == pytest.approx(official.train_flops_per_token(llama, 4096), rel=1e-12)
     v2 = official.load_official("deepseek-v2")
     mla = config_from_size("debug", d_model=5120, n_heads=128, head_dim=128, kv_lora_rank=512, q_lora_rank=1536,
-                           qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, kind="mla")
+                           qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, attention="mla")
     assert MultiHeadLatentAttention.param_count(mla) == official.attention_params(v2)
     assert MultiHeadLatentAttention.kv_cache_bytes_per_token(mla, 2) * 60 == 2 * official.kv_cache_elements_per_token(v2)
 

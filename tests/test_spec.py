@@ -562,3 +562,84 @@ def test_unknown_preset_lists_presets():
     assert "'nope'" in message and "preset" in message
     for name in preset_names():
         assert name in message
+
+
+# --- dotted-key axes, [[sweep]] blocks, keys no variant reads ---
+
+
+def _cells(raw: dict) -> list:
+    return expand(parse_spec(raw), "cpu")
+
+
+def test_dotted_axis_sweeps_a_part_field_and_collapses_where_unread():
+    raw = _spec(axes={"ffn": ["dense", "moe"], "ffn.n_experts": [8, 16]})
+    cells = _cells(raw)
+    moe = sorted((c.axes["ffn.n_experts"], c.model.ffn.n_experts) for c in cells if c.axes["ffn"] == "moe")
+    assert moe == [(8, 8), (16, 16)]
+    dense = [c for c in cells if c.axes["ffn"] == "dense"]
+    assert len(dense) == 1 and dense[0].axes["ffn.n_experts"] == "n/a"  # dense reads no n_experts: one cell
+    plain = {c.axes["ffn"]: c for c in _cells(_spec(axes={"ffn": ["dense", "moe"]}, ffn={"n_experts": 8}))}
+    assert dense[0].cell_id == plain["dense"].cell_id  # dotted axes are not identity: the same cell, the same id
+    assert next(c for c in cells if c.axes["ffn.n_experts"] == 8).cell_id == plain["moe"].cell_id
+    assert "ffn.n_experts=16" in next(c for c in cells if c.axes["ffn.n_experts"] == 16).label()
+
+
+def test_dotted_axis_over_model_size_and_workload_settings():
+    cells = _cells(_all_workloads(axes={"model.size": ["debug", "small"], "train.lr": [1e-3, 3e-3]}))
+    train = [c for c in cells if c.axes["workload"] == "train"]
+    assert sorted((c.model.d_model, c.workload["lr"]) for c in train) == [(64, 1e-3), (64, 3e-3), (256, 1e-3), (256, 3e-3)]
+    decode = [c for c in cells if c.axes["workload"] == "decode"]
+    assert len(decode) == 2 and {c.axes["train.lr"] for c in decode} == {"n/a"}  # train.lr does not touch decode cells
+    small = _cells(_all_workloads(model={"size": "small"}))
+    assert {c.cell_id for c in small} <= {c.cell_id for c in cells}
+
+
+def test_dotted_attention_field_applies_to_mla_only():
+    cells = _cells(_spec(axes={"attention": ["mha", "mla"], "attention.kv_lora_rank": [32, 64]}))
+    assert sorted(c.model.attention.kv_lora_rank for c in cells if c.axes["attention"] == "mla") == [32, 64]
+    assert [c.axes["attention.kv_lora_rank"] for c in cells if c.axes["attention"] == "mha"] == ["n/a"]
+
+
+@pytest.mark.parametrize("raw, words", [
+    (_spec(axes={"optim.lr": [1]}), ["axes.optim.lr", "unknown key", "model", "ffn", "train"]),
+    (_spec(axes={"ffn.bogus": [1]}), ["ffn.bogus", "unknown key", "d_ff"]),
+    (_spec(axes={"ffn": ["moe"], "ffn.n_experts": [8, 0]}), ["ffn.n_experts", "0", "positive integer"]),
+    (_spec(axes={"ffn.n_experts": [8]}), ["ffn.n_experts", "no ffn variant of this sweep reads it", "dense", "moe"]),
+    (_spec(axes={"ffn": ["moe"], "ffn.n_experts": [8]}, ffn={"n_experts": 4}), ["axes.ffn.n_experts", "also set in [ffn]"]),
+    (_spec(axes={"ffn": ["moe"], "ffn.n_experts": []}), ["axes.ffn.n_experts", "empty"]),
+    (_spec(axes={"ffn": ["moe"], "ffn.n_experts": [8, 8]}), ["axes.ffn.n_experts", "8", "twice"]),
+    (_spec(axes={"model.size": ["debug", "huge"]}), ["model.size", "'huge'", "small"]),
+    (_spec(ffn={"n_experts": 8}), ["ffn.n_experts", "no ffn variant of this sweep reads it", "axes.ffn = dense"]),
+    (_spec(axes={"attention": ["gqa", "mqa"]}), ["axes.attention", "'gqa'", "'mqa'", "same model"]),
+    (_spec(sweep=[{"ffn": {"d_ff": 192}}, {"axes": {"ffn": ["moe"]}, "ffn": {"top_k": 5}}]), ["sweep[1]", "ffn.d_ff", "top_k 5"]),
+    (_spec(sweep=[{"name": "x"}]), ["sweep[0].name", "unknown key", "axes"]),
+    (_spec(ffn={"n_experts": 8}, sweep=[{}, {"axes": {"attention": ["mla"]}}]), ["ffn.n_experts", "no ffn variant", "moe"]),
+    (_spec(sweep=[]), ["sweep", "[[sweep]]"]),
+    (_spec(plugins=[3]), ["plugins", "module names"]),
+], ids=["dotted-section", "dotted-field", "dotted-value", "dotted-unread", "dotted-also-set", "dotted-empty", "dotted-twice",
+        "dotted-size", "unread-key", "same-model", "block-error", "block-unknown", "block-top-unread", "blocks-empty", "plugins-type"])
+def test_bad_dotted_block_and_unread_input_is_one_clear_line(raw, words):
+    with pytest.raises(SpecError) as e:
+        parse_spec(raw)
+    message = str(e.value)
+    assert "\n" not in message and all(w in message for w in words), message
+
+
+def test_sweep_blocks_run_as_one_run_with_each_blocks_own_ids():
+    shared = {"axes": {"ffn": ["deepseekmoe"], "balance": ["aux"]}}
+    raw = _spec(ffn={"granularity": 4}, sweep=[shared, {**shared, "ffn": {"n_shared": 0}}, {}])
+    spec = parse_spec(raw)
+    cells = expand(spec, "cpu")
+    assert sorted((c.axes["ffn"], c.model.ffn.n_shared if c.axes["ffn"] == "deepseekmoe" else None) for c in cells) == [
+        ("deepseekmoe", 0), ("deepseekmoe", 1), ("dense", None)]
+    alone = _cells(_spec(ffn={"granularity": 4, "n_shared": 0}, **shared))
+    assert alone[0].cell_id in {c.cell_id for c in cells}  # a block's cells keep the ids they have alone
+    again = S.SweepSpec.from_dict(json.loads(json.dumps(spec.to_dict())))  # run.json round trip
+    assert [c.cell_id for c in expand(again, "cpu")] == [c.cell_id for c in cells]
+    assert spec.axes["ffn"] == ("deepseekmoe", "dense")  # the union, for listings
+
+
+def test_a_key_some_variants_read_leaves_the_others_ids_alone():
+    both = {c.axes["ffn"]: c for c in _cells(_spec(axes={"ffn": ["dense", "moe"]}, ffn={"n_experts": 8}))}
+    dense_only = _cells(_spec())
+    assert both["dense"].cell_id == dense_only[0].cell_id and both["moe"].model.ffn.n_experts == 8

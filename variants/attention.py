@@ -6,14 +6,20 @@ D head dim, C model width.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
+from .base import Attention, PartConfig, PartCost, PassShape, add_cost
 from .layers import RotaryEmbedding
 from .precision import linear
 from .profiling import part
+
+if TYPE_CHECKING:  # annotations only: config.py builds its defaults from this file
+    from .config import ModelConfig
 
 
 class KVCache(nn.Module):
@@ -102,12 +108,55 @@ def cached_attention(q, k, v, start_pos: int, scale: float | None = None) -> tor
     return (probs @ v).reshape(B, H, T, v.shape[-1])
 
 
-class MultiHeadAttention(nn.Module):
+@dataclass(frozen=True)
+class MHAConfig(PartConfig):
+    """mha, gqa and mqa: the same module, G KV heads."""
+
+    kind: str = "mha"
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None = n_heads (MHA); gqa and mqa set fewer
+    head_dim: int | None = None  # None = d_model // n_heads
+    rope_theta: float = 10000.0
+
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+
+def check_heads(cfg: ModelConfig) -> str | None:
+    """Heads must split the model width unless head_dim is set (every attention variant)."""
+    a = cfg.attention
+    if a.head_dim is None and cfg.d_model % a.n_heads:
+        return f"attention.n_heads: {a.n_heads} does not divide model.d_model {cfg.d_model}; choose a divisor or set attention.head_dim"
+    return None
+
+
+def attention_costs(shape: PassShape, total_flops: float, matmul_params: int, proj_io: int, rope_io: int,
+                    qo_width: int, kv_layer_bytes: int) -> dict[str, PartCost]:
+    """One layer's attention parts per step, for the roofline. Projections: 2 FLOPs per matmul
+    parameter, weights read once, each linear's input read and output written (`proj_io`
+    elements a token); the core: the rest of the FLOPs, each key and value written to the cache
+    once and read once, or (decode) the whole cache of every row read each step."""
+    N, act = shape.tokens, shape.act_bytes
+    costs: dict[str, PartCost] = {}
+    proj_flops = 2 * matmul_params
+    add_cost(costs, "attn.proj", N * proj_flops, matmul_params * shape.weight_bytes + N * proj_io * act)
+    add_cost(costs, "attn.rope", 0.0, N * rope_io * act)
+    if shape.decode:
+        core_bytes = shape.batch * shape.mean_context_len * kv_layer_bytes + N * (qo_width * act + kv_layer_bytes)
+    else:
+        core_bytes = N * (2 * kv_layer_bytes + qo_width * act)
+    add_cost(costs, "attn.core", N * (total_flops - proj_flops), core_bytes)
+    return costs
+
+
+class MultiHeadAttention(Attention):
     """Causal self-attention with RoPE (Vaswani et al. 1706.03762; Su et al. 2104.09864).
 
     G = n_kv_heads KV heads shared by groups of H/G query heads: G = H is MHA, 1 < G < H is
     GQA (Ainslie et al. 2305.13245), G = 1 is MQA (Shazeer 1911.02150).
     """
+
+    Config = MHAConfig
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -140,8 +189,35 @@ class MultiHeadAttention(nn.Module):
         """One layer's cache per token: K and V for G heads of D (DeepSeek-V2 Table 1: 2·n_g·d_h)."""
         return 2 * cfg.n_kv_heads() * cfg.head_dim() * dtype_bytes
 
+    @staticmethod
+    def part_costs(cfg: ModelConfig, shape: PassShape) -> dict[str, PartCost]:
+        C, H, G, D = cfg.d_model, cfg.attention.n_heads, cfg.n_kv_heads(), cfg.head_dim()
+        total = MultiHeadAttention.flops_per_token(cfg, shape.mean_context_len, shape.decode)
+        proj_io = (C + H * D) + 2 * (C + G * D) + (H * D + C)
+        kv_layer = MultiHeadAttention.kv_cache_bytes_per_token(cfg, shape.act_bytes)
+        return attention_costs(shape, total, MultiHeadAttention.param_count(cfg), proj_io, 2 * (H + G) * D, 2 * H * D, kv_layer)
+
+    @staticmethod
+    def row_columns(cfg: ModelConfig) -> dict:
+        return {"n_kv_heads": cfg.n_kv_heads()}
+
+    @staticmethod
+    def check_config(cfg: ModelConfig) -> str | None:
+        if problem := check_heads(cfg):
+            return problem
+        H, G = cfg.attention.n_heads, cfg.n_kv_heads()
+        if H % G:
+            return f"attention.n_kv_heads: {G} does not divide attention.n_heads {H}"
+        if cfg.head_dim() % 2:
+            return f"attention.head_dim: {cfg.head_dim()} is odd; RoPE needs an even head dim"
+        return None
+
     def new_cache(self, batch: int, max_len: int, dtype, device) -> KVCache:
         return KVCache(batch, self.n_kv_heads, max_len, self.head_dim, dtype, device)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """q (B, H, T, D) over k, v (B, G, S, D) → (B, H, T, D); a masked variant overrides this."""
+        return causal_attention(q, k, v, start_pos)
 
     def forward(self, x: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -154,6 +230,6 @@ class MultiHeadAttention(nn.Module):
         with part("attn.core", self):
             if cache is not None:
                 k, v = cache.update(start_pos, k, v)  # (B, G, S, D)
-            out = causal_attention(q, k, v, start_pos)  # (B, H, T, D)
+            out = self.attend(q, k, v, start_pos)  # (B, H, T, D)
         with part("attn.proj", self):
             return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

@@ -21,7 +21,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = registry.ATTENTION[cfg.attention.kind].module(cfg)
+        self.attn = registry.ATTENTION[cfg.attention.kind].build(cfg, layer_idx)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = registry.FFN[cfg.ffn.kind].build(cfg, layer_idx)
 
@@ -77,24 +77,31 @@ class Decoder(nn.Module):
         with part("lm_head", self.head):
             return self.head(x)  # (B, T, V)
 
+    def parts(self):
+        """Every part module (attention and FFN of each block) with its layer index; the
+        optional hooks of variants/base.py are called on these."""
+        for i, block in enumerate(self.blocks):
+            yield i, block.attn
+            yield i, block.ffn
+
     def aux_loss(self) -> torch.Tensor | None:
-        """Sum of the extra training losses the FFNs left from the last forward (MoE balance)."""
-        losses = [b.ffn.aux_loss for b in self.blocks if getattr(b.ffn, "aux_loss", None) is not None]
+        """Sum of the extra training losses the parts left from the last forward (MoE balance)."""
+        losses = [p.aux_loss for _, p in self.parts() if p.aux_loss is not None]
         return torch.stack(losses).sum() if losses else None
 
     def set_token_domains(self, domains_B: torch.Tensor, names: tuple[str, ...]) -> None:
-        """Tell routed layers each row's data domain, for routing-by-domain metrics."""
-        for block in self.blocks:
-            if hasattr(block.ffn, "token_domains"):
-                block.ffn.token_domains = (domains_B, tuple(names))
+        """Tell the parts each row's data domain, for routing-by-domain metrics."""
+        for _, p in self.parts():
+            p.set_token_domains(domains_B, names)
 
     def collect_metrics(self) -> tuple[list[dict], dict]:
         """(series records {step, metric, value, layer?, index?, domain?}, cell columns) from
         the parts that observe themselves (routed FFNs); read once, at the end of a cell."""
         records, per_layer = [], []
-        for i, block in enumerate(self.blocks):
-            if hasattr(block.ffn, "metrics"):
-                layer_records, summary = block.ffn.metrics(i)
+        for i, p in self.parts():
+            observed = p.metrics(i)
+            if observed is not None:
+                layer_records, summary = observed
                 records += layer_records
                 per_layer.append(summary)
         combined_records, columns = combine_layers(per_layer)
@@ -102,9 +109,8 @@ class Decoder(nn.Module):
 
     def after_optimizer_step(self) -> None:
         """Let parts with non-gradient state (e.g. a routing bias) update after each step."""
-        for module in self.modules():
-            if module is not self and hasattr(module, "after_optimizer_step"):
-                module.after_optimizer_step()
+        for _, p in self.parts():
+            p.after_optimizer_step()
 
 
 def build_model(cfg: ModelConfig) -> Decoder:

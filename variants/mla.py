@@ -30,17 +30,38 @@ still writes only the latent to its cache.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .attention import KVCache, _row_view, cached_attention, causal_attention
-from .config import ModelConfig
+from .attention import KVCache, _row_view, attention_costs, cached_attention, causal_attention, check_heads
+from .base import Attention, PartConfig, PartCost, PassShape, at_least, choices
 from .layers import RMSNorm, RotaryEmbedding
 from .precision import linear
 from .profiling import part
 
+if TYPE_CHECKING:
+    from .config import ModelConfig
+
 MLA_IMPLS = ("absorbed", "naive")
+
+
+@dataclass(frozen=True)
+class MLAConfig(PartConfig):
+    """MLA's dims. None = derived from head_dim d_h with V2's ratios (§3.1.2: d_c = 4·d_h,
+    d_h^R = d_h/2), so every named size has MLA dims."""
+
+    kind: str = "mla"
+    n_heads: int = 4
+    head_dim: int | None = None  # d_h; None = d_model // n_heads
+    rope_theta: float = 10000.0
+    kv_lora_rank: int | None = None  # d_c, the joint KV latent; None = 4·d_h
+    q_lora_rank: int = at_least(0, 0)  # d_c', query latent; 0 = no query compression (V2-Lite)
+    qk_nope_head_dim: int | None = None  # per-head query/key dim without RoPE; None = d_h
+    qk_rope_head_dim: int | None = None  # d_h^R, the decoupled RoPE dim (one key shared by all heads); None = d_h/2
+    v_head_dim: int | None = None  # per-head value dim; None = d_h
+    mla_impl: str = choices("absorbed", *MLA_IMPLS)  # decode path (set by the axis value)
 
 
 @dataclass(frozen=True)
@@ -97,8 +118,10 @@ class LatentCache(nn.Module):
         return _row_view(self, start, stop)
 
 
-class MultiHeadLatentAttention(nn.Module):
+class MultiHeadLatentAttention(Attention):
     """MLA (DeepSeek-V2 §2.1): low-rank joint KV compression with decoupled RoPE."""
+
+    Config = MLAConfig
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -157,6 +180,35 @@ class MultiHeadLatentAttention(nn.Module):
         if cfg.attention.mla_impl == "absorbed":
             return (d.Dc + d.Dr) * dtype_bytes
         return d.H * (d.Dn + d.Dr + d.Dv) * dtype_bytes
+
+    @staticmethod
+    def part_costs(cfg: ModelConfig, shape: PassShape) -> dict[str, PartCost]:
+        d, C = mla_dims(cfg), cfg.d_model
+        total = MultiHeadLatentAttention.flops_per_token(cfg, shape.mean_context_len, shape.decode)
+        q_width = d.H * (d.Dn + d.Dr)
+        queries = (C + d.Dq) + (d.Dq + q_width) if d.Dq else C + q_width
+        proj_io = queries + (C + d.Dc + d.Dr) + (d.Dc + d.H * (d.Dn + d.Dv)) + (d.H * d.Dv + C)
+        rope_io = 2 * (d.H + 1) * d.Dr  # q^R of every head and the one shared k^R, read and written
+        absorbed = shape.decode and cfg.attention.mla_impl == "absorbed"
+        qo_width = d.H * (2 * d.Dc + d.Dr) if absorbed else d.H * (d.Dn + d.Dr + d.Dv)  # q read, o written
+        kv_layer = MultiHeadLatentAttention.kv_cache_bytes_per_token(cfg, shape.act_bytes)
+        return attention_costs(shape, total, MultiHeadLatentAttention._matmul_params(cfg), proj_io, rope_io, qo_width, kv_layer)
+
+    @staticmethod
+    def row_columns(cfg: ModelConfig) -> dict:
+        """The resolved dims and decode path (MLA has no KV heads: it caches a latent)."""
+        d = mla_dims(cfg)
+        return {"n_kv_heads": None, "kv_lora_rank": d.Dc, "q_lora_rank": d.Dq, "qk_nope_head_dim": d.Dn,
+                "qk_rope_head_dim": d.Dr, "v_head_dim": d.Dv, "mla_impl": cfg.attention.mla_impl}
+
+    @staticmethod
+    def check_config(cfg: ModelConfig) -> str | None:
+        if problem := check_heads(cfg):
+            return problem
+        rope = mla_dims(cfg).Dr
+        if rope % 2:
+            return f"attention.qk_rope_head_dim: {rope} is odd; RoPE needs an even dim"
+        return None
 
     def new_cache(self, batch: int, max_len: int, dtype, device) -> LatentCache | KVCache:
         d = self.dims

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +33,73 @@ from .balance import (
     sequence_balance_loss,
     update_bias,
 )
-from .config import FFNConfig, ModelConfig
-from .ffn import DenseFFN
+from .base import FeedForward, PartConfig, PartCost, PassShape, add_cost, at_least, choices
+from .ffn import DenseFFN, DenseFFNConfig, swiglu_costs
 from .fp8 import fp8_grouped_mm
 from .precision import PRECISIONS
 from .profiling import part
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
+
+
+@dataclass(frozen=True)
+class RoutedFFNConfig(PartConfig):
+    """Classic MoE (`moe`): n_experts experts of width d_ff/top_k, so top_k of them activate
+    exactly d_ff (the dense width)."""
+
+    kind: str = "moe"
+    d_ff: int = 192  # the dense SwiGLU width the experts are cut from
+    balance: str = "none"  # load balancing (the balance axis)
+    n_experts: int = 16  # N, as DeepSeekMoE 2B (§4.1): 16 experts, top-2
+    top_k: int = 2  # K
+    first_k_dense: int = at_least(0, 0)  # leading layers that keep the dense FFN
+    router: str = choices("softmax", "softmax", "sigmoid", "v3")  # v3: sigmoid, normalised, scaled
+    norm_topk: bool = False  # renormalise the selected gate weights to sum to 1 (v3 forces it)
+    routed_scale: float = 2.5  # routed scaling factor, used by router = "v3" (V3 config: 2.5)
+    n_group: int = 1  # group-limited routing (V3 §2.1.2): experts split into n_group groups…
+    topk_group: int = 1  # …of which topk_group are kept per token
+    aux_alpha: float = at_least(0.01, 0)  # α1, expert-level balance loss (DeepSeekMoE §3.3)
+    aux_device_alpha: float = at_least(0.0, 0)  # α2, device-level balance loss, over n_devices groups
+    n_devices: int = 1
+    seq_aux_alpha: float = at_least(0.0, 0)  # α, V3's complementary sequence-wise loss (V3 §2.1.2)
+    bias_update_rate: float = 0.001  # γ, auxiliary-loss-free bias step (V3 §2.1.2 uses 0.001)
+    bias_zero_mean: bool = False  # re-centre the biases after each update (a variant; not in V3)
+    capacity_factor: float = at_least(0.0, 0)  # 0 = dropless; else drop tokens past capacity
+    uniform_routing: bool = False  # force a perfectly balanced assignment (best-case throughput)
+
+    def layout(self) -> Layout:
+        return Layout(self.n_experts, self.top_k, self.d_ff // self.top_k, 0)
+
+    def check_split(self) -> str | None:
+        return None
+
+    def split_columns(self) -> dict:
+        return {"granularity": None, "n_shared": 0}
+
+
+@dataclass(frozen=True)
+class DeepSeekMoEConfig(RoutedFFNConfig):
+    """DeepSeekMoE (2401.06066 §3): each classic expert split into `granularity` m experts, and
+    n_shared of the m·n_experts isolated as shared experts."""
+
+    kind: str = "deepseekmoe"
+    granularity: int = 4  # m: 64 fine-grained experts, 8 activated
+    n_shared: int = at_least(1, 0)  # K_s: 1 shared + 7 of 63 routed, as DeepSeekMoE 2B; 0 = none (ablation)
+
+    def layout(self) -> Layout:
+        m, fine = self.granularity, self.d_ff // self.top_k // self.granularity
+        return Layout(m * self.n_experts - self.n_shared, m * self.top_k - self.n_shared, fine, self.n_shared * fine)
+
+    def check_split(self) -> str | None:
+        if (self.d_ff // self.top_k) % self.granularity:
+            return f"ffn.granularity: {self.granularity} does not divide the expert width d_ff/top_k = {self.d_ff // self.top_k}"
+        if self.n_shared >= self.granularity * self.top_k:
+            return f"ffn.n_shared: {self.n_shared} leaves no routed expert of the granularity·top_k = {self.granularity * self.top_k} active"
+        return None
+
+    def split_columns(self) -> dict:
+        return {"granularity": self.granularity, "n_shared": self.n_shared}
 
 
 @dataclass(frozen=True)
@@ -47,13 +110,8 @@ class Layout:
     shared_d_ff: int  # K_s · F, one fused SwiGLU (the sum of K_s experts is one wider FFN)
 
 
-def layout(ffn: FFNConfig) -> Layout:
-    classic_width = ffn.d_ff // ffn.top_k
-    if ffn.kind == "moe":
-        return Layout(ffn.n_experts, ffn.top_k, classic_width, 0)
-    m = ffn.granularity
-    fine = classic_width // m
-    return Layout(m * ffn.n_experts - ffn.n_shared, m * ffn.top_k - ffn.n_shared, fine, ffn.n_shared * fine)
+def layout(ffn: RoutedFFNConfig) -> Layout:
+    return ffn.layout()
 
 
 def check_config(cfg: ModelConfig) -> str | None:
@@ -63,11 +121,8 @@ def check_config(cfg: ModelConfig) -> str | None:
         return f"ffn.d_ff: {f.d_ff} is not divisible by ffn.top_k {f.top_k} (each classic expert is d_ff/top_k wide)"
     if f.top_k > f.n_experts:
         return f"ffn.top_k: {f.top_k} exceeds ffn.n_experts {f.n_experts}"
-    if f.kind == "deepseekmoe":
-        if (f.d_ff // f.top_k) % f.granularity:
-            return f"ffn.granularity: {f.granularity} does not divide the expert width d_ff/top_k = {f.d_ff // f.top_k}"
-        if f.n_shared >= f.granularity * f.top_k:
-            return f"ffn.n_shared: {f.n_shared} leaves no routed expert of the granularity·top_k = {f.granularity * f.top_k} active"
+    if problem := f.check_split():
+        return problem
     lay = layout(f)
     if lay.n_routed % f.n_group:
         return f"ffn.n_group: {f.n_group} does not divide the {lay.n_routed} routed experts"
@@ -82,7 +137,7 @@ def check_config(cfg: ModelConfig) -> str | None:
     return None
 
 
-def router_rule(ffn: FFNConfig) -> tuple[str, bool, float]:
+def router_rule(ffn: RoutedFFNConfig) -> tuple[str, bool, float]:
     """(score function, renormalise top-k weights, routed scale) of the configured router."""
     if ffn.router == "v3":  # DeepSeek-V3 §2.1.2: sigmoid affinities, normalised, then scaled
         return "sigmoid", True, ffn.routed_scale
@@ -273,8 +328,11 @@ def dispatch_reference(x_NC, expert_ids_NK, weights_NK, experts: GroupedExperts)
 # --- the layer ---
 
 
-class MoEFeedForward(nn.Module):
+class MoEFeedForward(FeedForward):
     """Router → dispatch to grouped experts → combine, plus shared experts for deepseekmoe."""
+
+    Config = RoutedFFNConfig
+    routed = True
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
@@ -285,7 +343,7 @@ class MoEFeedForward(nn.Module):
         self.experts = GroupedExperts(lay.n_routed, cfg.d_model, lay.expert_d_ff, PRECISIONS[cfg.precision].fp8_recipe)
         for p in (self.router.weight, *self.experts.parameters()):
             nn.init.normal_(p, mean=0.0, std=cfg.init_std)
-        shared_cfg = replace_ffn(cfg, kind="dense", d_ff=lay.shared_d_ff)
+        shared_cfg = dataclasses.replace(cfg, ffn=DenseFFNConfig(d_ff=lay.shared_d_ff))
         self.shared = DenseFFN(shared_cfg) if lay.shared_d_ff else None
         if self.shared is not None:
             self.shared.part_name = "shared_experts"
@@ -293,10 +351,10 @@ class MoEFeedForward(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.token_domains: tuple[torch.Tensor, tuple[str, ...]] | None = None  # set by the decoder
 
-    @staticmethod
-    def build(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    @classmethod
+    def build(cls, cfg: ModelConfig, layer_idx: int) -> nn.Module:
         """Leading layers keep the dense FFN (DeepSeekMoE 16B: the first; V3: the first three)."""
-        return DenseFFN(cfg, layer_idx) if layer_idx < cfg.ffn.first_k_dense else MoEFeedForward(cfg, layer_idx)
+        return DenseFFN(cfg, layer_idx) if layer_idx < cfg.ffn.first_k_dense else cls(cfg, layer_idx)
 
     check_config = staticmethod(check_config)
 
@@ -324,6 +382,36 @@ class MoEFeedForward(nn.Module):
         """Forward: 2 per multiply-add over the activated matmul parameters (softmax, top-k,
         permutation and the gate-weighted sum are ignored)."""
         return 2 * MoEFeedForward.active_param_count(cfg, layer_idx)
+
+    @staticmethod
+    def part_costs(cfg: ModelConfig, layer_idx: int, shape: PassShape) -> dict[str, PartCost]:
+        """Router in FP32 (x, logits, scores); dispatch gathers rows in and out, weights and adds
+        them back; an expert that receives a token reads its weights."""
+        if layer_idx < cfg.ffn.first_k_dense:
+            return DenseFFN.part_costs(cfg, layer_idx, shape)
+        C, N, act, lay = cfg.d_model, shape.tokens, shape.act_bytes, layout(cfg.ffn)
+        E, K, F_ = lay.n_routed, lay.top_k, lay.expert_d_ff
+        costs: dict[str, PartCost] = {}
+        add_cost(costs, "router", N * 2 * E * C, E * C * 4 + N * (C + 2 * E) * 4)
+        add_cost(costs, "dispatch", 0.0, 4 * N * K * C * act)
+        touched = min(E, N * K)
+        add_cost(costs, "experts", N * 2 * K * 3 * C * F_, touched * 3 * C * F_ * shape.weight_bytes + N * K * 3 * (C + F_) * act)
+        if lay.shared_d_ff:
+            swiglu_costs(costs, "shared_experts", C, lay.shared_d_ff, shape)
+        add_cost(costs, "balance", 0.0, N * E * 4)
+        add_cost(costs, "routing_stats", 0.0, N * (E + K) * 4)
+        return costs
+
+    @staticmethod
+    def row_columns(cfg: ModelConfig) -> dict:
+        """The resolved layout and router."""
+        f, lay = cfg.ffn, layout(cfg.ffn)
+        return {"n_experts": f.n_experts, "top_k": f.top_k, **f.split_columns(), "n_routed_experts": lay.n_routed,
+                "routed_top_k": lay.top_k, "expert_d_ff": lay.expert_d_ff, "first_k_dense": f.first_k_dense,
+                "router": f.router, "capacity_factor": f.capacity_factor, "uniform_routing": f.uniform_routing}
+
+    def set_token_domains(self, domains_B: torch.Tensor, names: tuple[str, ...]) -> None:
+        self.token_domains = (domains_B, tuple(names))
 
     # --- forward ---
     def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
@@ -388,6 +476,3 @@ class MoEFeedForward(nn.Module):
         bias = self.router.expert_bias_E if self.balance == "bias" else None
         return self.stats.layer_metrics(layer, bias)
 
-
-def replace_ffn(cfg: ModelConfig, **changes) -> ModelConfig:
-    return dataclasses.replace(cfg, ffn=dataclasses.replace(cfg.ffn, **changes))

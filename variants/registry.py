@@ -1,37 +1,47 @@
-"""Which module each axis value builds. The harness validates specs against these tables, so a
-new variant (moe, deepseekmoe, mla, fp8, …) is added here and nowhere else.
+"""Which module and config each axis value builds: one line per variant. The harness validates
+specs against these tables and asks the variant (variants/base.py's contract) for everything
+else, so a new variant is its own file plus one `register` call, here or in a plugin.
+
+Plugins: a module named in a spec's `plugins = [...]`, or any module an installed distribution
+lists under the `dsbench.variants` entry-point group, calls `register(...)` when imported.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import metadata
 
-from .attention import MultiHeadAttention
-from .ffn import DenseFFN
-from .mla import MultiHeadLatentAttention
-from .moe import MoEFeedForward
+from .attention import MHAConfig, MultiHeadAttention
+from .base import Attention, FeedForward, PartConfig
+from .ffn import DenseFFN, DenseFFNConfig
+from .mla import MLAConfig, MultiHeadLatentAttention
+from .moe import DeepSeekMoEConfig, MoEFeedForward, RoutedFFNConfig
 from .precision import PRECISIONS
+
+ENTRY_POINT_GROUP = "dsbench.variants"
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
-    module: type
+    module: type  # an Attention or FeedForward subclass
+    config: type[PartConfig]  # the fields this variant reads; its asdict is the part's identity
     paper: str
-    routed: bool = False  # routed FFNs take the `balance` axis; others collapse it to "n/a"
-    # Config fields this variant reads besides `kind`. The others are reset to their defaults
-    # and left out of its cell identity, so they neither split cells nor change ids.
-    fields: tuple[str, ...] = ()
     # Fields the axis value itself sets, from the part's other settings (gqa's KV heads, mla's
-    # decode path): applied at expansion, so the cell's config shows what is built.
-    overrides: Callable[[object], dict] | None = None
+    # decode path): applied when the config is built, so the cell's config shows what is built.
+    overrides: Callable[[PartConfig], dict] | None = None
+
+    @property
+    def routed(self) -> bool:
+        """Routed FFNs take the `balance` axis; every other part collapses it to "n/a"."""
+        return getattr(self.module, "routed", False)
 
     def build(self, cfg, layer_idx: int):
         """The module for one layer (a routed FFN may keep leading layers dense)."""
-        build = getattr(self.module, "build", None)
-        return build(cfg, layer_idx) if build else self.module(cfg, layer_idx)
+        return self.module.build(cfg, layer_idx)
 
 
 def gqa_kv_heads(n_heads: int) -> int:
@@ -39,34 +49,37 @@ def gqa_kv_heads(n_heads: int) -> int:
     return max(g for g in range(1, max(1, n_heads // 4) + 1) if n_heads % g == 0)
 
 
-_MHA_FIELDS = ("n_heads", "n_kv_heads", "head_dim", "rope_theta")
-_MLA_FIELDS = ("n_heads", "head_dim", "rope_theta", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-               "v_head_dim", "mla_impl")
-ATTENTION: dict[str, Variant] = {
-    "mha": Variant("mha", MultiHeadAttention, "Vaswani et al. 1706.03762", fields=_MHA_FIELDS),
-    "gqa": Variant("gqa", MultiHeadAttention, "Ainslie et al. 2305.13245", fields=_MHA_FIELDS,
-                   overrides=lambda a: {"n_kv_heads": a.n_kv_heads or gqa_kv_heads(a.n_heads)}),
-    "mqa": Variant("mqa", MultiHeadAttention, "Shazeer 1911.02150", fields=_MHA_FIELDS, overrides=lambda a: {"n_kv_heads": 1}),
-    "mla": Variant("mla", MultiHeadLatentAttention, "DeepSeek-V2 2405.04434 §2.1 (absorbed decode)", fields=_MLA_FIELDS,
-                   overrides=lambda a: {"mla_impl": "absorbed"}),
-    "mla-naive": Variant("mla-naive", MultiHeadLatentAttention, "DeepSeek-V2 2405.04434 §2.1 (naive decode)", fields=_MLA_FIELDS,
-                         overrides=lambda a: {"mla_impl": "naive"}),
-}
+ATTENTION: dict[str, Variant] = {}
+FFN: dict[str, Variant] = {}
+TABLES = {"attention": ATTENTION, "ffn": FFN}
+BASES = {"attention": Attention, "ffn": FeedForward}
 
-ROUTED_FIELDS = (
-    "d_ff", "balance", "n_experts", "top_k", "first_k_dense", "router", "norm_topk", "routed_scale", "n_group",
-    "topk_group", "aux_alpha", "aux_device_alpha", "n_devices", "seq_aux_alpha", "bias_update_rate",
-    "bias_zero_mean", "capacity_factor", "uniform_routing",
-)
 
-FFN: dict[str, Variant] = {
-    "dense": Variant("dense", DenseFFN, "Shazeer 2002.05202 (SwiGLU)", fields=("d_ff", "balance")),
-    "moe": Variant("moe", MoEFeedForward, "GShard, Lepikhin et al. 2006.16668", routed=True, fields=ROUTED_FIELDS),
-    "deepseekmoe": Variant(
-        "deepseekmoe", MoEFeedForward, "DeepSeekMoE, Dai et al. 2401.06066 §3", routed=True,
-        fields=(*ROUTED_FIELDS, "granularity", "n_shared"),
-    ),
-}
+def register(section: str, variant: Variant) -> Variant:
+    """Add a variant to the attention or ffn axis (a plugin calls this when imported)."""
+    base = BASES[section]
+    if not (isinstance(variant.module, type) and issubclass(variant.module, base)):
+        raise TypeError(f"{section} variant {variant.name!r}: its module must subclass dsbench.variants.base.{base.__name__}")
+    if not (dataclasses.is_dataclass(variant.config) and issubclass(variant.config, PartConfig)):
+        raise TypeError(f"{section} variant {variant.name!r}: its config must be a dataclass subclassing PartConfig")
+    existing = TABLES[section].get(variant.name)
+    if existing is not None and existing != variant:
+        raise ValueError(f"{section} variant {variant.name!r} is registered twice ({existing.module.__module__} and {variant.module.__module__})")
+    TABLES[section][variant.name] = variant
+    return variant
+
+
+register("attention", Variant("mha", MultiHeadAttention, MHAConfig, "Vaswani et al. 1706.03762"))
+register("attention", Variant("gqa", MultiHeadAttention, MHAConfig, "Ainslie et al. 2305.13245",
+                              overrides=lambda a: {"n_kv_heads": a.n_kv_heads or gqa_kv_heads(a.n_heads)}))
+register("attention", Variant("mqa", MultiHeadAttention, MHAConfig, "Shazeer 1911.02150", overrides=lambda a: {"n_kv_heads": 1}))
+register("attention", Variant("mla", MultiHeadLatentAttention, MLAConfig, "DeepSeek-V2 2405.04434 §2.1 (absorbed decode)",
+                              overrides=lambda a: {"mla_impl": "absorbed"}))
+register("attention", Variant("mla-naive", MultiHeadLatentAttention, MLAConfig, "DeepSeek-V2 2405.04434 §2.1 (naive decode)",
+                              overrides=lambda a: {"mla_impl": "naive"}))
+register("ffn", Variant("dense", DenseFFN, DenseFFNConfig, "Shazeer 2002.05202 (SwiGLU)"))
+register("ffn", Variant("moe", MoEFeedForward, RoutedFFNConfig, "GShard, Lepikhin et al. 2006.16668"))
+register("ffn", Variant("deepseekmoe", MoEFeedForward, DeepSeekMoEConfig, "DeepSeekMoE, Dai et al. 2401.06066 §3"))
 
 # Load-balancing strategies for routed FFNs; `none` is always available.
 BALANCE: dict[str, str] = {
@@ -93,17 +106,36 @@ def axis_values() -> dict[str, tuple[str, ...]]:
     }
 
 
-def relevant_fields(part) -> dict:
-    """The fields of an AttentionConfig or FFNConfig that its variant reads (kind included)."""
-    table = ATTENTION if hasattr(part, "n_heads") else FFN
-    keep = ("kind", *table[part.kind].fields)
-    return {k: v for k, v in dataclasses.asdict(part).items() if k in keep}
+def config_fields(section: str, kind: str) -> dict[str, dataclasses.Field]:
+    """The fields a variant's config reads, `kind` excluded."""
+    return {f.name: f for f in dataclasses.fields(TABLES[section][kind].config) if f.name != "kind"}
 
 
-def normalize(part):
-    """The part as its axis value builds it: the value's own overrides applied, and every field
-    its variant does not read reset to the default."""
-    variant = (ATTENTION if hasattr(part, "n_heads") else FFN)[part.kind]
+def readers(section: str, key: str, kinds=None) -> list[str]:
+    """The variants (of `kinds`, default all) whose config reads `key`."""
+    return [k for k in (kinds or TABLES[section]) if key in config_fields(section, k)]
+
+
+def part_config(section: str, kind: str, values: dict) -> tuple[PartConfig, set[str]]:
+    """The part as axis value `kind` builds it from `values` (the keys its config does not read
+    are left alone), and the keys it read. The variant's own overrides are applied."""
+    variant = TABLES[section][kind]
+    used = set(config_fields(section, kind)) & set(values)
+    cfg = variant.config(kind=kind, **{k: values[k] for k in used})
     if variant.overrides is not None:
-        part = dataclasses.replace(part, **variant.overrides(part))
-    return type(part)(**relevant_fields(part))
+        cfg = dataclasses.replace(cfg, **variant.overrides(cfg))
+    return cfg, used
+
+
+def import_plugins(modules) -> None:
+    """Import each plugin module (it registers its variants); ImportError propagates to the caller."""
+    for name in modules:
+        importlib.import_module(name)
+
+
+def _load_entry_points() -> None:
+    for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        entry.load()
+
+
+_load_entry_points()

@@ -1,0 +1,167 @@
+"""The variant contract: what an attention or FFN variant owns, documented in one place.
+
+A variant is one module class plus its config class, registered in one line (registry.py, or
+`registry.register` from a plugin). The harness never asks which variant it holds; it calls:
+
+| member | attention | FFN | used by |
+|---|---|---|---|
+| `Config` (a frozen dataclass, `kind` first) | its fields | its fields | spec validation, cell identity |
+| `param_count(cfg[, layer])` | ✓ | ✓ | params_total |
+| `active_param_count(cfg, layer)` | = param_count | ✓ | params_active |
+| `flops_per_token(cfg, ...)` forward, 2 per multiply-add | `(cfg, context_len, decode)` | `(cfg, layer)` | flops_per_token, MFU |
+| `kv_cache_bytes_per_token(cfg, dtype_bytes)` and `new_cache(...)` | ✓ | — | KV columns, max-batch fit, decode |
+| `part_costs(cfg, shape[, layer])` FLOPs and bytes per step by part | ✓ | ✓ | roofline (profile) |
+| `row_columns(cfg)` extra result columns | ✓ | ✓ | cells.parquet |
+| `check_config(cfg)` first problem as one line naming the field, or None | ✓ | ✓ | spec validation (exit 2) |
+| `build(cfg, layer)` the module for one layer | default: `cls(cfg)` | default: `cls(cfg, layer)` | decoder |
+
+Optional hooks (defaults do nothing), read by the decoder after each forward or step:
+`aux_loss` (a training loss the part left from its last forward, or None), `metrics(layer)`
+(series records and cell columns, read once at the end of a cell), `after_optimizer_step()`
+(non-gradient state such as a routing bias), `set_token_domains(domains_B, names)`.
+
+The FLOP convention is variants/decoder.py FLOP_CONVENTION; a variant's `part_costs` FLOPs sum
+exactly to its `flops_per_token` (tests/test_contract.py walks the registry and checks this,
+the parameter counts against the instantiated module, and cached decode against the full forward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+def choices(default: str, *allowed: str):
+    """A config str field with a fixed set of values (spec validation reads the metadata)."""
+    return field(default=default, metadata={"choices": allowed})
+
+
+def at_least(default, minimum):
+    """A config numeric field with a lower bound below the default one (positive)."""
+    return field(default=default, metadata={"min": minimum})
+
+
+@dataclass(frozen=True)
+class PartConfig:
+    """The config of one part (attention or FFN); each variant subclasses it with its own fields.
+    `kind` is the axis value that built it; the fields are exactly what the variant reads, so the
+    cell identity (their asdict) never holds a setting the cell does not use."""
+
+    kind: str
+
+
+@dataclass(frozen=True)
+class PassShape:
+    """What one measured step pushes through a layer, for per-part costs."""
+
+    tokens: int  # N: tokens processed per step
+    mean_context_len: float  # keys a token attends to, on average
+    decode: bool  # tokens come one at a time from a cache (each step reads the whole cache)
+    batch: int  # rows whose caches a decode step reads
+    act_bytes: int  # bytes of an activation element
+    weight_bytes: int  # bytes of a weight element as the pass reads it
+
+
+@dataclass
+class PartCost:
+    """FLOPs and compulsory bytes of one part per step; bytes None: no analytic count (time only)."""
+
+    flops: float = 0.0
+    bytes: float | None = 0.0
+
+    def add(self, flops: float = 0.0, nbytes: float = 0.0) -> None:
+        self.flops += flops
+        self.bytes = None if self.bytes is None else self.bytes + nbytes
+
+
+def add_cost(costs: dict[str, PartCost], part: str, flops: float = 0.0, nbytes: float = 0.0) -> None:
+    costs.setdefault(part, PartCost()).add(flops, nbytes)
+
+
+def linear_io(shape: PassShape, width_in: int, width_out: int) -> float:
+    """Activation bytes a weight matmul moves per step: it reads its input and writes its output."""
+    return shape.tokens * (width_in + width_out) * shape.act_bytes
+
+
+class Part(nn.Module):
+    """What attention and FFN variants share: the optional hooks, as no-ops."""
+
+    Config: ClassVar[type[PartConfig]]
+    aux_loss: torch.Tensor | None = None
+
+    def metrics(self, layer: int) -> tuple[list[dict], dict] | None:
+        return None
+
+    def after_optimizer_step(self) -> None:
+        return None
+
+    def set_token_domains(self, domains_B: torch.Tensor, names: tuple[str, ...]) -> None:
+        return None
+
+    @staticmethod
+    def row_columns(cfg) -> dict:
+        return {}
+
+    @staticmethod
+    def check_config(cfg) -> str | None:
+        return None
+
+
+class Attention(Part):
+    """An attention variant: forward(x, start_pos, cache) over (B, T, C), and its cache."""
+
+    @classmethod
+    def build(cls, cfg, layer_idx: int) -> nn.Module:
+        return cls(cfg)
+
+    @classmethod
+    def active_param_count(cls, cfg, layer_idx: int = 0) -> int:
+        return cls.param_count(cfg)
+
+    @staticmethod
+    def param_count(cfg) -> int:
+        raise NotImplementedError
+
+    @staticmethod
+    def flops_per_token(cfg, context_len: float, decode: bool = False) -> float:
+        raise NotImplementedError
+
+    @staticmethod
+    def kv_cache_bytes_per_token(cfg, dtype_bytes: int) -> int:
+        raise NotImplementedError
+
+    @staticmethod
+    def part_costs(cfg, shape: PassShape) -> dict[str, PartCost]:
+        raise NotImplementedError
+
+    def new_cache(self, batch: int, max_len: int, dtype, device) -> nn.Module:
+        raise NotImplementedError
+
+
+class FeedForward(Part):
+    """An FFN variant: forward(x) over (B, T, C). `routed` variants take the balance axis."""
+
+    routed: ClassVar[bool] = False
+
+    @classmethod
+    def build(cls, cfg, layer_idx: int) -> nn.Module:
+        return cls(cfg, layer_idx)
+
+    @staticmethod
+    def param_count(cfg, layer_idx: int = 0) -> int:
+        raise NotImplementedError
+
+    @staticmethod
+    def active_param_count(cfg, layer_idx: int = 0) -> int:
+        raise NotImplementedError
+
+    @staticmethod
+    def flops_per_token(cfg, layer_idx: int = 0) -> float:
+        raise NotImplementedError
+
+    @staticmethod
+    def part_costs(cfg, layer_idx: int, shape: PassShape) -> dict[str, PartCost]:
+        raise NotImplementedError
