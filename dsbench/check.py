@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from dsbench.contention import flag, measurement_warnings
+from dsbench.metrics import METRICS, default_check_rules, host_dependent_columns
 from dsbench.results import Results, ResultsError, load_results
 from dsbench.spec import check_choice
 from dsbench.stats import compare_samples
@@ -100,6 +101,7 @@ def _default_text() -> str:
 def load_policy(path: str | Path | None = None) -> Policy:
     """The shipped default, with the keys of `path` (if given) laid over it one by one."""
     raw = tomllib.loads(_default_text())
+    raw["metrics"] = {**default_check_rules(), **raw.get("metrics", {})}  # the registry's rules, then the file's
     if path is None:
         return parse_policy(raw, "default")
     path = Path(path)
@@ -583,10 +585,7 @@ def compare_timing(timing: TimingRule, key: str, b: pd.Series, c: pd.Series, rb:
 
 # Columns that depend on the machine (or on its load) and never belong in a baseline shared
 # between machines: timings, rates, memory peaks, energy, contention, threads, wall times.
-HOST_DEPENDENT = ("step_time_", "tokens_per_s_", "measured_work_s", "cell_wall_s", "workload_wall_s", "setup_s",
-                  "worker_startup_s", "rss_", "peak_rss", "peak_mem", "cuda_max_", "power_", "energy_", "gpu_mem_",
-                  "model_flops_per_s", "peak_flops_per_s", "peak_source", "mfu", "cpu_", "ctx_switches", "loadavg",
-                  "contended", "contention", "torch_num_threads", "threads_source", "prefill_time_ms", "profile_")
+HOST_DEPENDENT = host_dependent_columns()
 HOST_DEPENDENT_SERIES = ("step_time_ms", "prefill_time_ms")
 
 
@@ -599,13 +598,16 @@ def write_baseline(results: str | Path, out: str | Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise ResultsError(f"--out: {str(out)!r} is not empty; choose a new folder")
     out.mkdir(parents=True, exist_ok=True)
-    keep = [c for c in run.cells.columns if not c.startswith(HOST_DEPENDENT)]
+    # An unregistered column could be host-dependent too: only what the registry vouches for travels.
+    keep = [c for c in run.cells.columns if c in METRICS and c not in HOST_DEPENDENT]
+    unknown = [c for c in run.cells.columns if c not in METRICS]
     run.cells[keep].to_parquet(out / "cells.parquet", index=False)
     series = run.series[~run.series["metric"].isin(HOST_DEPENDENT_SERIES)] if not run.series.empty else run.series
     series.to_parquet(out / "series.parquet", index=False)
     info = dict(run.run)
     info.pop("probe", None)
-    info["baseline_of"] = {"run_id": info.get("run_id"), "dropped": "host-dependent columns (dsbench.check.HOST_DEPENDENT)"}
+    info["baseline_of"] = {"run_id": info.get("run_id"), "dropped": "host-dependent columns (dsbench.metrics)",
+                           "dropped_unregistered": unknown}
     (out / "run.json").write_text(json.dumps(info, indent=1, default=str))
     return out
 
