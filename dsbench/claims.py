@@ -17,9 +17,9 @@ measured, a verdict and the numbers behind it. Verdicts:
 - not checkable here: the evidence is missing (and the detail says which preset gives it) or
   cannot exist on this hardware (and the detail says why). Never a verdict without evidence.
 
-Empirical claims compare pairs of ok cells that agree in every axis and shape column but the
-one under test, across every results folder given (so a second sweep can add cells: the
-shared-expert ablation pairs paper-cpu's deepseekmoe cells with paper-cpu-noshared's).
+Empirical claims compare pairs of ok cells by dsbench.pairing's rule (equal in everything but the
+axis under test, within one run); the shared-expert ablation alone pairs across the results
+folders given, paper-cpu's deepseekmoe cells with paper-cpu-noshared's.
 Direction-only verdicts go by the majority of pairs; every pair's numbers are in the detail.
 """
 
@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
 
 from dsbench import official
+from dsbench.compare import relative_loss_error
+from dsbench.pairing import norm, pairs
 from dsbench.results import Results
 
 REPRODUCED, NOT_REPRODUCED, DIRECTION, NOT_CHECKABLE = "reproduced", "not reproduced", "direction only", "not checkable here"
@@ -237,47 +238,17 @@ def ok_cells(results: Sequence[Results]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-# Columns two cells must share to be the same experiment but for the one under test.
-PAIR_COLUMNS = ("workload", "ffn", "attention", "precision", "balance", "n_shared", "d_model", "n_layers", "d_ff",
-                "vocab_size", "batch_size", "seq_len", "context_len", "new_tokens", "memory_budget_bytes", "steps", "lr",
-                "seed", "data", "device", "replicate")
-
-
-def _norm(value):
-    """A cell value as a plain, comparable Python value; every kind of missing becomes None."""
-    if value is None or value is pd.NA:
-        return None
-    value = value.item() if hasattr(value, "item") else value
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
-def pairs(cells: pd.DataFrame, column: str, a, b, differ: tuple[str, ...] = ()) -> list[tuple[pd.Series, pd.Series]]:
-    """(row with column == a, row with column == b) for every pair equal in the other PAIR_COLUMNS."""
-    if cells.empty or column not in cells:
-        return []
-    keys = [c for c in PAIR_COLUMNS if c in cells and c != column and c not in differ]
-    index = {}
-    for _, row in cells[cells[column].map(_norm) == b].iterrows():
-        index.setdefault(tuple(_norm(row[k]) for k in keys), row)
-    out = []
-    for _, row in cells[cells[column].map(_norm) == a].iterrows():
-        match = index.get(tuple(_norm(row[k]) for k in keys))
-        if match is not None:
-            out.append((row, match))
-    return out
-
-
 def where(row: pd.Series, skip: str) -> str:
     """The pair's other axes, for the detail: 'mha/bf16/aux'."""
     parts = [str(row[a]) for a in ("ffn", "attention", "precision", "balance") if a != skip and a in row and row[a] != "n/a"]
-    if _norm(row.get("context_len")) is not None:
+    if norm(row.get("context_len")) is not None:
         parts.append(f"ctx{int(row['context_len'])}")
     return "/".join(parts)
 
 
 def loss_of(a: pd.Series, b: pd.Series) -> tuple[float, float, str]:
     """Held-out eval loss where both rows have it, else the final training loss."""
-    if _norm(a.get("eval_loss")) is not None and _norm(b.get("eval_loss")) is not None:
+    if norm(a.get("eval_loss")) is not None and norm(b.get("eval_loss")) is not None:
         return float(a["eval_loss"]), float(b["eval_loss"]), "eval loss"
     return float(a["final_loss"]), float(b["final_loss"]), "final train loss"
 
@@ -299,7 +270,7 @@ def lower_loss(found: list[tuple[pd.Series, pd.Series]], column: str, names: tup
         lx, ly, kind = loss_of(x, y)
         wins.append(lx < ly)
         items.append(f"{where(x, column)}: {lx:.4f} vs {ly:.4f} ({lx / ly - 1:+.2%})")
-        if _norm(x.get("params_active")) and _norm(y.get("params_active")):
+        if norm(x.get("params_active")) and norm(y.get("params_active")):
             params.append(abs(x["params_active"] / y["params_active"] - 1))
     matched = f" Activated parameters differ by at most {max(params):.2%}." if params else ""
     detail = f"{kind}, {names[0]} vs {names[1]}: {listing(items)}.{matched}"
@@ -317,7 +288,7 @@ def train_of(results) -> pd.DataFrame:
 def check_deepseekmoe_vs_moe(results) -> Evidence:
     cells = train_of(results)
     cells = cells[cells["n_shared"].fillna(1) > 0] if not cells.empty else cells  # DeepSeekMoE isolates shared experts
-    found = pairs(cells, "ffn", "deepseekmoe", "moe", differ=("n_shared",))
+    found = pairs(cells, "ffn", "deepseekmoe", "moe")
     if not found:
         return missing("no moe/deepseekmoe train cell pairs")
     return lower_loss(found, "ffn", ("deepseekmoe", "moe"))
@@ -331,7 +302,9 @@ def check_shared_expert(results) -> Evidence:
     cells["shared"] = cells["n_shared"].map(lambda n: "none" if n == 0 else "isolated")
     if not (cells["shared"] == "none").any():
         return missing("no deepseekmoe train cell with n_shared = 0", RUN_NOSHARED)
-    found = pairs(cells, "shared", "isolated", "none", differ=("n_shared",))
+    # The n_shared = 0 cells come from a second sweep (one [ffn] table per sweep), so pairs cross
+    # runs; the routed layout follows from n_shared (one more routed expert keeps activated params).
+    found = pairs(cells, "shared", "isolated", "none", differ=("n_shared", "n_routed_experts", "routed_top_k", "run"))
     if not found:
         return missing("no n_shared ≥ 1 vs n_shared = 0 cells with otherwise equal settings", RUN_NOSHARED)
     return lower_loss(found, "shared", ("shared expert", "none"))
@@ -366,9 +339,9 @@ def check_aux_free(results) -> Evidence:
 def kv_formula_ratio(mla: pd.Series, mha: pd.Series) -> float | None:
     """V2 Table 1 per layer: (d_c + d_h^R) ÷ 2·n_kv·d_h, from the rows' own dims."""
     need = [mla.get("kv_lora_rank"), mla.get("qk_rope_head_dim"), mha.get("head_dim")]
-    if any(_norm(v) is None for v in need):
+    if any(norm(v) is None for v in need):
         return None
-    kv_heads = _norm(mha.get("n_kv_heads")) or mha["n_heads"]
+    kv_heads = norm(mha.get("n_kv_heads")) or mha["n_heads"]
     return (mla["kv_lora_rank"] + mla["qk_rope_head_dim"]) / (2 * kv_heads * mha["head_dim"])
 
 
@@ -384,7 +357,7 @@ def check_mla_kv(results) -> Evidence:
     if not found:
         return missing("no mla/mha decode or prefill cell pairs")
     column = "kv_cache_bytes_per_token_measured"
-    live = all(_norm(x.get(column)) is not None and _norm(y.get(column)) is not None for x, y in found)
+    live = all(norm(x.get(column)) is not None and norm(y.get(column)) is not None for x, y in found)
     column = column if live else "kv_cache_bytes_per_token"
     items, ok = [], True
     for x, y in found:
@@ -399,7 +372,7 @@ def check_mla_kv(results) -> Evidence:
 
 
 def check_mla_decode(results) -> Evidence:
-    found = [(x, y) for x, y in inference_pairs(results, ("decode",)) if not (_norm(x.get("emulated")) or _norm(y.get("emulated")))]
+    found = [(x, y) for x, y in inference_pairs(results, ("decode",)) if not (norm(x.get("emulated")) or norm(y.get("emulated")))]
     if not found:
         return missing("no mla/mha decode cell pairs that are not emulated")
     wins, items = [], []
@@ -407,7 +380,7 @@ def check_mla_decode(results) -> Evidence:
         ratio = x["tokens_per_s_median"] / y["tokens_per_s_median"]
         wins.append(ratio > 1)
         items.append(f"{where(x, 'attention')} b{int(x['batch_size'])}: ×{ratio:.2f}")
-    noted = any(_norm(x.get("speed_note")) for x, _ in found)
+    noted = any(norm(x.get("speed_note")) for x, _ in found)
     note = " Some rows carry a speed note (bf16 on a CPU is for numerics: its speed does not predict a GPU)." if noted else ""
     detail = f"decode tokens/s MLA ÷ MHA (emulated rows left out): {listing(items, 8)}.{note}"
     return majority(wins, detail, f"{sum(wins)}/{len(wins)} pairs faster", "this machine, small scale")
@@ -417,21 +390,18 @@ def check_mla_decode(results) -> Evidence:
 
 
 def fp8_gaps(results, recipe: str) -> tuple[pd.DataFrame, str]:
-    """Final relative loss errors of `recipe` against bf16 (dsbench.compare), one row per pair;
-    only the dense pairs when there are any: dsbench's routed experts stay BF16, so in a dense
-    model every linear layer runs the recipe."""
+    """Final relative loss errors of `recipe` against bf16 (dsbench.compare), one row per pair, and
+    which cells they come from. Dense and routed pairs alike: under an fp8 precision every linear
+    layer and the routed experts' grouped GEMMs run in FP8 (the router's gate stays FP32)."""
     from dsbench.compare import relative_loss_error
 
-    finals = []
-    for r in results:
-        final = relative_loss_error(r, a="bf16", b=recipe).final
-        if not final.empty:
-            finals.append(final.assign(ffn=final["cell_id_a"].map(r.cells.set_index("cell_id")["ffn"])))
+    finals = [relative_loss_error(r, a="bf16", b=recipe).final for r in results]
+    finals = [f for f in finals if not f.empty]
     if not finals:
         return pd.DataFrame(), ""
     gap = pd.concat(finals, ignore_index=True)
-    dense = gap[gap["ffn"] == "dense"]
-    return (dense, "dense cells (every linear layer in FP8)") if not dense.empty else (gap, "routed cells (experts stay BF16)")
+    kinds = " and ".join(dict.fromkeys("dense" if f == "dense" else "routed" for f in gap["ffn"]))
+    return gap, f"{kinds} cells (linear layers and routed experts in FP8)"
 
 
 def check_fp8_gap(results) -> Evidence:
@@ -593,22 +563,3 @@ def to_json(rows: list[ClaimResult]) -> str:
 
 def frame(rows: list[ClaimResult]) -> pd.DataFrame:
     return pd.DataFrame([r.to_json() for r in rows])
-
-
-def report_section(runs: list[Results], tables=None):
-    """The verdict table as a `dsbench report` section (and tables/claims.csv), or None when the
-    runs hold no evidence for any empirical claim."""
-    from dsbench.report import Section
-
-    rows = evaluate(runs)
-    if not has_evidence(rows):
-        return None
-    if tables is not None:
-        frame(rows).to_csv(tables / "claims.csv", index=False)
-    s = Section("Claims: the papers' efficiency claims")
-    s.text("Analytic claims come from the official model configs; empirical ones from these results "
-           "(dsbench claims RESULTS prints the same table). Direction-only verdicts are small-scale evidence.")
-    s.table(["id", "claim", "source", "expected", "measured", "verdict", "detail"],
-            [[r.claim.id, r.claim.statement, f"{r.claim.paper} {r.claim.where}", r.claim.expected, r.evidence.measured,
-              r.evidence.verdict, r.evidence.detail] for r in rows])
-    return s
