@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from dsbench import official
+from dsbench.check import md_escape
 from dsbench.compare import relative_loss_error
 from dsbench.pairing import norm, pairs
 from dsbench.results import Results
@@ -546,8 +547,6 @@ def table_rows(rows: list[ClaimResult]) -> list[list[str]]:
 
 
 def markdown(rows: list[ClaimResult]) -> str:
-    from dsbench.check import md_escape
-
     head = ("id", "claim", "source", "method", "expected", "measured", "verdict", "detail")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:

@@ -13,7 +13,8 @@ from conftest import tiny_spec_text
 from typer.testing import CliRunner
 
 from dsbench import metrics
-from dsbench.check import HOST_DEPENDENT, PolicyError, load_policy
+from dsbench.check import HOST_DEPENDENT
+from dsbench.policy import PolicyError, load_policy
 from dsbench.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,8 +11,8 @@ import pandas as pd
 from dsbench import claims
 from dsbench.check import check, fmt_value
 from dsbench.contention import measurement_warnings
-from dsbench.metrics import table_columns
-from dsbench.report.ablation import ablation, ablation_summary
+from dsbench.metrics import METRICS, table_columns
+from dsbench.report.ablation import MAIN_METRICS, ablation, ablation_summary
 from dsbench.report.data import ReportData, display_name, fmt_num, present, safe_name, speed_flag
 from dsbench.report.figures import FIGURES, render_figures
 from dsbench.report.render import Section, frame_rows, write_csv
@@ -137,8 +137,8 @@ def ablation_section(data: ReportData, tables: Path) -> Section:
     if long.empty:
         return s.text("No axis has two values with cells identical in everything else; nothing to compare.")
     s.text("For each axis, A is the first value the spec lists; each ratio divides a metric of cell B by the same metric "
-           "of cell A, the two identical in every other axis and shape. tokens/s and MFU: above 1 is faster; "
-           "step time, memory, loss, KV bytes, MaxVio: below 1 is less. Geometric mean over the contexts, with min–max.")
+           "of cell A, the two equal in every other axis, config column and shape (dsbench/pairing.py states the rule). "
+           f"{_better_text()} Geometric mean over the contexts, with min–max.")
     rows, classes = [], []
     for _, r in summary.iterrows():
         spread = f"{r['min']:.3f}–{r['max']:.3f}" if r["n"] > 1 else ""
@@ -153,6 +153,12 @@ def ablation_section(data: ReportData, tables: Path) -> Section:
     detail_rows = [[str(v) if isinstance(v, str) else fmt_num(v, "ratio") for v in row] for row in detail.itertuples(index=False)]
     s.blocks.append(("details", f"Every pair ({len(detail)} rows)", [("table", header, detail_rows, None)]))
     return s
+
+
+def _better_text() -> str:
+    """Which way each ablation metric is better, from the metric registry."""
+    by = {way: [m for m in MAIN_METRICS if METRICS[m].better == way] for way in ("higher", "lower")}
+    return f"Above 1 is better for {', '.join(by['higher'])}; below 1 for {', '.join(by['lower'])}."
 
 
 def baseline_section(data: ReportData, baseline: Path, tables: Path) -> Section:
