@@ -6,7 +6,8 @@ from __future__ import annotations
 import pandas as pd
 from fixture_results import make_cell, write_results
 
-from dsbench import claims, compare
+from dsbench import claims
+from dsbench.claims.empirical import fp8_gaps
 from dsbench.pairing import norm, pairs
 from dsbench.report import ablation, prepare
 from dsbench.results import load_results
@@ -95,8 +96,8 @@ def test_report_claims_and_compare_find_the_same_pairs(tmp_path):
     long = ablation(prepare([res]))
     precision = long[(long.axis == "precision") & (long.metric == "final_loss")]
     assert len(precision) == 2 and set(precision.context) == {"train/dense/mha b8×t128", "train/dense/gqa b8×t128"}
-    assert set(labels(claims.pairs(claims.ok_cells([res]), "precision", "bf16", "fp8"))) == expected
-    gap = compare.relative_loss_error(res, a="bf16", b="fp8").final
-    assert set(gap["label"]) == {"train/dense/mha b8×t128", "train/dense/gqa b8×t128"}
+    assert set(labels(pairs(claims.ok_cells([res]), "precision", "bf16", "fp8"))) == expected  # claims' cells (with `run`)
+    gaps, _ = fp8_gaps([res], "fp8")  # the FP8 claims' pairs (through dsbench.compare)
+    assert set(gaps["label"]) == {"train/dense/mha b8×t128", "train/dense/gqa b8×t128"}
     attention = long[(long.axis == "attention") & (long.metric == "final_loss")]
     assert set(attention.comparison) == {"gqa ÷ mha"} and len(attention) == 2
