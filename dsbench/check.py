@@ -1,6 +1,6 @@
 """Regression check: a current results folder against a baseline, cell by cell, metric by
-metric, under a policy (TOML; the shipped default is dsbench/policies/default.toml, whose
-comments state every rule).
+metric, under a policy (dsbench/policy.py: the shipped dsbench/policies/default.toml, whose
+comments state every rule, with the metric registry's per-column defaults).
 
     result = check("results/ci-baseline", "results/ci-now")   # the default policy
     result.exit_code        # 0 clean, 1 regression
@@ -25,174 +25,20 @@ from __future__ import annotations
 
 import json
 import math
-import tomllib
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from dsbench.contention import flag, measurement_warnings
+from dsbench.metrics import host_dependent_columns, metric_of
+# The policy lives in dsbench.policy; callers (cli, ab, scripts, tests) import these from here too.
+from dsbench.policy import MetricRule, Policy, PolicyError, TimingRule, load_policy  # noqa: F401
 from dsbench.results import Results, ResultsError, load_results
-from dsbench.spec import check_choice
 from dsbench.stats import compare_samples
 
-RULES = ("exact", "relative", "absolute", "ignore")
-DIRECTIONS = ("both", "higher", "lower")
-POLICY_VERSION = 1
 EXACT_RTOL = 1e-9  # "exact" on floats written through JSON and parquet: round-off only
-
-
-class PolicyError(ValueError):
-    """A policy file that cannot be used, in one line: key, value, what is allowed."""
-
-
-# --- the policy ---
-
-
-@dataclass(frozen=True)
-class MetricRule:
-    rule: str  # exact | relative | absolute
-    tolerance: float = 0.0
-    worse: str = "both"  # which direction of change fails: both | higher | lower
-
-    def describe(self) -> str:
-        if self.rule == "exact":
-            return "exact"
-        sign = {"both": "±", "higher": "+", "lower": "−"}[self.worse]
-        return f"{sign}{self.tolerance:.0%}" if self.rule == "relative" else f"{sign}{self.tolerance:g}"
-
-
-@dataclass(frozen=True)
-class TimingRule:
-    enabled: bool = True
-    metric: str = "step_time_ms_min"
-    reference: str = "first"
-    threshold: float = 1.10
-    spread_weight: float = 0.1
-    noted_threshold: float = 1.5
-    confirm_absolute: bool = True  # a regression must also show in the cell's own current ÷ baseline time
-    # The samples rule (see default.toml): per-process values, a rank test and an effect size.
-    samples_metric: str = "step_time_ms_min"  # each process's fastest step: half the spread of its median (default.toml)
-    min_processes: int = 3
-    samples_threshold: float = 1.05
-    alpha: float = 0.05
-
-    def limit(self, spread: float, noted: bool) -> float:
-        base = self.noted_threshold if noted else self.threshold
-        return base * max(1.0, spread) ** self.spread_weight
-
-
-@dataclass(frozen=True)
-class Policy:
-    metrics: dict[str, MetricRule]
-    timing: TimingRule
-    match: str = "label"  # label | cell_id
-    missing: str = "fail"  # fail | warn
-    source: str = "default"
-
-
-def _default_text() -> str:
-    return resources.files("dsbench.policies").joinpath("default.toml").read_text()
-
-
-def load_policy(path: str | Path | None = None) -> Policy:
-    """The shipped default, with the keys of `path` (if given) laid over it one by one."""
-    raw = tomllib.loads(_default_text())
-    if path is None:
-        return parse_policy(raw, "default")
-    path = Path(path)
-    if not path.is_file():
-        raise PolicyError(f"--policy: {str(path)!r} is not a file; pass a policy TOML file (see dsbench/policies/default.toml)")
-    try:
-        user = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise PolicyError(f"--policy: {str(path)!r} is not valid TOML: {e}") from None
-    for key, value in user.items():
-        if key not in raw:
-            raise PolicyError(f"policy.{key}: unknown key; allowed: {', '.join(raw)}")
-        raw[key] = {**raw[key], **value} if isinstance(raw[key], dict) and isinstance(value, dict) else value
-    return parse_policy(raw, str(path))
-
-
-def parse_policy(raw: dict, source: str) -> Policy:
-    version = raw.get("version")
-    if version != POLICY_VERSION:
-        raise PolicyError(f"policy.version: {version!r} is not supported; this dsbench reads version {POLICY_VERSION}")
-    cells = _table(raw, "cells", ("match", "missing"))
-    timing = _table(raw, "timing", tuple(TimingRule.__dataclass_fields__))
-    metrics = {name: _metric_rule(name, spec) for name, spec in _table(raw, "metrics", None).items()}
-    return Policy(
-        metrics={k: v for k, v in metrics.items() if v.rule != "ignore"},
-        timing=_timing_rule(timing),
-        match=_choice("cells.match", cells.get("match", "label"), ("label", "cell_id")),
-        missing=_choice("cells.missing", cells.get("missing", "fail"), ("fail", "warn")),
-        source=source,
-    )
-
-
-def _table(raw: dict, key: str, allowed: tuple | None) -> dict:
-    table = raw.get(key, {})
-    if not isinstance(table, dict):
-        raise PolicyError(f"policy.{key}: expected a table ([{key}]), got {table!r}")
-    for k in table if allowed is not None else ():
-        if k not in allowed:
-            raise PolicyError(f"policy.{key}.{k}: unknown key; allowed: {', '.join(allowed)}")
-    return table
-
-
-def _choice(key: str, value, allowed: tuple) -> str:
-    return check_choice(f"policy.{key}", value, allowed, error=PolicyError)
-
-
-def _number(key: str, value, minimum: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
-        raise PolicyError(f"policy.{key}: expected a number ≥ {minimum:g}, got {value!r}")
-    return float(value)
-
-
-def _metric_rule(name: str, spec) -> MetricRule:
-    key = f"metrics.{name}"
-    if not isinstance(spec, dict):
-        raise PolicyError(f"policy.{key}: expected a table like {{ rule = \"exact\" }}, got {spec!r}")
-    for k in spec:
-        if k not in ("rule", "tolerance", "worse"):
-            raise PolicyError(f"policy.{key}.{k}: unknown key; allowed: rule, tolerance, worse")
-    rule = _choice(f"{key}.rule", spec.get("rule"), RULES)
-    if rule in ("relative", "absolute") and "tolerance" not in spec:
-        raise PolicyError(f"policy.{key}.tolerance: missing; a {rule} rule needs a tolerance ≥ 0")
-    tolerance = _number(f"{key}.tolerance", spec.get("tolerance", 0.0), 0.0)
-    return MetricRule(rule, tolerance, _choice(f"{key}.worse", spec.get("worse", "both"), DIRECTIONS))
-
-
-def _timing_rule(t: dict) -> TimingRule:
-    for key in ("enabled", "confirm_absolute"):
-        if not isinstance(t.get(key, True), bool):
-            raise PolicyError(f"policy.timing.{key}: expected true or false, got {t.get(key)!r}")
-    for key in ("metric", "reference", "samples_metric"):
-        if not isinstance(t.get(key, "x"), str) or not t.get(key, "x"):
-            raise PolicyError(f"policy.timing.{key}: expected a non-empty string, got {t.get(key)!r}")
-    return TimingRule(
-        enabled=t.get("enabled", True),
-        confirm_absolute=t.get("confirm_absolute", True),
-        metric=t.get("metric", TimingRule.metric),
-        reference=t.get("reference", TimingRule.reference),
-        threshold=_number("timing.threshold", t.get("threshold", TimingRule.threshold), 1.0),
-        spread_weight=_number("timing.spread_weight", t.get("spread_weight", TimingRule.spread_weight), 0.0),
-        noted_threshold=_number("timing.noted_threshold", t.get("noted_threshold", TimingRule.noted_threshold), 1.0),
-        samples_metric=t.get("samples_metric", TimingRule.samples_metric),
-        min_processes=int(_number("timing.min_processes", t.get("min_processes", TimingRule.min_processes), 2)),
-        samples_threshold=_number("timing.samples_threshold", t.get("samples_threshold", TimingRule.samples_threshold), 1.0),
-        alpha=_alpha(t.get("alpha", TimingRule.alpha)),
-    )
-
-
-def _alpha(value) -> float:
-    alpha = _number("timing.alpha", value, 0.0)
-    if not 0 < alpha < 0.5:
-        raise PolicyError(f"policy.timing.alpha: expected a number between 0 and 0.5 (a one-sided significance level), got {value!r}")
-    return alpha
 
 
 # --- the result ---
@@ -583,10 +429,7 @@ def compare_timing(timing: TimingRule, key: str, b: pd.Series, c: pd.Series, rb:
 
 # Columns that depend on the machine (or on its load) and never belong in a baseline shared
 # between machines: timings, rates, memory peaks, energy, contention, threads, wall times.
-HOST_DEPENDENT = ("step_time_", "tokens_per_s_", "measured_work_s", "cell_wall_s", "workload_wall_s", "setup_s",
-                  "worker_startup_s", "rss_", "peak_rss", "peak_mem", "cuda_max_", "power_", "energy_", "gpu_mem_",
-                  "model_flops_per_s", "peak_flops_per_s", "peak_source", "mfu", "cpu_", "ctx_switches", "loadavg",
-                  "contended", "contention", "torch_num_threads", "threads_source", "prefill_time_ms", "profile_")
+HOST_DEPENDENT = host_dependent_columns()
 HOST_DEPENDENT_SERIES = ("step_time_ms", "prefill_time_ms")
 
 
@@ -599,13 +442,16 @@ def write_baseline(results: str | Path, out: str | Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise ResultsError(f"--out: {str(out)!r} is not empty; choose a new folder")
     out.mkdir(parents=True, exist_ok=True)
-    keep = [c for c in run.cells.columns if not c.startswith(HOST_DEPENDENT)]
+    # An unregistered column could be host-dependent too: only what the registry vouches for travels.
+    keep = [c for c in run.cells.columns if metric_of(c) and c not in HOST_DEPENDENT]
+    unknown = [c for c in run.cells.columns if not metric_of(c)]
     run.cells[keep].to_parquet(out / "cells.parquet", index=False)
     series = run.series[~run.series["metric"].isin(HOST_DEPENDENT_SERIES)] if not run.series.empty else run.series
     series.to_parquet(out / "series.parquet", index=False)
     info = dict(run.run)
     info.pop("probe", None)
-    info["baseline_of"] = {"run_id": info.get("run_id"), "dropped": "host-dependent columns (dsbench.check.HOST_DEPENDENT)"}
+    info["baseline_of"] = {"run_id": info.get("run_id"), "dropped": "host-dependent columns (dsbench.metrics)",
+                           "dropped_unregistered": unknown}
     (out / "run.json").write_text(json.dumps(info, indent=1, default=str))
     return out
 

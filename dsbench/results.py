@@ -125,6 +125,21 @@ class Results:
         return self.series[self.series["metric"] == metric]
 
 
+def _import_plugins(info: dict) -> None:
+    """The run's plug-in variants, so their columns are known to the report and the check; a
+    reader without them installed still reads every column, unregistered."""
+    plugins = (info.get("spec") or {}).get("plugins") or ()
+    if not plugins:
+        return
+    from dsbench.variants import registry  # on use: it loads torch
+
+    for name in plugins:
+        try:
+            registry.import_plugins([name])
+        except ImportError:
+            pass
+
+
 def load_results(path: str | Path) -> Results:
     """One call: read a results folder (consolidating fragments if the sweep was cut short)."""
     store = ResultStore(path)
@@ -134,6 +149,7 @@ def load_results(path: str | Path) -> Results:
     version = info.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ResultsError(f"results: {str(path)!r} has schema_version {version!r}; this dsbench reads {SCHEMA_VERSION}")
+    _import_plugins(info)
     cells_path, series_path = store.root / "cells.parquet", store.root / "series.parquet"
     stale = not cells_path.exists() or any(
         p.stat().st_mtime > cells_path.stat().st_mtime for p in store.cells_dir.glob("*.json")

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from dsbench import metrics
 from dsbench.variants import registry
 from dsbench.variants.attention import MHAConfig, MultiHeadAttention
 from dsbench.variants.base import PartCost, PassShape
@@ -85,5 +86,9 @@ class SlidingWindowAttention(MultiHeadAttention):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
+# Its extra column, so reports show it, pairing holds it fixed and `dsbench check` compares it.
+if "window" not in metrics.METRICS:
+    metrics.register(metrics.Metric("window", "variant", "tokens", "keys a sliding-window token attends to, itself included",
+                                    fmt="int", check="exact", owner="attention", short="window"))
 registry.register("attention", registry.Variant(
     "swa", SlidingWindowAttention, SWAConfig, "Beltagy et al. 2004.05150 §3.1; Jiang et al. 2310.06825 §2"))

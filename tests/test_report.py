@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from dsbench.cli import app
 from dsbench.report import FIGURES, ablation, build_report, prepare
+from dsbench.report.comparisons import scaling_points
 from dsbench.results import load_results
 
 EVIL = "<script>alert('x')</script>&run"
@@ -127,6 +128,42 @@ def test_baseline_section(tmp_path):
     md = (out / "index.md").read_text()
     assert "Against the baseline" in md and "FAIL" in md and "regression" in md
     assert (out / "tables" / "check_cur.csv").exists()
+
+
+SIZES = ((64, 2, 100_000), (128, 4, 800_000), (256, 8, 6_400_000))  # d_model, n_layers, params_active of dense/mha
+
+
+def scaling_cells() -> list[dict]:
+    """dense vs deepseekmoe (train) and mha vs mla (decode) at three sizes; B ÷ A set per size."""
+    cells = []
+    for i, (d_model, n_layers, active) in enumerate(SIZES):
+        size = dict(d_model=d_model, n_layers=n_layers, params_active=active)
+        dense = make_cell("train", "dense", **size, tokens_per_s_median=1000.0, final_loss=3.0)
+        moe = make_cell("train", "deepseekmoe", balance="bias", **size, tokens_per_s_median=1000.0 * (0.5 + 0.1 * i),
+                        final_loss=3.0 * (0.98 - 0.01 * i))
+        shape = dict(batch_size=4, context_len=256, new_tokens=16)
+        mha = make_cell("decode", attention="mha", **shape, **size, tokens_per_s_median=500.0)
+        mla = make_cell("decode", attention="mla", **shape, **size, tokens_per_s_median=500.0 * (1.0 + 0.5 * i))
+        cells += [dense, moe, mha, mla]
+    for i, c in enumerate(cells):
+        c["cell_index"] = i
+    return cells
+
+
+def test_scaling_figure_plots_each_comparison_against_model_size(tmp_path):
+    res = write_results(tmp_path / "scaling", scaling_cells())
+    points = scaling_points(prepare([load_results(res)]))
+    moe = points[points.line == "deepseekmoe/bias ÷ dense: train/mha/fp32 b8×t128"]
+    assert moe["size"].tolist() == [s[2] for s in SIZES]  # one point per size, x = A's activated parameters
+    assert moe.throughput_ratio.round(6).tolist() == [0.5, 0.6, 0.7]
+    assert moe.loss_ratio.round(6).tolist() == [0.98, 0.97, 0.96]
+    mla = points[points.line == "mla ÷ mha: decode/dense/fp32 b4×ctx256+16"]
+    assert mla.throughput_ratio.round(6).tolist() == [1.0, 1.5, 2.0] and mla.loss_ratio.isna().all()
+    assert set(points.line) == {moe.line.iloc[0], mla.line.iloc[0]}  # no pair across sizes
+    out = build_report([res], out=tmp_path / "rep")
+    assert "scaling" in figures(out)
+    single = write_results(tmp_path / "one-size", [c for c in scaling_cells() if c["d_model"] == 64])
+    assert "scaling" not in figures(build_report([single], out=tmp_path / "rep1"))  # one size: nothing to plot
 
 
 def test_figure_registry_names_its_needs():
