@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dsbench import metrics
 from dsbench.variants import registry
 from dsbench.variants.base import Attention, FeedForward, PartConfig, PassShape
 from dsbench.variants.config import config_from_size
@@ -37,12 +38,13 @@ def example_plugin(monkeypatch):
     """The example plug-in registered for one test, then removed, so other test modules see the
     built-in registry only."""
     monkeypatch.syspath_prepend(str(EXAMPLES))
-    built_in = dict(registry.ATTENTION)
+    built_in, columns = dict(registry.ATTENTION), dict(metrics.METRICS)
     sys.modules.pop("sliding_window", None)
     registry.import_plugins(["sliding_window"])
     yield
-    registry.ATTENTION.clear()
-    registry.ATTENTION.update(built_in)
+    for table, saved in ((registry.ATTENTION, built_in), (metrics.METRICS, columns)):
+        table.clear()
+        table.update(saved)
     sys.modules.pop("sliding_window", None)
 
 
@@ -61,6 +63,7 @@ def ffn_cfg(kind: str):
 
 def test_the_example_plugin_is_registered():
     assert PLUGIN in registry.ATTENTION and registry.ATTENTION[PLUGIN].module.__module__ == "sliding_window"
+    assert metrics.metric_of("window").owner == "attention"  # its own column, registered by the plug-in
 
 
 @pytest.mark.parametrize("section, kind", [("attention", k) for k in ATTENTION] + [("ffn", k) for k in FFN])
