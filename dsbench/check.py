@@ -44,8 +44,7 @@ POLICY_VERSION = 1
 EXACT_RTOL = 1e-9  # "exact" on floats written through JSON and parquet: round-off only
 
 
-class PolicyError(ValueError):
-    """A policy file that cannot be used, in one line: key, value, what is allowed."""
+from dsbench.errors import PolicyError  # noqa: E402,F401 (kept importable from here)
 
 
 # --- the policy ---
