@@ -28,7 +28,7 @@ from dsbench.accounting import static_row
 from dsbench.errors import SpecError, UsageError
 from dsbench.results import SCHEMA_VERSION, ResultStore
 from dsbench.spec import Cell, SweepSpec, expand
-from dsbench.task import CellResult, CellTask, ProfileOptions, ProfileRequest, Runtime
+from dsbench.task import CellResult, CellTask, ProfileOptions, ProfileRequest, Runtime, TaskFormatError
 from dsbench.workloads import WORKLOADS
 
 PROBE_TIMEOUT_S = 300
@@ -113,7 +113,10 @@ def run_cell_process(cell: Cell, store: ResultStore, runtime: Runtime, timeout_s
             _kill(proc)
             raise
     if result_path.exists():
-        result = CellResult.from_json(result_path.read_text())
+        try:
+            result = CellResult.from_json(result_path.read_text())
+        except TaskFormatError as e:  # a worker of another version: this cell fails, the sweep goes on
+            return _failure("error", f"worker wrote a result this runner cannot read: {e}", start)
         result.row["cell_wall_s"] = time.perf_counter() - start
         return result
     return _failure(*_death_status(returncode, log_path), start)

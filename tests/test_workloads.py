@@ -107,7 +107,7 @@ def test_profiled_pass_keeps_shapes_and_shortens_steps():
 # --- the loss seam: Decoder.forward_losses ---
 
 
-def _batch(cell, B=2, T=16):
+def _batch(B=2, T=16):
     batch = load_dataset("synthetic", 0).batch(0, B, T)
     return batch.inputs, batch.targets
 
@@ -115,7 +115,7 @@ def _batch(cell, B=2, T=16):
 def test_forward_losses_is_forward_plus_named_losses():
     [cell] = tiny_cells("train")
     model = context_for(cell).model.train()
-    inputs, targets = _batch(cell)
+    inputs, targets = _batch()
     out = model.forward_losses(inputs, targets)
     assert list(out.losses) == ["lm"]  # a dense model has no aux loss
     assert torch.equal(out.logits, model(inputs))  # forward() is unchanged (the reference tests call it)
@@ -127,7 +127,7 @@ def test_forward_losses_is_forward_plus_named_losses():
 def test_moe_aux_loss_is_named_and_summed():
     [cell] = tiny_cells("train", ffn="deepseekmoe", balance="aux")
     model = context_for(cell).model.train()
-    inputs, targets = _batch(cell)
+    inputs, targets = _batch()
     out = model.forward_losses(inputs, targets)
     assert list(out.losses) == ["lm", "aux"] and out.losses["aux"].item() > 0
     assert torch.equal(out.losses["aux"], model.aux_loss())
