@@ -42,8 +42,7 @@ AB_METRICS = ("peak_mem_bytes",)  # besides timing: what depends on the code and
 SIDES = ("base", "current")
 
 
-class AbError(ValueError):
-    """A usage problem of the A/B run, in one line (exit 2)."""
+from dsbench.errors import AbError  # noqa: E402,F401 (kept importable from here)
 
 
 @dataclass

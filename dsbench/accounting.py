@@ -9,26 +9,20 @@ from __future__ import annotations
 from dsbench.spec import Cell
 from dsbench.variants import decoder, registry
 from dsbench.variants.precision import PRECISIONS, dtype_bytes
+from dsbench.workloads import workload_of
 
 
 def mean_context_len(cell: Cell) -> float:
     """Keys a processed token attends to on average (a token at position p attends p+1)."""
-    w = cell.workload
-    if cell.axes["workload"] == "decode":
-        return w["context_len"] + (w["new_tokens"] + 1) / 2
-    return (w["seq_len"] + 1) / 2
+    return workload_of(cell).mean_context_len(cell.workload)
 
 
 def tokens_per_step(cell: Cell) -> int:
-    w = cell.workload
-    return w["batch_size"] if cell.axes["workload"] == "decode" else w["batch_size"] * w["seq_len"]
+    return workload_of(cell).tokens_per_step(cell.workload)
 
 
 def flops_per_token(cell: Cell) -> float:
-    decode = cell.axes["workload"] == "decode"  # timed tokens come from the cache (MLA: its decode path)
-    forward = decoder.forward_flops_per_token(cell.model, mean_context_len(cell), decode=decode)
-    # Backward costs two forwards (activation and weight gradients): train = 3 × forward.
-    return 3 * forward if cell.axes["workload"] == "train" else forward
+    return workload_of(cell).flops_per_token(cell.model, cell.workload)
 
 
 def accounting(cell: Cell) -> dict:

@@ -20,11 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dsbench import spec as spec_lib
-from dsbench.ab import AbError
-from dsbench.check import PolicyError
-from dsbench.data import DataError
-from dsbench.results import ResultsError
-from dsbench.runner import UsageError
+from dsbench.errors import UsageError, UserError
 from dsbench.variants import registry
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Measure what each DeepSeek architecture choice buys.")
@@ -34,15 +30,13 @@ app.add_typer(run_app, name="run")
 out_console = Console(width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True)
 
-USER_ERRORS = (spec_lib.SpecError, UsageError, DataError, ResultsError, PolicyError, AbError)
-
 
 @contextlib.contextmanager
 def user_errors():
     """Bad input: one line naming the field, value and what is allowed; exit 2; no traceback."""
     try:
         yield
-    except USER_ERRORS as e:
+    except UserError as e:
         err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 

@@ -48,8 +48,7 @@ _TOKEN_FILE_SUFFIXES = (".bin", ".u16")
 _ALLOWED_SOURCES = "'synthetic', a .bin/.u16 uint16 token file, a .txt file, or a folder of .txt files"
 
 
-class DataError(ValueError):
-    """A data source or request that cannot give batches, in one line naming the source."""
+from dsbench.errors import DataError  # noqa: E402,F401 (kept importable from here)
 
 
 # --- seeded integer draws ---------------------------------------------------------------------

@@ -43,8 +43,7 @@ OFFICIAL_MODELS = ("deepseek-v3", "deepseek-v2", "deepseek-v2-lite", "deepseek-m
 FP8_BLOCK = 128  # V3's checkpoint stores one FP32 scale per 128×128 block of each FP8 weight
 
 
-class OfficialConfigError(ValueError):
-    """An official config that cannot be read, in one line."""
+from dsbench.errors import OfficialConfigError  # noqa: E402,F401 (kept importable from here)
 
 
 @dataclass(frozen=True)

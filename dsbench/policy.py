@@ -17,14 +17,11 @@ from pathlib import Path
 
 from dsbench.metrics import default_check_rules
 from dsbench.spec import check_choice
+from dsbench.errors import PolicyError
 
 RULES = ("exact", "relative", "absolute", "ignore")
 DIRECTIONS = ("both", "higher", "lower")
 POLICY_VERSION = 1
-
-
-class PolicyError(ValueError):
-    """A policy file that cannot be used, in one line: key, value, what is allowed."""
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,11 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from torch.profiler import ProfilerActivity
 
 from dsbench import roofline
+from dsbench.errors import ResultsError, UsageError
 from dsbench.spec import Cell
+from dsbench.task import ProfileOptions, Runtime
 from dsbench.variants import profiling
+from dsbench.workloads import workload_of
 
 PROFILES_DIR = "profiles"
 TRACE_FILE = "trace.json.gz"  # gzip: a tenth of the size; Perfetto and chrome://tracing open it as it is
@@ -48,12 +51,6 @@ COVERAGE_TARGET = 0.90  # the share of step time the named parts must explain
 TIMER_TOLERANCE = 0.05  # profiler's step total vs StepTimer's, same steps (host clock)
 
 
-@dataclass(frozen=True)
-class ProfileOptions:
-    steps: int = 3  # profiled steps (train, prefill); decode profiles one round of new_tokens tokens
-    warmup: int = 1  # unprofiled-in-the-table steps first (optimizer state, caches, autotuning)
-
-
 def profile_folder(results_root: Path, cell_id: str) -> Path:
     return Path(results_root) / PROFILES_DIR / cell_id
 
@@ -61,29 +58,19 @@ def profile_folder(results_root: Path, cell_id: str) -> Path:
 # --- the profiled pass ---
 
 
-def profiled_settings(cell: Cell, options: ProfileOptions) -> tuple[dict, int]:
-    """(workload settings, repeats) of the profiled pass: the cell's shapes, fewer steps."""
-    settings = dict(cell.workload)
-    if cell.axes["workload"] == "train":
-        settings.update(steps=options.warmup + options.steps, eval_batches=0)
-    repeats = 1 if cell.axes["workload"] == "decode" else options.steps  # decode: one round of N tokens
-    return settings, repeats
-
-
-def profile_cell(ctx, cell: Cell, runtime: dict, folder: Path, unprofiled_step_s: float | None,
+def profile_cell(ctx, cell: Cell, runtime: Runtime, folder: Path, unprofiled_step_s: float | None,
                  options: ProfileOptions = ProfileOptions()) -> dict:
     """Run the profiled pass on an already-built context; write the files; return the summary."""
-    from dsbench.workloads import WORKLOADS
-
     folder.mkdir(parents=True, exist_ok=True)
     profiling.label_modules(ctx.model)
-    settings, repeats = profiled_settings(cell, options)
+    workload = workload_of(cell)
+    settings, repeats = workload.profiled(cell.workload, options)
     pass_ctx = dataclasses.replace(ctx, warmup=options.warmup, repeats=repeats, observe=False)
     on_cuda = ctx.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     memory = MemoryRecorder(ctx.model, ctx.device)
     with profiling.enabled(), memory, torch.profiler.profile(activities=activities, record_shapes=True, profile_memory=True) as prof:
-        run = WORKLOADS[cell.axes["workload"]](pass_ctx, settings)
+        run = workload.run(pass_ctx, settings)
     trace_path = folder / TRACE_FILE
     prof.export_chrome_trace(str(trace_path))
     if on_cuda:
@@ -326,7 +313,7 @@ def memory_table(cell: Cell, memory: MemoryRecorder, run, trace_path: Path, on_c
     params = {_storage_key(p): p.untyped_storage().nbytes() for p in memory.model.parameters()}
     kv_per_token = run.summary.get("kv_cache_bytes_per_token_measured")
     w = cell.workload
-    slots = w.get("context_len", 0) + w.get("new_tokens", 0) if cell.axes["workload"] == "decode" else w.get("seq_len", 0)
+    slots = workload_of(cell).cache_slots(w)
     saved = max(memory.saved_bytes_by_step) if memory.saved_bytes_by_step else None
     peak = max(memory.cuda_step_peaks) if on_cuda and memory.cuda_step_peaks else step_peak_from_trace(trace_path)
     rows = [
@@ -365,9 +352,9 @@ def step_peak_from_trace(trace_path: Path) -> int | None:
     return int(max(peaks))
 
 
-def write_profile(cell: Cell, runtime: dict, folder: Path, split: Split, run, memory: MemoryRecorder,
+def write_profile(cell: Cell, runtime: Runtime, folder: Path, split: Split, run, memory: MemoryRecorder,
                   trace_path: Path, unprofiled_step_s: float | None, on_cuda: bool) -> dict:
-    roof = roofline.ceilings(runtime, cell.device)
+    roof = roofline.ceilings(dataclasses.asdict(runtime), cell.device)
     parts = parts_table(split, roofline.part_costs(cell), roof)
     mem = memory_table(cell, memory, run, trace_path, on_cuda)
     parts.to_csv(folder / "parts.csv", index=False)
@@ -432,8 +419,6 @@ def row_columns(summary: dict, folder: Path, root: Path) -> dict:
 
 def find_cell(cells: list[Cell], cell_id: str, where: str) -> Cell:
     """The cell whose id starts with `cell_id` (ids are 12 hex digits; a unique prefix will do)."""
-    from dsbench.runner import UsageError
-
     matches = [c for c in cells if c.cell_id.startswith(cell_id)]
     if len(matches) == 1:
         return matches[0]
@@ -446,7 +431,7 @@ def find_cell(cells: list[Cell], cell_id: str, where: str) -> Cell:
 
 def spec_of_results(folder: Path):
     """(spec, device) a results folder was run with, read back from its run.json."""
-    from dsbench.results import ResultsError, ResultStore
+    from dsbench.results import ResultStore
     from dsbench.spec import SweepSpec
 
     info = ResultStore(folder).read_run_info() if Path(folder).is_dir() else None

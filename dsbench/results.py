@@ -23,8 +23,7 @@ FIRST_COLUMNS = ("run_id", "cell_id", "status", "error", "label", "workload", "f
 SERIES_COLUMNS = ("run_id", "cell_id", "step", "metric", "value", "layer", "index", "domain")
 
 
-class ResultsError(ValueError):
-    """A results folder that cannot be read, in one line."""
+from dsbench.errors import ResultsError  # noqa: E402,F401 (kept importable from here)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

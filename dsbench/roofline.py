@@ -23,21 +23,19 @@ from dsbench.spec import Cell
 from dsbench.variants import registry
 from dsbench.variants.base import PartCost, PassShape
 from dsbench.variants.precision import PRECISIONS, dtype_bytes
-
-ADAMW_STATE_PASSES = 7  # read param, grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq
-GRAD_CLIP_PASSES = 3  # read every gradient for the norm; read and write it to scale
+from dsbench.workloads import workload_of
 
 
 def part_costs(cell: Cell) -> dict[str, PartCost]:
     """FLOPs and compulsory bytes per step of every part the cell's step runs."""
-    cfg, workload = cell.model, cell.axes["workload"]
+    cfg, workload = cell.model, workload_of(cell)
     precision = PRECISIONS[cfg.precision]
-    train = workload == "train"
+    train = workload.trains
     act = dtype_bytes(precision.autocast_dtype or precision.inference_dtype) if train else dtype_bytes(precision.inference_dtype)
     weight = 4 if train else dtype_bytes(precision.inference_dtype)  # train: FP32 master weights
     N = accounting.tokens_per_step(cell)
     ctx = accounting.mean_context_len(cell)
-    decode = workload == "decode"
+    decode = workload.decodes  # timed tokens from the cache: attention reads all of it
     C, V = cfg.d_model, cfg.vocab_size
     costs: dict[str, PartCost] = {}
 
@@ -55,16 +53,7 @@ def part_costs(cell: Cell) -> dict[str, PartCost]:
                 costs.setdefault(name, PartCost()).add(cost.flops, cost.bytes)
     add("residual", 0.0, cfg.n_layers * 2 * 3 * N * C * act)  # two adds a block: read both, write one
     add("lm_head", 2 * C * V, C * V * weight + N * (C + V) * act)
-    if train:
-        for cost in costs.values():  # backward: 2× the forward's FLOPs and traffic
-            cost.flops *= 3
-            cost.bytes = None if cost.bytes is None else 3 * cost.bytes
-        params = accounting.accounting(cell)["params_total"]
-        add("loss", 0.0, N * V * (act + 4) * 3)  # logits read, FP32 copy; its backward writes dlogits
-        costs["grad_clip"] = PartCost(0.0, GRAD_CLIP_PASSES * 4 * params)
-        costs["optimizer"] = PartCost(0.0, ADAMW_STATE_PASSES * 4 * params)
-    if decode:
-        add("sample", 0.0, N * V * act)
+    workload.add_step_costs(cell, costs, add, act)
     if precision.fp8_recipe:
         costs["fp8_quant"] = PartCost(0.0, None)
     return costs

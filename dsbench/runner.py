@@ -19,25 +19,20 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from dsbench import __version__
 from dsbench.accounting import static_row
+from dsbench.errors import SpecError, UsageError
 from dsbench.results import SCHEMA_VERSION, ResultStore
-from dsbench.spec import Cell, SpecError, SweepSpec, expand
-
-if TYPE_CHECKING:
-    from dsbench.profile import ProfileOptions
+from dsbench.spec import Cell, SweepSpec, expand
+from dsbench.task import CellResult, CellTask, ProfileOptions, ProfileRequest, Runtime, TaskFormatError
+from dsbench.workloads import WORKLOADS
 
 PROBE_TIMEOUT_S = 300
 PROFILE_TIMEOUT_FACTOR = 2  # a profiled cell runs its workload twice (measured, then profiled)
-
-
-class UsageError(ValueError):
-    """A command-line or folder problem, in one line (exit 2)."""
 
 
 @dataclass
@@ -89,7 +84,7 @@ def git_state() -> dict:
 # --- one cell ---
 
 
-def run_cell_process(cell: Cell, store: ResultStore, runtime: dict, timeout_s: float, profile: ProfileOptions | None = None) -> dict:
+def run_cell_process(cell: Cell, store: ResultStore, runtime: Runtime, timeout_s: float, profile: ProfileOptions | None = None) -> CellResult:
     """Run one cell in a fresh interpreter; always returns a result, whatever happened to it.
 
     profile: the worker also profiles the cell into <out>/profiles/<cell_id>.
@@ -97,10 +92,9 @@ def run_cell_process(cell: Cell, store: ResultStore, runtime: dict, timeout_s: f
     task_path = store.work_dir / f"{cell.cell_id}.task.json"
     result_path = store.work_dir / f"{cell.cell_id}.result.json"
     result_path.unlink(missing_ok=True)
-    task = {"cell": cell.to_json(), "runtime": {**runtime, "spawn_time": time.time()}}
-    if profile is not None:
-        task["profile"] = {"options": dataclasses.asdict(profile), "root": str(store.root)}
-    task_path.write_text(json.dumps(task))
+    request = None if profile is None else ProfileRequest(str(store.root), profile)
+    task = CellTask(cell, dataclasses.replace(runtime, spawn_time=time.time()), request)
+    task_path.write_text(task.to_json())
     log_path = store.logs_dir / f"{cell.cell_id}.log"
     start = time.perf_counter()
     with open(log_path, "w") as log:
@@ -119,8 +113,11 @@ def run_cell_process(cell: Cell, store: ResultStore, runtime: dict, timeout_s: f
             _kill(proc)
             raise
     if result_path.exists():
-        result = json.loads(result_path.read_text())
-        result["row"]["cell_wall_s"] = time.perf_counter() - start
+        try:
+            result = CellResult.from_json(result_path.read_text())
+        except TaskFormatError as e:  # a worker of another version: this cell fails, the sweep goes on
+            return _failure("error", f"worker wrote a result this runner cannot read: {e}", start)
+        result.row["cell_wall_s"] = time.perf_counter() - start
         return result
     return _failure(*_death_status(returncode, log_path), start)
 
@@ -155,8 +152,8 @@ def _death_status(returncode: int, log_path: Path) -> tuple[str, str]:
     return "error", f"worker exited with code {returncode} before writing a result{tail}"
 
 
-def _failure(status: str, message: str, start: float) -> dict:
-    return {"status": status, "error": message, "row": {"cell_wall_s": time.perf_counter() - start}, "series": []}
+def _failure(status: str, message: str, start: float) -> CellResult:
+    return CellResult(status, message, {"cell_wall_s": time.perf_counter() - start}, [])
 
 
 # --- the sweep ---
@@ -262,16 +259,21 @@ def _run_cells(cells: list[Cell], order: dict[str, int], store: ResultStore, inf
             if interrupted is not None and interrupted.is_set():
                 raise KeyboardInterrupt
             progress.update(task, description=cell.label())
-            runtime = {**info["probe"]["peaks"].get(cell.model.precision, {}), "threads": spec.measure.threads}
             timeout_s = spec.measure.timeout_s * (PROFILE_TIMEOUT_FACTOR if profile else 1)
-            result = run_cell_process(cell, store, runtime, timeout_s, profile)
-            row = {"run_id": info["run_id"], "status": result["status"], "error": result["error"], **static_row(cell), **result["row"]}
+            result = run_cell_process(cell, store, cell_runtime(info, cell, spec), timeout_s, profile)
+            row = {"run_id": info["run_id"], "status": result.status, "error": result.error, **static_row(cell), **result.row}
             row["cell_index"] = order[cell.cell_id]
-            store.write_cell(row, result["series"])
+            store.write_cell(row, result.series)
             outcome.ran += 1
-            outcome.failed += result["status"] != "ok"
+            outcome.failed += result.status != "ok"
             progress.console.print(_cell_line(row))
             progress.advance(task)
+
+
+def cell_runtime(info: dict, cell: Cell, spec: SweepSpec) -> Runtime:
+    """The probe's peak for the cell's precision (none recorded: MFU stays empty) and its threads."""
+    peak = info["probe"]["peaks"].get(cell.model.precision, {})
+    return Runtime(peak.get("peak_flops_per_s"), peak.get("peak_source", "unknown"), peak.get("calibration"), spec.measure.threads)
 
 
 def _cell_line(row: dict) -> str:
@@ -308,11 +310,10 @@ def check_data(spec: SweepSpec) -> None:
     from dsbench.spec import base_config
 
     data = load_dataset(spec.data, spec.seed)
-    data.check_vocab(base_config(spec).vocab_size)
-    workloads = spec.axes["workload"]
-    lengths = ([spec.train.seq_len] if "train" in workloads else []) + (list(spec.prefill.seq_lens) if "prefill" in workloads else [])
-    lengths += list(spec.decode.context_lens) if "decode" in workloads else []
-    for seq_len in lengths:
-        data.check_seq_len(seq_len, "train")
-    if "train" in workloads and spec.train.eval_batches:
-        data.check_seq_len(spec.train.seq_len, "eval")
+    needs: dict = {}  # ordered, deduplicated
+    for _, point in spec.each_point():  # every [[sweep]] block and dotted-axis point
+        data.check_vocab(base_config(point).vocab_size)
+        needs.update(dict.fromkeys(need for name, workload in WORKLOADS.items() if name in point.axes["workload"]
+                                   for need in workload.data_lengths(getattr(point, name))))
+    for seq_len, split in sorted(needs, key=lambda need: need[1] != "train"):  # the training split first
+        data.check_seq_len(seq_len, split)

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from dsbench.variants import decoder, registry
-from dsbench.variants.precision import PRECISIONS, dtype_bytes
+from dsbench.errors import SpecError
+from dsbench.workloads import WORKLOADS, DecodeSettings, PrefillSettings, TrainSettings, max_batch  # noqa: F401 (importable from here)
+from dsbench.variants import registry
 from dsbench.variants.config import MODEL_FIELDS, SIZES, ModelConfig
 
 AXES = ("workload", "ffn", "attention", "precision", "balance")  # expansion order
@@ -29,46 +30,11 @@ DEVICES = ("auto", "cpu", "cuda")
 SPEC_VERSION = 1
 
 
-class SpecError(ValueError):
-    """A spec problem, in one line: key, value, what is allowed."""
-
-
 # --- settings sections: each field's type and bounds drive validation ---
 
 
 def _min(value):
     return field(default=None, metadata={"min": value})
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    steps: int = 50
-    batch_size: int = 8
-    seq_len: int = 128
-    lr: float = 3e-3
-    weight_decay: float = field(default=0.1, metadata={"min": 0})
-    beta1: float = field(default=0.9, metadata={"min": 0, "max_exclusive": 1})
-    beta2: float = field(default=0.95, metadata={"min": 0, "max_exclusive": 1})
-    grad_clip: float = field(default=1.0, metadata={"min": 0})  # 0 = no clipping
-    eval_batches: int = field(default=4, metadata={"min": 0})
-
-
-@dataclass(frozen=True)
-class PrefillSettings:
-    batch_size: int = 4
-    seq_lens: tuple[int, ...] = (128,)
-
-
-@dataclass(frozen=True)
-class DecodeSettings:
-    batch_size: int = 4
-    context_lens: tuple[int, ...] = (128,)
-    new_tokens: int = 32
-    # Maximum generation throughput (the quantity of DeepSeek-V2's "5.76×"): with a budget, each
-    # context of max_batch_context_lens (default: all context_lens) also gets a decode cell at the
-    # largest batch whose weights and KV cache (analytic, context + new_tokens slots a row) fit.
-    memory_budget_bytes: int | None = None
-    max_batch_context_lens: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -81,7 +47,7 @@ class MeasureSettings:
     threads: int = field(default=0, metadata={"min": 0})  # torch threads per cell; 0 = the cores free when the cell starts, or OMP_NUM_THREADS (contention.py)
 
 
-SECTIONS = {"train": TrainSettings, "prefill": PrefillSettings, "decode": DecodeSettings, "measure": MeasureSettings}
+SECTIONS = {**{name: w.Settings for name, w in WORKLOADS.items()}, "measure": MeasureSettings}
 # Fields the axes set; a section may not set them directly.
 AXIS_FIELDS = {("attention", "kind"): "attention", ("attention", "mla_impl"): "attention", ("ffn", "kind"): "ffn",
                ("ffn", "balance"): "balance", ("model", "precision"): "precision"}
@@ -178,9 +144,7 @@ class Cell:
         if a["balance"] != "n/a":
             parts.append(a["balance"])
         parts += [f"{k}={v}" for k, v in a.items() if k not in AXES and v != "n/a"]
-        w = self.workload
-        batch = f"b{w['batch_size']}" + (f"(max@{w['memory_budget_bytes'] / 2**20:.4g}MiB)" if "memory_budget_bytes" in w else "")
-        shape = f"{batch}×" + (f"ctx{w['context_len']}+{w['new_tokens']}" if "context_len" in w else f"t{w['seq_len']}")
+        shape = WORKLOADS[a["workload"]].shape_label(self.workload)
         replicate = self.measure.get("replicate", 0)
         return "/".join(parts) + " " + shape + (f" #{replicate}" if replicate else "")
 
@@ -527,22 +491,7 @@ def _check_combinations(spec: SweepSpec) -> None:
             if problem:
                 raise SpecError(problem)
     _check_distinct_variants(spec)
-    limit = cfg.max_seq_len
-    workloads = spec.axes["workload"]
-    if "train" in workloads:
-        if spec.train.seq_len > limit:
-            raise SpecError(f"train.seq_len: {spec.train.seq_len} exceeds model.max_seq_len {limit}")
-        if spec.measure.warmup >= spec.train.steps:
-            raise SpecError(f"measure.warmup: {spec.measure.warmup} leaves no timed step of train.steps {spec.train.steps}; use warmup < steps")
-    if "prefill" in workloads:
-        for T in spec.prefill.seq_lens:
-            if T > limit:
-                raise SpecError(f"prefill.seq_lens: {T} exceeds model.max_seq_len {limit}")
-    if "decode" in workloads:
-        for L in spec.decode.context_lens:
-            if L + spec.decode.new_tokens > limit:
-                raise SpecError(f"decode.context_lens: {L} + decode.new_tokens {spec.decode.new_tokens} exceeds model.max_seq_len {limit}")
-        _check_max_batch(spec)
+    _check_workloads(spec)
 
 
 def _check_distinct_variants(spec: SweepSpec) -> None:
@@ -562,24 +511,11 @@ def _check_distinct_variants(spec: SweepSpec) -> None:
             built[key] = kind
 
 
-def _check_max_batch(spec: SweepSpec) -> None:
-    d = spec.decode
-    if d.max_batch_context_lens is not None:
-        if d.memory_budget_bytes is None:
-            raise SpecError("decode.max_batch_context_lens: set without decode.memory_budget_bytes; set the budget too")
-        for L in d.max_batch_context_lens:
-            if L not in d.context_lens:
-                raise SpecError(f"decode.max_batch_context_lens: {L} is not one of decode.context_lens {list(d.context_lens)}")
-    if d.memory_budget_bytes is None:
-        return
-    for axes, cfg in _cell_configs(dataclasses.replace(spec, axes={**spec.axes, "workload": ("decode",)})):
-        for L in d.max_batch_context_lens or d.context_lens:
-            if max_batch(cfg, d.memory_budget_bytes, L + d.new_tokens) < 1:
-                what = "/".join(axes[a] for a in ("ffn", "attention", "precision"))
-                width = dtype_bytes(PRECISIONS[cfg.precision].inference_dtype)
-                need = decoder.weight_bytes(cfg, width) + decoder.kv_cache_bytes_per_token(cfg, width) * (L + d.new_tokens)
-                raise SpecError(f"decode.memory_budget_bytes: {d.memory_budget_bytes} does not hold one sequence of "
-                                f"{what} at context {L} + {d.new_tokens} (weights and KV cache: {need} bytes); raise it")
+def _check_workloads(spec: SweepSpec) -> None:
+    """Each workload that runs checks its own section against the cells it would build."""
+    for name, workload in WORKLOADS.items():
+        if name in spec.axes["workload"]:
+            workload.check(spec, list(_cell_configs(dataclasses.replace(spec, axes={**spec.axes, "workload": (name,)}))))
 
 
 # --- expansion ---
@@ -598,33 +534,6 @@ def part_configs(spec: SweepSpec, kinds: dict, balance: str, precision: str = "f
 def base_config(spec: SweepSpec) -> ModelConfig:
     """The model of the first values of the axes (what the model-wide checks look at)."""
     return part_configs(spec, {"attention": spec.axes["attention"][0], "ffn": spec.axes["ffn"][0]}, "n/a")
-
-
-def _workload_settings(spec: SweepSpec, workload: str, cfg: ModelConfig) -> list[dict]:
-    if workload == "train":
-        return [dataclasses.asdict(spec.train)]
-    if workload == "prefill":
-        return [{"batch_size": spec.prefill.batch_size, "seq_len": T} for T in spec.prefill.seq_lens]
-    d = spec.decode
-    cells = [{"batch_size": d.batch_size, "context_len": L, "new_tokens": d.new_tokens} for L in d.context_lens]
-    if d.memory_budget_bytes is not None:
-        for L in d.max_batch_context_lens or d.context_lens:
-            batch = max_batch(cfg, d.memory_budget_bytes, L + d.new_tokens)
-            cells.append({"batch_size": batch, "context_len": L, "new_tokens": d.new_tokens, "memory_budget_bytes": d.memory_budget_bytes})
-    return cells
-
-
-def max_batch(cfg: ModelConfig, budget_bytes: int, positions: int) -> int:
-    """The largest batch whose weights and KV cache (`positions` slots a row) fit budget_bytes.
-
-    Analytic, from the same formulas as the accounting columns (parameter count × the inference
-    dtype's bytes, and the KV bytes per token that the tests check against the live caches).
-    Activations are not counted: at decode they are O(batch × d_model), beside O(batch × context)
-    for the cache; the prefill that fills the cache is the larger transient.
-    """
-    width = dtype_bytes(PRECISIONS[cfg.precision].inference_dtype)
-    free = budget_bytes - decoder.weight_bytes(cfg, width)
-    return max(0, free // (decoder.kv_cache_bytes_per_token(cfg, width) * positions))
 
 
 def _cell_configs(spec: SweepSpec):
@@ -648,7 +557,8 @@ def expand(spec: SweepSpec, device: str) -> list[Cell]:
         replicas = [measure] + [{**measure, "replicate": r} for r in range(1, point.measure.replicates)]
         for axes, cfg in _cell_configs(point):
             axes = {**axes, **{k: v if _applies(k, axes) else "n/a" for k, v in dotted.items()}}
-            for settings in _workload_settings(point, axes["workload"], cfg):
+            workload = WORKLOADS[axes["workload"]]
+            for settings in workload.cells(getattr(point, workload.name), cfg):
                 for replica in replicas:
                     cell = Cell(axes, cfg, settings, replica, spec.seed, spec.data, device, spec.plugins)
                     cells.setdefault(cell.cell_id, cell)

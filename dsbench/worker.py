@@ -10,7 +10,6 @@ whose id or label contains SELECTOR fail with KIND (raise, oom, hang, nan, segfa
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -24,9 +23,10 @@ from dsbench.contention import ContentionMeter, choose_threads
 from dsbench.data import load_dataset
 from dsbench.measure import NvmlSampler, current_rss_bytes, peak_memory, reset_peak_memory, summarize
 from dsbench.spec import Cell
+from dsbench.task import CellResult, CellTask, ProfileRequest, Runtime
 from dsbench.variants.decoder import build_model
 from dsbench.variants.precision import PRECISIONS
-from dsbench.workloads import WORKLOADS, Context, Diverged, WorkloadRun, point
+from dsbench.workloads import Context, Diverged, WorkloadRun, point, workload_of
 
 OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory", "cannot allocate memory")
 
@@ -68,22 +68,22 @@ def _apply_fault(kind: str, cell: Cell, model: torch.nn.Module) -> None:
         os._exit(3)
 
 
-def measure_cell(cell: Cell, runtime: dict, profile: dict | None = None) -> tuple[dict, list]:
+def measure_cell(cell: Cell, runtime: Runtime, profile: ProfileRequest | None = None) -> tuple[dict, list]:
     """Build the model, run the workload, and return (metrics row, series rows).
 
-    profile ({"options": ProfileOptions as a dict, "root": results folder}): afterwards, profile
-    the cell (dsbench/profile.py).
+    profile: afterwards, profile the cell (dsbench/profile.py).
     """
     device = torch.device(cell.device)
     precision = PRECISIONS[cell.model.precision]
-    threads, threads_source = choose_threads(int(runtime.get("threads", 0)))
+    workload = workload_of(cell)
+    threads, threads_source = choose_threads(runtime.threads)
     torch.set_num_threads(threads)
     setup_start = time.perf_counter()
     data = load_dataset(cell.data, cell.seed)
     data.check_vocab(cell.model.vocab_size)
     torch.manual_seed(cell.seed)
     model = build_model(cell.model).to(device)
-    if cell.axes["workload"] != "train":
+    if not workload.trains:
         model = model.to(precision.inference_dtype)
     inject_fault(cell, model)
     ctx = Context(model, data, device, precision, cell.measure["warmup"], cell.measure["repeats"])
@@ -92,7 +92,7 @@ def measure_cell(cell: Cell, runtime: dict, profile: dict | None = None) -> tupl
     reset_peak_memory(device)
     workload_start = time.perf_counter()
     with NvmlSampler(device) as nvml, ContentionMeter(threads) as contention:
-        run = WORKLOADS[cell.axes["workload"]](ctx, cell.workload)
+        run = workload.run(ctx, cell.workload)
     workload_s = time.perf_counter() - workload_start
     row = {"setup_s": setup_s, "workload_wall_s": workload_s, "rss_before_workload_bytes": rss_before,
            "torch_num_threads": threads, "threads_source": threads_source}
@@ -110,16 +110,15 @@ def measure_cell(cell: Cell, runtime: dict, profile: dict | None = None) -> tupl
     return row, series
 
 
-def profile_columns(ctx: Context, cell: Cell, runtime: dict, profile: dict, unprofiled_step_s: float) -> dict:
+def profile_columns(ctx: Context, cell: Cell, runtime: Runtime, profile: ProfileRequest, unprofiled_step_s: float) -> dict:
     """Profile the cell after its measured run (so the profiler never touches measured steps)."""
     from pathlib import Path
 
     from dsbench import profile as profile_lib
 
-    root = Path(profile["root"])
+    root = Path(profile.root)
     folder = profile_lib.profile_folder(root, cell.cell_id)
-    options = profile_lib.ProfileOptions(**profile["options"])
-    summary = profile_lib.profile_cell(ctx, cell, runtime, folder, unprofiled_step_s, options)
+    summary = profile_lib.profile_cell(ctx, cell, runtime, folder, unprofiled_step_s, profile.options)
     return profile_lib.row_columns(summary, folder, root)
 
 
@@ -147,28 +146,26 @@ def energy_columns(nvml: dict, run: WorkloadRun) -> dict:
     return {**nvml, "energy_j_per_token": None if energy is None else energy / tokens}
 
 
-def mfu_columns(cell: Cell, tokens_per_s: float, runtime: dict) -> dict:
+def mfu_columns(cell: Cell, tokens_per_s: float, runtime: Runtime) -> dict:
     achieved = accounting.flops_per_token(cell) * tokens_per_s
-    peak = runtime.get("peak_flops_per_s")
+    peak = runtime.peak_flops_per_s
     return {
         "model_flops_per_s": achieved,
         "peak_flops_per_s": peak,
-        "peak_source": runtime.get("peak_source", "unknown"),
+        "peak_source": runtime.peak_source,
         "mfu": achieved / peak if peak else None,
     }
 
 
-def run_task(task: dict) -> dict:
-    cell = Cell.from_json(task["cell"])
-    runtime = task.get("runtime", {})
-    startup_s = time.time() - runtime["spawn_time"] if "spawn_time" in runtime else None
+def run_task(task: CellTask) -> CellResult:
+    startup_s = time.time() - task.runtime.spawn_time if task.runtime.spawn_time is not None else None
     try:
-        row, series = measure_cell(cell, runtime, task.get("profile"))
-        return {"status": "ok", "error": None, "row": {"worker_startup_s": startup_s, **row}, "series": series}
+        row, series = measure_cell(task.cell, task.runtime, task.profile)
+        return CellResult("ok", None, {"worker_startup_s": startup_s, **row}, series)
     except Exception as exc:  # noqa: BLE001 — every failure becomes a recorded status
         traceback.print_exc()  # the whole trace goes to the cell's log; the row keeps the last line
         status, message = classify(exc)
-        return {"status": status, "error": message, "row": {"worker_startup_s": startup_s}, "series": []}
+        return CellResult(status, message, {"worker_startup_s": startup_s}, [])
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -183,9 +180,8 @@ def write_atomic(path: str, text: str) -> None:
 def main(argv: list[str]) -> int:
     task_path, result_path = argv
     with open(task_path) as f:
-        task = json.load(f)
-    result = run_task(task)
-    write_atomic(result_path, json.dumps(result, allow_nan=True))
+        task = CellTask.from_json(f.read())
+    write_atomic(result_path, run_task(task).to_json())
     return 0
 
 

@@ -94,3 +94,31 @@ def test_presets_command_lists_every_preset():
     assert done.returncode == 0
     for name in ("smoke", "ci", "cpu-small", "gpu-small", "gpu-medium"):
         assert name in done.stdout
+
+
+def test_every_user_error_is_one_type_the_cli_catches_and_stays_importable_where_it_was():
+    import importlib
+
+    from dsbench import errors
+
+    homes = {"SpecError": "spec", "UsageError": "runner", "DataError": "data", "ResultsError": "results",
+             "PolicyError": "check", "OfficialConfigError": "official", "AbError": "ab"}
+    for name, module in homes.items():
+        cls = getattr(errors, name)
+        assert issubclass(cls, errors.UserError) and issubclass(cls, ValueError)
+        assert getattr(importlib.import_module(f"dsbench.{module}"), name) is cls
+    defined = {n for n, v in vars(errors).items() if isinstance(v, type) and issubclass(v, errors.UserError)}
+    assert defined == set(homes) | {"UserError"}
+
+
+def test_the_cli_turns_any_user_error_into_exit_2_and_lets_bugs_through():
+    import typer
+
+    from dsbench import cli, errors
+
+    # OfficialConfigError was missing from the CLI's old list of error types; the base class covers it.
+    with pytest.raises(typer.Exit) as exit_info, cli.user_errors():
+        raise errors.OfficialConfigError("official config: unknown model 'gpt-5'; allowed: deepseek-v3")
+    assert exit_info.value.exit_code == 2
+    with pytest.raises(KeyError), cli.user_errors():  # not bad input: a bug keeps its traceback
+        raise KeyError("ffn")

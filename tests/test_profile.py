@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pandas as pd
@@ -15,6 +14,7 @@ from dsbench import profile as profile_lib
 from dsbench.profile import OTHER, attribute, read_trace
 from dsbench.results import load_results
 from dsbench.spec import expand, parse_spec
+from dsbench.task import ProfileRequest, Runtime
 from dsbench.variants import profiling, registry
 from dsbench.variants.decoder import build_model
 from dsbench.worker import measure_cell
@@ -36,10 +36,10 @@ def tiny_cell(workload="train", ffn="dense", attention="mha", precision="fp32", 
     return cell
 
 
-def profiled(tmp_path, cell, runtime=None) -> tuple[dict, dict]:
+def profiled(tmp_path, cell) -> tuple[dict, dict]:
     """(results row, profile summary) of one cell measured and profiled in this process."""
-    options = dataclasses.asdict(profile_lib.ProfileOptions(steps=2))
-    row, _ = measure_cell(cell, runtime or {}, {"root": str(tmp_path), "options": options})
+    request = ProfileRequest(str(tmp_path), profile_lib.ProfileOptions(steps=2))
+    row, _ = measure_cell(cell, Runtime(), request)
     return row, profile_lib.load_profile(tmp_path / row["profile_dir"])
 
 

@@ -144,3 +144,21 @@ def test_results_tables_schema(tiny_spec_file, tmp_path):
     timed = series[(series.cell_id == train_id) & (series.metric == "step_time_ms")]
     assert len(timed) == 5  # 6 steps minus 1 warm-up
     assert set(series[series.metric == "loss_by_domain"]["domain"]) <= {"words", "arith", "markov", "code", "dna"}
+
+
+def test_a_result_the_runner_cannot_read_fails_that_cell_only(tiny_spec_file, tmp_path, monkeypatch):
+    """A worker of another dsbench version (a result field unknown here): the cell is an error
+    naming the field, and the sweep goes on."""
+    from dsbench.task import CellResult, TaskFormatError
+
+    def newer_worker(text):
+        raise TaskFormatError("result.rows: unknown field; expected: status, error, row, series")
+
+    monkeypatch.setattr(CellResult, "from_json", staticmethod(newer_worker))
+    spec = spec_lib.load_spec_file(tiny_spec_file(workloads=("prefill",), seq_lens=(8, 16)))
+    outcome = run_sweep(spec, out=tmp_path / "run")
+    cells = load_results(tmp_path / "run").cells
+    assert outcome.ran == 2 and outcome.failed == 2
+    assert (cells["status"] == "error").all()
+    assert cells["error"].str.contains("cannot read: result.rows: unknown field").all()
+    assert cells["params_total"].notna().all()

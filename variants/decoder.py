@@ -5,7 +5,12 @@ Legend: B batch, T tokens in this call, C model width, V vocabulary.
 
 from __future__ import annotations
 
+import functools
+import operator
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import registry
@@ -36,6 +41,25 @@ class Block(nn.Module):
             h = self.ffn(h)
         with part("residual", self):
             return x + h
+
+
+@dataclass
+class ModelOutput:
+    """What a forward with targets gives every workload that takes a loss (train, eval, probes)."""
+
+    logits: torch.Tensor  # (B, T, V)
+    losses: dict[str, torch.Tensor]  # named scalars: "lm" (mean cross-entropy), "aux" (MoE balance), …
+    lm_loss_per_row: torch.Tensor  # (B,) fp32: the harness reports loss by each row's data domain
+
+    def total(self) -> torch.Tensor:
+        """The training objective: the sum of the named losses, in their insertion order."""
+        return functools.reduce(operator.add, self.losses.values())
+
+
+def lm_loss_per_row(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, T, V), (B, T) → (B,) mean cross-entropy per row, in fp32."""
+    per_token = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    return per_token.view(targets.shape).mean(dim=1)
 
 
 class Decoder(nn.Module):
@@ -76,6 +100,20 @@ class Decoder(nn.Module):
         x = self.norm(x)
         with part("lm_head", self.head):
             return self.head(x)  # (B, T, V)
+
+    def forward_losses(self, tokens: torch.Tensor, targets: torch.Tensor) -> ModelOutput:
+        """forward() from position 0 without caches, and the named losses against targets (B, T).
+
+        A part that adds a training loss (MTP, an indexer's KL) adds its name here; train sums
+        the dict, so no workload changes."""
+        logits = self(tokens)
+        with part("loss"):
+            per_row = lm_loss_per_row(logits, targets)
+            losses = {"lm": per_row.mean()}
+            aux = self.aux_loss()
+            if aux is not None:
+                losses["aux"] = aux
+        return ModelOutput(logits, losses, per_row)
 
     def parts(self):
         """Every part module (attention and FFN of each block) with its layer index; the

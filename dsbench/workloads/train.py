@@ -1,0 +1,187 @@
+"""train: AdamW steps (forward, backward, clip, optimizer) on batch×seq tokens; loss every step."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from dsbench.errors import SpecError
+from dsbench.measure import StepTimer
+from dsbench.variants import decoder
+from dsbench.variants.fp8 import QuantisationProbe
+from dsbench.variants.profiling import part
+
+from .base import Context, WholeSequences, WorkloadRun, add_part_metrics, autocast, check_finite, point, to_device
+
+ADAMW_STATE_PASSES = 7  # read param, grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq
+GRAD_CLIP_PASSES = 3  # read every gradient for the norm; read and write it to scale
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int = 50
+    batch_size: int = 8
+    seq_len: int = 128
+    lr: float = 3e-3
+    weight_decay: float = field(default=0.1, metadata={"min": 0})
+    beta1: float = field(default=0.9, metadata={"min": 0, "max_exclusive": 1})
+    beta2: float = field(default=0.95, metadata={"min": 0, "max_exclusive": 1})
+    grad_clip: float = field(default=1.0, metadata={"min": 0})  # 0 = no clipping
+    eval_batches: int = field(default=4, metadata={"min": 0})
+
+
+class Train(WholeSequences):
+    name = "train"
+    Settings = TrainSettings
+    trains = True
+
+    def cells(self, section: TrainSettings, cfg) -> list[dict]:
+        return [dataclasses.asdict(section)]
+
+    def flops_per_token(self, cfg, settings: dict) -> float:
+        # Backward costs two forwards (activation and weight gradients): train = 3 × forward.
+        return 3 * super().flops_per_token(cfg, settings)
+
+    def data_lengths(self, section: TrainSettings) -> list[tuple[int, str]]:
+        return [(section.seq_len, "train")] + ([(section.seq_len, "eval")] if section.eval_batches else [])
+
+    def check(self, spec, configs) -> None:
+        limit = configs[0][1].max_seq_len
+        if spec.train.seq_len > limit:
+            raise SpecError(f"train.seq_len: {spec.train.seq_len} exceeds model.max_seq_len {limit}")
+        if spec.measure.warmup >= spec.train.steps:
+            raise SpecError(f"measure.warmup: {spec.measure.warmup} leaves no timed step of train.steps {spec.train.steps}; use warmup < steps")
+
+    def profiled(self, settings: dict, options) -> tuple[dict, int]:
+        return {**settings, "steps": options.warmup + options.steps, "eval_batches": 0}, options.steps
+
+    def add_step_costs(self, cell, costs: dict, add, act_bytes: int) -> None:
+        for cost in costs.values():  # backward: 2× the forward's FLOPs and traffic
+            cost.flops *= 3
+            cost.bytes = None if cost.bytes is None else 3 * cost.bytes
+        params = decoder.param_counts(cell.model)["params_total"]
+        add("loss", 0.0, self.tokens_per_step(cell.workload) * cell.model.vocab_size * (act_bytes + 4) * 3)  # logits read, FP32 copy; its backward writes dlogits
+        add("grad_clip", 0.0, GRAD_CLIP_PASSES * 4 * params)
+        add("optimizer", 0.0, ADAMW_STATE_PASSES * 4 * params)
+
+    def run(self, ctx: Context, settings: dict) -> WorkloadRun:
+        model, B, T = ctx.model, settings["batch_size"], settings["seq_len"]
+        model.train()
+        optimizer = make_optimizer(model, settings)
+        timer = StepTimer(ctx.device)
+        clip = settings["grad_clip"] or math.inf
+        row_losses, named_losses, grad_norms, domain_labels = [], [], [], []
+        for step in range(settings["steps"]):
+            inputs, targets, domains = to_device(ctx.data.batch(step, B, T), ctx.device)
+            model.set_token_domains(domains, ctx.data.domains)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, settings)
+            with timer.step(record=step >= ctx.warmup):
+                with autocast(ctx):
+                    out = model.forward_losses(inputs, targets)
+                    with part("loss"):
+                        total = out.total()
+                with part("autograd"):
+                    total.backward()
+                with part("grad_clip"):
+                    grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip).detach())
+                with part("optimizer"):
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                model.after_optimizer_step()
+            # Kept on the device and read once at the end: a per-step .item() would sync the GPU.
+            row_losses.append(out.lm_loss_per_row.detach())
+            named_losses.append({name: loss.detach() for name, loss in out.losses.items()})
+            domain_labels.append(domains)
+        losses = torch.stack(row_losses).float().cpu()  # (steps, B)
+        run = WorkloadRun(timer.samples_s(), self.tokens_per_step(settings), self.mean_context_len(settings))
+        check_finite(losses.mean(dim=1), "train loss")
+        run.series += _loss_series(losses, torch.stack(domain_labels), ctx.data.domains)
+        run.series += _named_loss_series(named_losses)
+        run.series += [point(s, "grad_norm", float(g)) for s, g in enumerate(torch.stack(grad_norms).cpu())]
+        tail = max(1, settings["steps"] // 10)
+        run.summary["final_loss"] = float(losses[-tail:].mean())
+        run.summary["first_loss"] = float(losses[0].mean())
+        run.summary.update(_evaluate(ctx, settings, run.series))
+        add_part_metrics(ctx, run)
+        if ctx.observe:
+            run.summary.update(_quantisation_stats(ctx, settings))
+        return run
+
+
+def make_optimizer(model: torch.nn.Module, settings: dict) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only, not on norms (as nanoGPT's configure_optimizers)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": settings["weight_decay"]},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=settings["lr"], betas=(settings["beta1"], settings["beta2"]))
+
+
+def lr_at(step: int, settings: dict) -> float:
+    """Linear warm-up over the first 10% of steps (at least one), then constant."""
+    ramp = max(1, settings["steps"] // 10)
+    return settings["lr"] * min(1.0, (step + 1) / ramp)
+
+
+def _named_loss_series(named_losses: list[dict]) -> list[tuple]:
+    """Each named loss but "lm" per step, as `loss.<name>` ("lm" is the `loss` series)."""
+    rows = []
+    for name in dict.fromkeys(n for step in named_losses for n in step if n != "lm"):
+        values = torch.stack([step[name].float() for step in named_losses]).cpu()
+        rows += [point(s, f"loss.{name}", float(v)) for s, v in enumerate(values)]
+    return rows
+
+
+def _quantisation_stats(ctx: Context, settings: dict) -> dict:
+    """FP8 cells: SQNR of what each FP8 linear quantises (X, W, dY) and the bytes its FP8 cache of
+    X saves, from one untimed forward and backward of the LM loss at the final weights on the next batch."""
+    with QuantisationProbe(ctx.model) as probe:
+        if not probe.layers:
+            return {}
+        ctx.model.train()
+        batch = ctx.data.batch(settings["steps"], settings["batch_size"], settings["seq_len"])
+        inputs, targets, domains = to_device(batch, ctx.device)
+        ctx.model.set_token_domains(domains, ctx.data.domains)
+        with autocast(ctx):
+            loss = ctx.model.forward_losses(inputs, targets).losses["lm"]
+        loss.backward()
+    ctx.model.zero_grad(set_to_none=True)
+    return probe.summary()
+
+
+def _loss_series(losses: torch.Tensor, domains: torch.Tensor, names) -> list[tuple]:
+    """Loss per step, and per step and data domain (mean over that domain's rows)."""
+    rows = [point(s, "loss", float(v)) for s, v in enumerate(losses.mean(dim=1))]
+    for d, name in enumerate(names):
+        mask = domains == d  # (steps, B)
+        for s in torch.nonzero(mask.any(dim=1)).flatten().tolist():
+            rows.append(point(s, "loss_by_domain", float(losses[s][mask[s]].mean()), domain=name))
+    return rows
+
+
+@torch.no_grad()
+def _evaluate(ctx: Context, settings: dict, series: list) -> dict:
+    """Loss on held-out batches (the data's eval split), overall and per domain."""
+    if settings["eval_batches"] == 0:
+        return {"eval_loss": None}
+    ctx.model.eval()
+    per_row, labels = [], []
+    for i in range(settings["eval_batches"]):
+        inputs, targets, domains = to_device(ctx.data.batch(i, settings["batch_size"], settings["seq_len"], split="eval"), ctx.device)
+        ctx.model.set_token_domains(domains, ctx.data.domains)
+        with autocast(ctx):
+            per_row.append(ctx.model.forward_losses(inputs, targets).lm_loss_per_row.float().cpu())
+        labels.append(domains)
+    losses, labels = torch.cat(per_row), torch.cat(labels)
+    step = settings["steps"]
+    for d, name in enumerate(ctx.data.domains):
+        if (labels == d).any():
+            series.append(point(step, "eval_loss_by_domain", float(losses[labels == d].mean()), domain=name))
+    series.append(point(step, "eval_loss", float(losses.mean())))
+    check_finite(losses, "eval loss")
+    return {"eval_loss": float(losses.mean())}
