@@ -52,8 +52,5 @@ def static_row(cell: Cell) -> dict:
     row.update(accounting(cell))
     row.update(registry.ATTENTION[cfg.attention.kind].module.row_columns(cfg))
     row.update(registry.FFN[cfg.ffn.kind].module.row_columns(cfg))
-    if "memory_budget_bytes" in cell.workload:  # a max-batch decode cell: what the fit counted
-        w, width = cell.workload, dtype_bytes(PRECISIONS[cfg.precision].inference_dtype)
-        row.update(memory_budget_bytes=w["memory_budget_bytes"], weights_bytes=decoder.weight_bytes(cfg, width),
-                   kv_cache_bytes=row["kv_cache_bytes_per_token"] * w["batch_size"] * (w["context_len"] + w["new_tokens"]))
+    row.update(workload_of(cell).row_columns(cfg, cell.workload, row["kv_cache_bytes_per_token"]))
     return row

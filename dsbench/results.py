@@ -100,10 +100,14 @@ def cells_frame(rows: list[dict], run_id: str | None) -> pd.DataFrame:
     return frame
 
 
+def _series_entry(entry: list) -> list:
+    """(step, metric, value, layer, index, domain); fragments written before the `layer` field
+    (schema 1's first results) hold (step, metric, value, index, domain)."""
+    return [*entry[:3], None, *entry[3:]] if len(entry) == len(SERIES_COLUMNS) - 3 else entry
+
+
 def series_frame(fragments: list[dict], run_id: str | None) -> pd.DataFrame:
-    records = [
-        (run_id, f["row"]["cell_id"], *entry) for f in fragments for entry in f["series"]
-    ]
+    records = [(run_id, f["row"]["cell_id"], *_series_entry(entry)) for f in fragments for entry in f["series"]]
     frame = pd.DataFrame.from_records(records, columns=list(SERIES_COLUMNS))
     return frame.astype({"step": "int64", "value": "float64", "layer": "Int64", "index": "Int64", "metric": "string", "domain": "string"})
 
@@ -150,11 +154,19 @@ def load_results(path: str | Path) -> Results:
         raise ResultsError(f"results: {str(path)!r} has schema_version {version!r}; this dsbench reads {SCHEMA_VERSION}")
     _import_plugins(info)
     cells_path, series_path = store.root / "cells.parquet", store.root / "series.parquet"
-    stale = not cells_path.exists() or any(
-        p.stat().st_mtime > cells_path.stat().st_mtime for p in store.cells_dir.glob("*.json")
-    )
-    if stale and store.cells_dir.exists():
+    if not cells_path.exists() or _fragments_differ(store, cells_path):
         cells, series = store.consolidate()
     else:
         cells, series = pd.read_parquet(cells_path), pd.read_parquet(series_path)
     return Results(store.root, info, cells, series)
+
+
+def _fragments_differ(store: ResultStore, cells_path: Path) -> bool:
+    """Do the fragments hold cells, or outcomes, the tables do not (a sweep cut short, a cell
+    re-run)? Compared by content: file times say nothing in a fresh clone, where checkout
+    order decides them."""
+    if not store.cells_dir.exists():
+        return False
+    recorded = pd.read_parquet(cells_path, columns=["cell_id", "status"])
+    tables = set(zip(recorded["cell_id"], recorded["status"]))
+    return {(f["row"]["cell_id"], f["row"]["status"]) for f in store.fragments()} != tables

@@ -7,6 +7,7 @@ import json
 import textwrap
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from fixture_results import ci_cells, make_cell, write_results
 from typer.testing import CliRunner
@@ -21,6 +22,8 @@ from dsbench.variants import decoder
 from dsbench.variants.attention import MultiHeadAttention
 from dsbench.variants.config import config_from_size
 from dsbench.variants.mla import MultiHeadLatentAttention
+
+ROOT = Path(__file__).resolve().parents[1]
 
 runner = CliRunner()
 
@@ -213,7 +216,7 @@ def test_direction_and_reproduced_verdicts(tmp_path):
     assert got["deepseekmoe-vs-moe"].measured == "2/2 pairs lower"  # aux and bias pairs
     assert "2.0500 vs 2.1000" not in got["deepseekmoe-vs-moe"].detail and "eval loss" in got["deepseekmoe-vs-moe"].detail
     assert "+0.100%" in got["fp8-loss-gap"].detail and "dense cells" in got["fp8-loss-gap"].detail
-    assert got["shared-expert"].verdict == claims.NOT_CHECKABLE and "paper-cpu-noshared" in got["shared-expert"].detail
+    assert got["shared-expert"].verdict == claims.NOT_CHECKABLE and "second [[sweep]] block" in got["shared-expert"].detail
 
 
 def test_not_reproduced_verdicts(tmp_path):
@@ -315,15 +318,17 @@ def synthetic_run(path: Path, preset: str) -> Path:
 
 @pytest.mark.parametrize("preset", ["paper-cpu", "paper-gpu"])
 def test_paper_presets_give_every_empirical_claim_its_evidence(tmp_path, preset):
-    got = verdicts(synthetic_run(tmp_path / "main", preset), synthetic_run(tmp_path / "noshared", f"{preset}-noshared"))
+    got = verdicts(synthetic_run(tmp_path / "main", preset))  # the n_shared = 0 ablation is a [[sweep]] block
     for c in claims.CLAIMS:
         if c.method == "empirical" and not isinstance(c.check, claims.NotCheckable):
             assert got[c.id].verdict != claims.NOT_CHECKABLE, (c.id, got[c.id])
 
 
 @pytest.mark.parametrize("preset", ["paper-cpu", "paper-gpu"])
-def test_noshared_presets_match_their_main_preset(preset):
-    main, none = load_preset(preset), load_preset(f"{preset}-noshared")
+def test_paper_presets_hold_the_shared_expert_ablation(preset):
+    # paper-*-noshared were separate presets; they are the second [[sweep]] block now.
+    points = [p for _, p in load_preset(preset).points]
+    main, none = points
     assert main.ffn["n_shared"] == 1 and none.ffn["n_shared"] == 0
     assert {k: v for k, v in none.ffn.items() if k != "n_shared"} == {k: v for k, v in main.ffn.items() if k != "n_shared"}
     for field in ("device", "seed", "data", "size", "model", "attention", "train", "measure"):
@@ -332,10 +337,18 @@ def test_noshared_presets_match_their_main_preset(preset):
         assert set(values) <= set(main.axes[axis]), axis
 
 
+def test_committed_paper_cpu_evidence_is_the_folded_presets_cells():
+    # Folding kept every cell id: both committed folders are cells of today's paper-cpu.
+    ids = {c.cell_id for c in expand(load_preset("paper-cpu"), "cpu")}
+    for folder in ("paper-cpu", "paper-cpu-noshared"):
+        assert set(pd.read_parquet(ROOT / "results" / folder / "cells.parquet")["cell_id"]) <= ids, folder
+
+
 def test_paper_cpu_stays_small():
     cells = expand(load_preset("paper-cpu"), "cpu")
     train = [c for c in cells if c.axes["workload"] == "train"]
-    assert len(cells) <= 60 and len(train) <= 30
+    # 60 cells (30 train) plus the 4 train cells of the shared-expert block, once paper-cpu-noshared
+    assert len(cells) <= 64 and len(train) <= 34
     assert all(c.model.d_model <= 64 and c.workload.get("steps", 0) <= 100 for c in cells)
 
 

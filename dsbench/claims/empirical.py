@@ -16,8 +16,8 @@ from dsbench.results import Results
 
 LOSS_TIE = 0.005  # "no worse loss": at most 0.5% above the other, one seed at small scale
 FP8_LOSS_LIMIT = 0.0025  # V3 §3.3: relative loss error below 0.25%
-RUN_NOSHARED = ("run `dsbench run sweep --preset paper-cpu-noshared` and pass its folder with paper-cpu's "
-                "(paper-gpu-noshared with paper-gpu on a GPU)")
+RUN_NOSHARED = ("run `dsbench run sweep --preset paper-cpu` (paper-gpu on a GPU): its second [[sweep]] block is "
+                "the n_shared = 0 ablation; or pass a folder of n_shared = 0 cells beside the main one")
 
 
 # --- empirical: the cells ---

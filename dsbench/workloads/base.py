@@ -88,6 +88,10 @@ class Workload(ABC):
         """Positions a batch row's KV cache holds (0: the workload keeps no cache)."""
         return 0
 
+    def row_columns(self, cfg: ModelConfig, settings: dict, kv_bytes_per_token: int) -> dict:
+        """Extra result columns this workload's cells carry (decode's max-batch fit)."""
+        return {}
+
     def flops_per_token(self, cfg: ModelConfig, settings: dict) -> float:
         """Model FLOPs per processed token (decoder.FLOP_CONVENTION)."""
         return decoder.forward_flops_per_token(cfg, self.mean_context_len(settings), decode=self.decodes)

@@ -72,6 +72,14 @@ class Decode(Workload):
     def mean_context_len(self, settings: dict) -> float:
         return settings["context_len"] + (settings["new_tokens"] + 1) / 2
 
+    def row_columns(self, cfg, settings: dict, kv_bytes_per_token: int) -> dict:
+        """A max-batch cell: what the fit counted (analytic weights and KV cache at this batch)."""
+        if "memory_budget_bytes" not in settings:
+            return {}
+        width = dtype_bytes(PRECISIONS[cfg.precision].inference_dtype)
+        return {"memory_budget_bytes": settings["memory_budget_bytes"], "weights_bytes": decoder.weight_bytes(cfg, width),
+                "kv_cache_bytes": kv_bytes_per_token * settings["batch_size"] * self.cache_slots(settings)}
+
     def cache_slots(self, settings: dict) -> int:
         return settings["context_len"] + settings["new_tokens"]
 
