@@ -16,6 +16,17 @@ def dsbench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dsbench", *args], capture_output=True, text=True, timeout=timeout)
 
 
+def dsbench_in_process(*args: str) -> subprocess.CompletedProcess:
+    """The same command through the Typer app in this process (no interpreter and torch start-up:
+    ~3.5 s a call); test_bad_input_is_one_line_in_a_real_process keeps one real process."""
+    from typer.testing import CliRunner
+
+    from dsbench.cli import app
+
+    done = CliRunner().invoke(app, list(args))
+    return subprocess.CompletedProcess(["dsbench", *args], done.exit_code, done.stdout, done.stderr)
+
+
 def assert_usage_error(done: subprocess.CompletedProcess, *needles: str) -> None:
     assert done.returncode == 2, (done.stdout, done.stderr)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
@@ -66,7 +77,12 @@ def test_dry_run_lists_cells_and_runs_nothing(tmp_path):
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, needles):
-    assert_usage_error(dsbench(*args), *needles)
+    assert_usage_error(dsbench_in_process(*args), *needles)
+
+
+def test_bad_input_is_one_line_in_a_real_process():
+    # the entry point a user runs: the error handling holds outside Typer's test runner too
+    assert_usage_error(dsbench("run", "cell", "--ffn", "bogus"), "axes.ffn", "'bogus'", "dense")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -77,9 +93,9 @@ def test_cuda_requested_without_cuda():
 def test_bad_spec_file_is_one_line(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text('name = "bad"\n[train]\nsteps = "ten"\n')
-    assert_usage_error(dsbench("run", "sweep", str(path)), "train.steps", "'ten'")
+    assert_usage_error(dsbench_in_process("run", "sweep", str(path)), "train.steps", "'ten'")
     path.write_text("name = = 1")
-    assert_usage_error(dsbench("run", "sweep", str(path)), "not valid TOML")
+    assert_usage_error(dsbench_in_process("run", "sweep", str(path)), "not valid TOML")
 
 
 def test_env_json():

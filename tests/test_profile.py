@@ -18,7 +18,7 @@ from dsbench.task import ProfileRequest, Runtime
 from dsbench.variants import profiling, registry
 from dsbench.variants.decoder import build_model
 from dsbench.worker import measure_cell
-from tests.test_cli import assert_usage_error, dsbench
+from tests.test_cli import assert_usage_error, dsbench, dsbench_in_process
 
 WORKLOADS = ("train", "prefill", "decode")
 
@@ -215,12 +215,12 @@ def test_sweep_profile_report_and_cli(tmp_path, tiny_spec_file):
 
 def test_bad_selection_is_one_line_and_exit_2(tmp_path, tiny_spec_file):
     spec = tiny_spec_file()
-    assert_usage_error(dsbench("profile", str(spec), "--cell", "ffffffff"), "--cell", "ffffffff", "no cell")
-    assert_usage_error(dsbench("profile", str(spec)), "--cell", "choose one")
-    assert_usage_error(dsbench("profile", "--cell", "abc"), "--cell", "--results")
-    assert_usage_error(dsbench("profile", "--results", str(tmp_path), "--cell", "abc"), "--results", "not a dsbench results folder")
-    assert_usage_error(dsbench("profile", "--ffn", "nope"), "ffn", "nope")
-    assert_usage_error(dsbench("profile", "--profile-steps", "0"), "--profile-steps", "0", "≥ 1")
-    assert_usage_error(dsbench("run", "sweep", str(spec), "--profile", "--profile-steps", "0", "--out", str(tmp_path / "x")),
+    assert_usage_error(dsbench_in_process("profile", str(spec), "--cell", "ffffffff"), "--cell", "ffffffff", "no cell")
+    assert_usage_error(dsbench_in_process("profile", str(spec)), "--cell", "choose one")
+    assert_usage_error(dsbench_in_process("profile", "--cell", "abc"), "--cell", "--results")
+    assert_usage_error(dsbench_in_process("profile", "--results", str(tmp_path), "--cell", "abc"), "--results", "not a dsbench results folder")
+    assert_usage_error(dsbench_in_process("profile", "--ffn", "nope"), "ffn", "nope")
+    assert_usage_error(dsbench_in_process("profile", "--profile-steps", "0"), "--profile-steps", "0", "≥ 1")
+    assert_usage_error(dsbench_in_process("run", "sweep", str(spec), "--profile", "--profile-steps", "0", "--out", str(tmp_path / "x")),
                        "--profile-steps", "0")
     assert not (tmp_path / "x").exists()  # nothing ran
