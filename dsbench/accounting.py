@@ -6,7 +6,7 @@ model); this file applies them to a cell's workload. They are exact counts, not 
 
 from __future__ import annotations
 
-from dsbench.spec import Cell
+from dsbench.cell import Cell
 from dsbench.variants import decoder, registry
 from dsbench.variants.precision import PRECISIONS, dtype_bytes
 from dsbench.workloads import workload_of

@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from dsbench.metrics import default_check_rules
-from dsbench.spec import check_choice
+from dsbench.validate import check_choice
 from dsbench.errors import PolicyError
 
 RULES = ("exact", "relative", "absolute", "ignore")

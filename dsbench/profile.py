@@ -38,7 +38,7 @@ from torch.profiler import ProfilerActivity
 
 from dsbench import roofline
 from dsbench.errors import ResultsError, UsageError
-from dsbench.spec import Cell
+from dsbench.cell import Cell
 from dsbench.task import ProfileOptions, Runtime
 from dsbench.variants import profiling
 from dsbench.workloads import workload_of

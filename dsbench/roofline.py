@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dsbench import accounting
-from dsbench.spec import Cell
+from dsbench.cell import Cell
 from dsbench.variants import registry
 from dsbench.variants.base import PartCost, PassShape
 from dsbench.variants.precision import PRECISIONS, dtype_bytes

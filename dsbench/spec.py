@@ -7,24 +7,22 @@ what is allowed; the CLI prints it and exits 2 before anything runs.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
-import math
 import re
 import json
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from dsbench.cell import AXES, PART_SECTIONS, Cell
 from dsbench.errors import SpecError
+from dsbench.validate import as_table, check_choice, check_float, check_int, check_section, check_str, check_value, reject_unknown  # noqa: F401
 from dsbench.workloads import WORKLOADS, DecodeSettings, PrefillSettings, TrainSettings, max_batch  # noqa: F401 (importable from here)
 from dsbench.variants import registry
 from dsbench.variants.config import MODEL_FIELDS, SIZES, ModelConfig
 
-AXES = ("workload", "ffn", "attention", "precision", "balance")  # expansion order
 DEFAULT_AXES = {"workload": ("train",), "ffn": ("dense",), "attention": ("mha",), "precision": ("fp32",), "balance": ("none",)}
 DEVICES = ("auto", "cpu", "cuda")
 SPEC_VERSION = 1
@@ -52,7 +50,6 @@ SECTIONS = {**{name: w.Settings for name, w in WORKLOADS.items()}, "measure": Me
 AXIS_FIELDS = {("attention", "kind"): "attention", ("attention", "mla_impl"): "attention", ("ffn", "kind"): "ffn",
                ("ffn", "balance"): "balance", ("model", "precision"): "precision"}
 MODEL_KEYS = ("size", "d_model", "n_layers", "vocab_size", "max_seq_len", "norm_eps", "tie_embeddings", "init_std")
-PART_SECTIONS = ("attention", "ffn")
 # What a [[sweep]] block may set: its own overrides and axes, merged over the top level's.
 SWEEP_KEYS = ("model", *PART_SECTIONS, "axes", *SECTIONS)
 TOP_KEYS = ("name", "description", "device", "seed", "data", "plugins", "sweep", *SWEEP_KEYS)
@@ -111,57 +108,6 @@ class SweepSpec:
         return parse_spec(raw)
 
 
-@dataclass(frozen=True)
-class Cell:
-    """One point of the matrix: a model config, one workload's settings, how it is measured."""
-
-    axes: dict  # workload, ffn, attention, precision, balance ("n/a" where it does not apply), dotted axes
-    model: ModelConfig
-    workload: dict  # settings of this cell's workload only
-    measure: dict  # warmup, repeats, and replicate ≥ 1 for extra replicates (timeout is not identity)
-    seed: int
-    data: str
-    device: str
-    plugins: tuple[str, ...] = ()  # imported before the config is rebuilt (not identity)
-
-    @property
-    def cell_id(self) -> str:
-        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:12]
-
-    def identity(self) -> dict:
-        """What the cell runs. The rule: the five named axes, the model config (each part holds
-        only the fields its variant reads), the workload's settings, warmup/repeats/replicate,
-        seed, data and device. Dotted axes are not identity (what they set is in the config or
-        settings), so a cell has one id whichever sweep built it, and a new field, variant or
-        setting changes no existing id unless existing cells read it."""
-        axes = {k: v for k, v in self.axes.items() if k in AXES}
-        return {"axes": axes, "model": self.model.to_dict(), "workload": self.workload,
-                "measure": self.measure, "seed": self.seed, "data": self.data, "device": self.device}
-
-    def label(self) -> str:
-        a = self.axes
-        parts = [a["workload"], a["ffn"], a["attention"], a["precision"]]
-        if a["balance"] != "n/a":
-            parts.append(a["balance"])
-        parts += [f"{k}={v}" for k, v in a.items() if k not in AXES and v != "n/a"]
-        shape = WORKLOADS[a["workload"]].shape_label(self.workload)
-        replicate = self.measure.get("replicate", 0)
-        return "/".join(parts) + " " + shape + (f" #{replicate}" if replicate else "")
-
-    def to_json(self) -> str:
-        return json.dumps({**self.identity(), "axes": self.axes, "plugins": list(self.plugins), "cell_id": self.cell_id})
-
-    @staticmethod
-    def from_json(text: str) -> Cell:
-        d = json.loads(text)
-        plugins = tuple(d.get("plugins", ()))
-        registry.import_plugins(plugins)
-        model = dict(d["model"])
-        parts = {s: registry.part_config(s, model[s]["kind"], model.pop(s))[0] for s in PART_SECTIONS}
-        cfg = ModelConfig(**model, **parts)
-        return Cell(d["axes"], cfg, d["workload"], d["measure"], d["seed"], d["data"], d["device"], plugins)
-
-
 # --- loading ---
 
 
@@ -206,7 +152,7 @@ def parse_spec(raw: dict) -> SweepSpec:
     as the plain spec it is, so a dotted value gets the same one-line check as the same key
     written in its section.
     """
-    _reject_unknown("spec", raw, TOP_KEYS)
+    reject_unknown("spec", raw, TOP_KEYS)
     plugins = _import_plugins(raw.get("plugins", []))
     blocks = _check_blocks(raw.get("sweep"))
     top = {k: v for k, v in raw.items() if k != "sweep"}
@@ -263,20 +209,20 @@ def _check_blocks(value) -> list[dict]:
     if not isinstance(value, list) or not value or not all(isinstance(b, dict) for b in value):
         raise SpecError(f"sweep: expected one or more [[sweep]] tables, got {value!r}")
     for i, block in enumerate(value):
-        _reject_unknown(f"sweep[{i}]", block, SWEEP_KEYS)
+        reject_unknown(f"sweep[{i}]", block, SWEEP_KEYS)
     return value
 
 
 def _merge_block(top: dict, block: dict) -> dict:
     merged = dict(top)
     for key, table in block.items():
-        merged[key] = {**_table(key, top.get(key, {})), **_table(key, table)}
+        merged[key] = {**as_table(key, top.get(key, {})), **as_table(key, table)}
     return merged
 
 
 def _points(raw: dict, plugins: tuple[str, ...], inherited: dict | None = None) -> list[tuple[dict, SweepSpec]]:
     """(dotted-axis values, plain spec) for each combination of this sweep's dotted axes."""
-    axes = _table("axes", raw.get("axes", {}))
+    axes = as_table("axes", raw.get("axes", {}))
     plain = {**raw, "axes": {k: v for k, v in axes.items() if "." not in k}}
     dotted = _check_dotted({k: v for k, v in axes.items() if "." in k}, raw)
     points = []
@@ -285,7 +231,7 @@ def _points(raw: dict, plugins: tuple[str, ...], inherited: dict | None = None) 
         point = dict(plain)
         for key, value in values.items():
             section, name = key.split(".", 1)
-            point[section] = {**_table(section, point.get(section, {})), name: value}
+            point[section] = {**as_table(section, point.get(section, {})), name: value}
         points.append((values, _parse_plain(point, plugins, inherited or {})))
     return points
 
@@ -313,20 +259,20 @@ def _parse_plain(raw: dict, plugins: tuple[str, ...], inherited: dict | None = N
     level) may go unread here."""
     if "name" not in raw:
         raise SpecError("name: missing; every spec needs a name (a short string used for the results folder)")
-    name = _check_str("name", raw["name"])
+    name = check_str("name", raw["name"])
     if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name):
         raise SpecError(f"name: {name!r} cannot name a folder; use letters, digits, '-', '_' or '.'")
     device = check_choice("device", raw.get("device", "auto"), DEVICES)
-    seed = _check_int("seed", raw.get("seed", 0), minimum=0)
-    data = _check_str("data", raw.get("data", "synthetic"))
-    model = dict(_table("model", raw.get("model", {})))
+    seed = check_int("seed", raw.get("seed", 0), minimum=0)
+    data = check_str("data", raw.get("data", "synthetic"))
+    model = dict(as_table("model", raw.get("model", {})))
     size = check_choice("model.size", model.pop("size", "debug"), tuple(SIZES))
     model = _check_config_overrides("model", model, ModelConfig, allowed=MODEL_KEYS[1:])
-    parts = {s: _table(s, raw.get(s, {})) for s in PART_SECTIONS}  # shape checked before the axes
-    axes = _check_axes(_table("axes", raw.get("axes", {})))
+    parts = {s: as_table(s, raw.get(s, {})) for s in PART_SECTIONS}  # shape checked before the axes
+    axes = _check_axes(as_table("axes", raw.get("axes", {})))
     spec = SweepSpec(
         name=name,
-        description=_check_str("description", raw.get("description", "")),
+        description=check_str("description", raw.get("description", "")),
         device=device,
         seed=seed,
         data=data,
@@ -335,94 +281,10 @@ def _parse_plain(raw: dict, plugins: tuple[str, ...], inherited: dict | None = N
         **{s: _check_part_overrides(s, table, axes[s], optional=(inherited or {}).get(s, set())) for s, table in parts.items()},
         axes=axes,
         plugins=plugins,
-        **{key: _check_section(key, _table(key, raw.get(key, {})), cls) for key, cls in SECTIONS.items()},
+        **{key: check_section(key, as_table(key, raw.get(key, {})), cls) for key, cls in SECTIONS.items()},
     )
     _check_combinations(spec)
     return spec
-
-
-def _reject_unknown(where: str, table: dict, allowed) -> None:
-    for key in table:
-        if key not in allowed:
-            prefix = f"{where}." if where != "spec" else ""
-            raise SpecError(f"{prefix}{key}: unknown key; allowed: {', '.join(allowed)}")
-
-
-def _table(key: str, value) -> dict:
-    if not isinstance(value, dict):
-        raise SpecError(f"{key}: expected a table ([{key}]), got {value!r}")
-    return value
-
-
-# --- scalar checks ---
-
-
-def _check_str(key: str, value) -> str:
-    if not isinstance(value, str):
-        raise SpecError(f"{key}: expected a string, got {value!r}")
-    return value
-
-
-def check_choice(key: str, value, allowed: tuple, error: type[ValueError] = SpecError) -> str:
-    """value if it is one of allowed, else `error` naming the key, the value and the choices."""
-    if value not in allowed:
-        raise error(f"{key}: {value!r} is not allowed; allowed: {', '.join(allowed)}")
-    return value
-
-
-def _check_int(key: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        what = "a positive integer" if minimum == 1 else f"an integer ≥ {minimum}"
-        raise SpecError(f"{key}: expected {what}, got {value!r}")
-    return value
-
-
-def _check_float(key: str, value, minimum: float | None = None, max_exclusive: float | None = None) -> float:
-    bounds = "> 0" if minimum is None else f"≥ {minimum:g}"
-    bounds += f" and < {max_exclusive:g}" if max_exclusive is not None else ""
-    is_number = not isinstance(value, bool) and isinstance(value, (int, float))
-    if (
-        not is_number
-        or not math.isfinite(value)
-        or (minimum is None and value <= 0)
-        or (minimum is not None and value < minimum)
-        or (max_exclusive is not None and value >= max_exclusive)
-    ):
-        raise SpecError(f"{key}: expected a number {bounds} (finite), got {value!r}")
-    return float(value)
-
-
-def _check_value(key: str, value, annotation, metadata) -> object:
-    """Check one value against a dataclass field's annotation and bounds."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType) and type(None) in args:
-        return _check_value(key, value, next(a for a in args if a is not type(None)), metadata)
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise SpecError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if annotation is int:
-        return _check_int(key, value, minimum=metadata.get("min", 1))
-    if annotation is float:
-        return _check_float(key, value, metadata.get("min"), metadata.get("max_exclusive"))
-    if annotation is str:
-        if "choices" in metadata:  # a str field with a fixed set of values (field metadata)
-            return check_choice(key, value, tuple(metadata["choices"]))
-        return _check_str(key, value)
-    if origin is tuple:
-        items = value if isinstance(value, list) else [value]
-        if not items:
-            raise SpecError(f"{key}: expected a non-empty list, got []")
-        return tuple(_check_value(f"{key}", item, args[0], metadata) for item in items)
-    raise TypeError(f"no checker for {annotation!r}")  # a programming error, not a user one
-
-
-def _check_section(section: str, table: dict, cls) -> object:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    _reject_unknown(section, table, tuple(fields))
-    values = {k: _check_value(f"{section}.{k}", v, hints[k], fields[k].metadata) for k, v in table.items()}
-    return cls(**values)
 
 
 def _check_config_overrides(section: str, table: dict, cls, allowed: tuple | None = None) -> dict:
@@ -433,9 +295,9 @@ def _check_config_overrides(section: str, table: dict, cls, allowed: tuple | Non
             axis = AXIS_FIELDS[(section, key)]
             raise SpecError(f"{section}.{key}: {table[key]!r} cannot be set here; the axis sets it: use [axes] {axis} = [...]")
     names = allowed or tuple(k for k in fields if (section, k) not in AXIS_FIELDS)
-    _reject_unknown(section, table, names)
+    reject_unknown(section, table, names)
     hints = typing.get_type_hints(cls)
-    return {k: _check_value(f"{section}.{k}", v, hints[k], fields[k].metadata) for k, v in table.items()}
+    return {k: check_value(f"{section}.{k}", v, hints[k], fields[k].metadata) for k, v in table.items()}
 
 
 def _check_part_overrides(section: str, table: dict, kinds: tuple[str, ...], optional=frozenset(), check_values=True) -> dict:
@@ -456,7 +318,7 @@ def _check_part_overrides(section: str, table: dict, kinds: tuple[str, ...], opt
         if check_values:
             f = registry.config_fields(section, anyone[0])[key]
             hints = typing.get_type_hints(registry.TABLES[section][anyone[0]].config)
-            checked[key] = _check_value(f"{section}.{key}", value, hints[key], f.metadata)
+            checked[key] = check_value(f"{section}.{key}", value, hints[key], f.metadata)
         if key not in optional and not registry.readers(section, key, kinds):
             raise SpecError(f"{section}.{key}: no {section} variant of this sweep reads it (axes.{section} = "
                             f"{', '.join(kinds)}); it is read by {', '.join(anyone)}: add one to [axes] {section} or drop the key")
@@ -465,7 +327,7 @@ def _check_part_overrides(section: str, table: dict, kinds: tuple[str, ...], opt
 
 def _check_axes(table: dict) -> dict:
     available = registry.axis_values()
-    _reject_unknown("axes", table, AXES)
+    reject_unknown("axes", table, AXES)
     axes = dict(DEFAULT_AXES)
     for axis, value in table.items():
         values = value if isinstance(value, list) else [value]

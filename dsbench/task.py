@@ -13,7 +13,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from dsbench.spec import Cell
+from dsbench.cell import Cell
 
 STATUSES = ("ok", "oom", "error", "timeout", "diverged")
 

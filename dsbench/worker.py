@@ -22,7 +22,7 @@ from dsbench import accounting
 from dsbench.contention import ContentionMeter, choose_threads
 from dsbench.data import load_dataset
 from dsbench.measure import NvmlSampler, current_rss_bytes, peak_memory, reset_peak_memory, summarize
-from dsbench.spec import Cell
+from dsbench.cell import Cell
 from dsbench.task import CellResult, CellTask, ProfileRequest, Runtime
 from dsbench.variants.decoder import build_model
 from dsbench.variants.precision import PRECISIONS
