@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from dsbench import metrics
 from dsbench.variants import registry
-from dsbench.variants.attention import MHAConfig, MultiHeadAttention
+from dsbench.variants.attention import MHAConfig, MultiHeadAttention, attention_costs
 from dsbench.variants.base import PartCost, PassShape
 
 
@@ -65,8 +65,6 @@ class SlidingWindowAttention(MultiHeadAttention):
 
     @staticmethod
     def part_costs(cfg, shape: PassShape) -> dict[str, PartCost]:
-        from dsbench.variants.attention import attention_costs
-
         C, H, G, D = cfg.d_model, cfg.attention.n_heads, cfg.n_kv_heads(), cfg.head_dim()
         total = SlidingWindowAttention.flops_per_token(cfg, shape.mean_context_len, shape.decode)
         proj_io = (C + H * D) + 2 * (C + G * D) + (H * D + C)
