@@ -31,6 +31,7 @@ def accounting(cell: Cell) -> dict:
     return {
         **decoder.param_counts(cfg),
         "flops_per_token": flops_per_token(cell),
+        "flops_per_token_mtp": workload_of(cell).mtp_flops_per_token(cfg, cell.workload),
         "flops_convention": decoder.FLOP_CONVENTION,
         "kv_cache_bytes_per_token": decoder.kv_cache_bytes_per_token(cfg, dtype_bytes(kv_dtype)),
         "tokens_per_step": tokens_per_step(cell),
@@ -46,7 +47,9 @@ def static_row(cell: Cell) -> dict:
         d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.attention.n_heads, n_kv_heads=None,
         head_dim=cfg.head_dim(), d_ff=cfg.ffn.d_ff, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len,
     )
-    row.update({k: cell.workload.get(k) for k in ("batch_size", "seq_len", "context_len", "new_tokens", "steps", "lr")})
+    row.update({k: cell.workload.get(k) for k in ("batch_size", "seq_len", "context_len", "new_tokens", "steps", "lr",
+                                                  "mtp_lambda", "train_steps")})
+    row["mtp"] = cfg.mtp
     row.update(warmup_steps=cell.measure["warmup"], repeats=cell.measure["repeats"], replicate=cell.measure.get("replicate", 0))
     row.update(seed=cell.seed, data=cell.data)
     row.update(accounting(cell))

@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass
 
 GROUPS = ("identity", "axis", "config", "variant", "accounting", "speed", "memory", "energy", "loss", "balance", "fp8",
-          "flag", "contention", "overhead", "profile")
+          "speculative", "flag", "contention", "overhead", "profile")
 DESCRIBES_THE_CELL = ("axis", "config", "variant")  # what a cell is: the identity dsbench.pairing compares
 FORMATS = ("int", "g", "mib", "pct", "ratio", "text", "bool")
 BETTER = ("higher", "lower", "none")
@@ -105,6 +105,9 @@ _ENTRIES = (
     _cell("replicate", "1", "which process of a cell run in several (measure.replicates)", fmt="int"),
     _cell("seed", "1", "the cell's seed", fmt="int"),
     _cell("data", "", "corpus: synthetic or a path", fmt="text"),
+    _cell("mtp", "1", "multi-token-prediction modules D (V3 §2.2; 0: none)", fmt="int"),
+    _cell("mtp_lambda", "1", "train: λ of L_MTP = (λ/D)·Σ_k L_MTP^k (V3 eq. 25; mtp ≥ 1 only)"),
+    _cell("train_steps", "1", "speculative: steps the model (MTP modules included) trained before decoding", fmt="int"),
     _cell("memory_budget_bytes", "bytes", "max-batch decode: the budget the batch was fitted into", fmt="mib"),
     *(_cell(n, u, d, group="variant", owner="attention", fmt=f) for n, u, d, f in (
         ("n_kv_heads", "1", "KV heads (MHA = n_heads, GQA groups, MQA 1; MLA: none)", "int"),
@@ -130,7 +133,11 @@ _ENTRIES = (
     _m("params_active", "accounting", "parameters", "what one token multiplies with (the embedding lookup not counted)",
        fmt="int", short="params active", **EXACT),
     _m("params_embedding", "accounting", "parameters", "the input embedding table", fmt="int", **EXACT),
-    _m("flops_per_token", "accounting", "FLOP/token", "analytic, activated parameters only (flops_convention)", **EXACT),
+    _m("params_mtp", "accounting", "parameters", "the MTP modules' own parameters, not in params_total (V3's 671B excludes them; "
+       "embedding and head shared)", fmt="int", **EXACT),
+    _m("flops_per_token", "accounting", "FLOP/token", "analytic, activated parameters only (flops_convention); train: MTP included", **EXACT),
+    _m("flops_per_token_mtp", "accounting", "FLOP/token", "the MTP modules' share of flops_per_token (without MTP: the difference)",
+       **EXACT),
     _m("flops_convention", "accounting", "", "how flops_per_token counts", fmt="text"),
     _m("kv_cache_bytes_per_token", "accounting", "bytes/token", "analytic KV-cache bytes per token, all layers",
        fmt="int", better="lower", short="KV B/token", **EXACT),
@@ -174,7 +181,34 @@ _ENTRIES = (
     _host("energy_source", "energy", "", "how energy was read (absent: null)", fmt="text"),
     _m("first_loss", "loss", "nats/token", "training loss at step 0", **LOSS),
     _m("final_loss", "loss", "nats/token", "training loss, mean of the last 10% of steps", short="final loss", **LOSS),
-    _m("eval_loss", "loss", "nats/token", "held-out split (last 10% of each corpus)", short="eval loss", **LOSS),
+    _m("eval_loss", "loss", "nats/token", "held-out split (last 10% of each corpus); the main head alone with MTP",
+       short="eval loss", **LOSS),
+    _m("final_loss_mtp", "loss", "nats/token", "MTP: (1/D)·Σ_k L_MTP^k, mean of the last 10% of steps", **LOSS),
+    _m("eval_loss_mtp", "loss", "nats/token", "MTP: (1/D)·Σ_k of each depth's loss on the held-out batches", **LOSS),
+    _m("pretrain_final_loss", "loss", "nats/token", "speculative: the main head's training loss at the end of its pre-training",
+       **LOSS),
+    *(_m(f"accept_rate_pos{k}", "speculative", "1", f"P(draft {k} accepted | drafts before it accepted), every row of every round"
+         + (" (V3 §5.4.3: 85–90% for the second token)" if k == 1 else ""), fmt="pct", better="higher")
+      for k in range(1, 9)),
+    *(_m(f"eval_agreement_pos{k}", "speculative", "1", f"draft {k} equals the main model's argmax on held-out text "
+         "(teacher-forced: acceptance without greedy loops)", fmt="pct", better="higher") for k in range(1, 9)),
+    _m("greedy_distinct_fraction", "speculative", "1", "distinct tokens ÷ tokens in a row's greedy output (low: it loops)",
+       fmt="pct"),
+    _m("kv_cache_bytes_per_token_mtp", "memory", "bytes/token", "speculative: the MTP modules' own caches, measured",
+       fmt="int", better="lower", **EXACT),
+    _m("accepted_len_mean", "speculative", "tokens", "tokens emitted per verify forward (1 … mtp+1)", better="higher"),
+    _m("spec_matches_greedy", "speculative", "", "the speculative tokens equal plain greedy decoding's in every round", fmt="bool"),
+    _host("spec_tokens_per_s", "speculative", "tokens/s", "speculative rounds: generated tokens ÷ their draft + verify time",
+          fmt="int", better="higher"),
+    _host("plain_tokens_per_s", "speculative", "tokens/s", "plain greedy rounds of the same cell: generated tokens ÷ their step time",
+          fmt="int", better="higher"),
+    _host("spec_speedup", "speculative", "1", "spec_tokens_per_s ÷ plain_tokens_per_s (V3 §5.4.3: 1.8×)", fmt="ratio",
+          better="higher"),
+    _host("verify_time_ms_median", "speculative", "ms", "one main forward over [last token, drafts]", better="lower"),
+    _host("draft_time_ms_median", "speculative", "ms", "the MTP modules' drafting of one round", better="lower"),
+    _host("plain_token_time_ms_median", "speculative", "ms", "one plain greedy decode step", better="lower"),
+    _host("verify_cost_ratio", "speculative", "1", "verify_time_ms_median ÷ plain_token_time_ms_median", fmt="ratio",
+          better="lower"),
     # MaxVio is a fraction, so an absolute tolerance; only worse balance fails.
     _m("maxvio_global", "balance", "1", "(max − mean expert load) ÷ mean on the held-out forwards, mean over layers",
        better="lower", check="absolute", tolerance=0.05, worse="higher", short="MaxVio"),
@@ -241,7 +275,7 @@ for _entry in _ENTRIES:
 
 
 # spec.DOTTED_SECTIONS (tests/test_metrics.py holds them equal; importing spec here would load torch)
-DOTTED_SECTIONS = ("model", "attention", "ffn", "train", "prefill", "decode")
+DOTTED_SECTIONS = ("model", "attention", "ffn", "train", "prefill", "decode", "speculative")
 
 
 def dotted_axis(name: str) -> Metric | None:

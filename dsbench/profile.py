@@ -361,7 +361,7 @@ def write_profile(cell: Cell, runtime: Runtime, folder: Path, split: Split, run,
     paths_table(split).to_csv(folder / "parts_by_path.csv", index=False)
     mem.to_csv(folder / "memory.csv", index=False)
     profiled_step_s = statistics.median(run.step_times_s)
-    timer_total_us = 1e6 * sum(run.step_times_s)
+    timer_total_us = 1e6 * (run.step_range_total_s if run.step_range_total_s is not None else sum(run.step_times_s))
     other = parts.loc[parts["part"] == OTHER, "total_ms"].sum()
     summary = {
         "cell_id": cell.cell_id,

@@ -19,8 +19,8 @@ from pathlib import Path
 from dsbench.cell import AXES, PART_SECTIONS, Cell
 from dsbench.errors import SpecError
 from dsbench.validate import as_table, check_choice, check_float, check_int, check_section, check_str, check_value, reject_unknown  # noqa: F401
-from dsbench.workloads import WORKLOADS, DecodeSettings, PrefillSettings, TrainSettings, max_batch  # noqa: F401 (importable from here)
-from dsbench.variants import registry
+from dsbench.workloads import WORKLOADS, DecodeSettings, PrefillSettings, SpeculativeSettings, TrainSettings, max_batch  # noqa: F401 (importable from here)
+from dsbench.variants import mtp, registry
 from dsbench.variants.config import MODEL_FIELDS, SIZES, ModelConfig
 
 DEFAULT_AXES = {"workload": ("train",), "ffn": ("dense",), "attention": ("mha",), "precision": ("fp32",), "balance": ("none",)}
@@ -49,7 +49,7 @@ SECTIONS = {**{name: w.Settings for name, w in WORKLOADS.items()}, "measure": Me
 # Fields the axes set; a section may not set them directly.
 AXIS_FIELDS = {("attention", "kind"): "attention", ("attention", "mla_impl"): "attention", ("ffn", "kind"): "ffn",
                ("ffn", "balance"): "balance", ("model", "precision"): "precision"}
-MODEL_KEYS = ("size", "d_model", "n_layers", "vocab_size", "max_seq_len", "norm_eps", "tie_embeddings", "init_std")
+MODEL_KEYS = ("size", "d_model", "n_layers", "vocab_size", "max_seq_len", "norm_eps", "tie_embeddings", "init_std", "mtp")
 # What a [[sweep]] block may set: its own overrides and axes, merged over the top level's.
 SWEEP_KEYS = ("model", *PART_SECTIONS, "axes", *SECTIONS)
 TOP_KEYS = ("name", "description", "device", "seed", "data", "plugins", "sweep", *SWEEP_KEYS)
@@ -72,6 +72,7 @@ class SweepSpec:
     train: TrainSettings = field(default_factory=TrainSettings)
     prefill: PrefillSettings = field(default_factory=PrefillSettings)
     decode: DecodeSettings = field(default_factory=DecodeSettings)
+    speculative: SpeculativeSettings = field(default_factory=SpeculativeSettings)
     measure: MeasureSettings = field(default_factory=MeasureSettings)
     plugins: tuple[str, ...] = ()  # modules imported first: they register their own variants
     dotted: dict = field(default_factory=dict)  # dotted-key axes and their values over all points
@@ -348,6 +349,9 @@ def _check_combinations(spec: SweepSpec) -> None:
     if spec.data == "synthetic" and cfg.vocab_size < 256:
         raise SpecError(f"model.vocab_size: {cfg.vocab_size} is below 256, the byte vocabulary of the synthetic data")
     for _, cell_cfg in configs:  # each variant refuses a config it cannot build, in one line
+        problem = mtp.check_config(cell_cfg)
+        if problem:
+            raise SpecError(problem)
         for section in PART_SECTIONS:
             problem = registry.TABLES[section][getattr(cell_cfg, section).kind].module.check_config(cell_cfg)
             if problem:
@@ -420,7 +424,7 @@ def expand(spec: SweepSpec, device: str) -> list[Cell]:
         for axes, cfg in _cell_configs(point):
             axes = {**axes, **{k: v if _applies(k, axes) else "n/a" for k, v in dotted.items()}}
             workload = WORKLOADS[axes["workload"]]
-            for settings in workload.cells(getattr(point, workload.name), cfg):
+            for settings in workload.cells_for(point, cfg):
                 for replica in replicas:
                     cell = Cell(axes, cfg, settings, replica, spec.seed, spec.data, device, spec.plugins)
                     cells.setdefault(cell.cell_id, cell)

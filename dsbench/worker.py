@@ -83,7 +83,7 @@ def measure_cell(cell: Cell, runtime: Runtime, profile: ProfileRequest | None = 
     data.check_vocab(cell.model.vocab_size)
     torch.manual_seed(cell.seed)
     model = build_model(cell.model).to(device)
-    if not workload.trains:
+    if not (workload.trains or workload.trains_first):
         model = model.to(precision.inference_dtype)
     inject_fault(cell, model)
     ctx = Context(model, data, device, precision, cell.measure["warmup"], cell.measure["repeats"])

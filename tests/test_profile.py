@@ -20,7 +20,7 @@ from dsbench.variants.decoder import build_model
 from dsbench.worker import measure_cell
 from tests.test_cli import assert_usage_error, dsbench, dsbench_in_process
 
-WORKLOADS = ("train", "prefill", "decode")
+WORKLOADS = ("train", "prefill", "decode", "speculative")
 
 
 def tiny_cell(workload="train", ffn="dense", attention="mha", precision="fp32", balance="none", ffn_settings=None):
@@ -30,8 +30,11 @@ def tiny_cell(workload="train", ffn="dense", attention="mha", precision="fp32", 
         "train": {"steps": 4, "batch_size": 2, "seq_len": 32, "eval_batches": 0},
         "prefill": {"batch_size": 2, "seq_lens": [32]},
         "decode": {"batch_size": 2, "context_lens": [32], "new_tokens": 6},
+        "speculative": {"batch_size": 2, "context_lens": [32], "new_tokens": 6, "train_steps": [2]},
         "measure": {"warmup": 1, "repeats": 3, "calibrate": False},
     }
+    if workload == "speculative":  # it drafts with an MTP module
+        raw["model"]["mtp"] = 1
     [cell] = expand(parse_spec(raw), "cpu")
     return cell
 
@@ -52,6 +55,7 @@ CASES = [
     ("prefill", "moe", "mqa", "fp8-tensorwise", "bias", {"experts", "fp8_quant", "lm_head"}),
     ("decode", "dense", "mla", "bf16", "none", {"attn.proj", "attn.core", "sample"}),
     ("decode", "deepseekmoe", "mla-naive", "fp32", "aux", {"shared_experts", "attn.core", "sample"}),
+    ("speculative", "dense", "mha", "fp32", "none", {"mtp", "attn.core", "lm_head", "sample"}),
 ]
 FEW_EXPERTS = {"n_experts": 4, "granularity": 2}
 

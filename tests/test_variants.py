@@ -340,7 +340,7 @@ def test_axis_values_has_the_five_axes():
     assert set(axes) == {"ffn", "attention", "precision", "balance", "workload"}
     assert all(isinstance(values, tuple) and values for values in axes.values())
     assert "dense" in axes["ffn"] and "mha" in axes["attention"] and "fp32" in axes["precision"]
-    assert set(axes["workload"]) == {"train", "prefill", "decode"}
+    assert set(axes["workload"]) == {"train", "prefill", "decode", "speculative"}
 
 
 @pytest.mark.parametrize("kind", registry.ATTENTION)

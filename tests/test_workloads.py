@@ -26,8 +26,11 @@ def tiny_spec(workload: str, ffn="dense", balance="none", **sections) -> spec.Sw
         "train": {"steps": 4, "batch_size": 2, "seq_len": 16, "eval_batches": 1},
         "prefill": {"batch_size": 2, "seq_lens": [8, 16]},
         "decode": {"batch_size": 2, "context_lens": [16], "new_tokens": 4, "memory_budget_bytes": 2**23},
+        "speculative": {"batch_size": 2, "context_lens": [16], "new_tokens": 4, "train_steps": [2]},
         "measure": {"warmup": 1, "repeats": 3, "calibrate": False},
     }
+    if workload == "speculative":  # it drafts with MTP modules
+        raw["model"]["mtp"] = 1
     for key, table in sections.items():
         raw[key] = {**raw[key], **table}
     return spec.parse_spec(raw)
@@ -41,13 +44,13 @@ def context_for(cell, observe=True) -> Context:
     torch.manual_seed(cell.seed)
     model = build_model(cell.model)
     precision = PRECISIONS[cell.model.precision]
-    if not workload_of(cell).trains:
+    if not (workload_of(cell).trains or workload_of(cell).trains_first):
         model = model.to(precision.inference_dtype)
     return Context(model, load_dataset(cell.data, cell.seed), CPU, precision, cell.measure["warmup"], cell.measure["repeats"], observe)
 
 
 def test_registry_names_sections_and_axis_values_agree():
-    assert set(WORKLOADS) == set(registry.axis_values()["workload"]) == {"train", "prefill", "decode"}
+    assert set(WORKLOADS) == set(registry.axis_values()["workload"]) == {"train", "prefill", "decode", "speculative"}
     for name, workload in WORKLOADS.items():
         assert isinstance(workload, Workload) and workload.name == name
         assert spec.SECTIONS[name] is workload.Settings and dataclasses.is_dataclass(workload.Settings)
@@ -59,6 +62,7 @@ def test_registry_names_sections_and_axis_values_agree():
     ("train", ["train/dense/mha/fp32 b2×t16"]),
     ("prefill", ["prefill/dense/mha/fp32 b2×t8", "prefill/dense/mha/fp32 b2×t16"]),
     ("decode", ["decode/dense/mha/fp32 b2×ctx16+4", "decode/dense/mha/fp32 b{max}(max@8MiB)×ctx16+4"]),
+    ("speculative", ["speculative/dense/mha/fp32 b2×ctx16+4@2steps"]),
 ])
 def test_every_workload_expands_labels_counts_and_runs(name, labels):
     workload = WORKLOADS[name]

@@ -27,6 +27,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     precision: str = "fp32"  # a key of variants.precision.PRECISIONS
+    mtp: int = field(default=0, metadata={"min": 0})  # D multi-token-prediction modules (V3 §2.2); 0 = none
     attention: PartConfig = field(default_factory=MHAConfig)
     ffn: PartConfig = field(default_factory=DenseFFNConfig)
 
@@ -38,7 +39,12 @@ class ModelConfig:
         return self.attention.kv_heads()
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The config's identity. A field added after cells were first recorded is left out at
+        its default (mtp = 0), so every existing cell keeps its id."""
+        d = asdict(self)
+        if not self.mtp:
+            d.pop("mtp")
+        return d
 
 
 # Named sizes, one table (as gpt-fast's transformer_configs). SwiGLU width is ~8/3·d rounded to
@@ -53,7 +59,7 @@ SIZES: dict[str, dict] = {
 }
 
 MODEL_FIELDS = (
-    "d_model", "n_layers", "vocab_size", "max_seq_len", "norm_eps", "tie_embeddings", "init_std", "precision",
+    "d_model", "n_layers", "vocab_size", "max_seq_len", "norm_eps", "tie_embeddings", "init_std", "precision", "mtp",
 )
 
 

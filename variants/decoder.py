@@ -7,40 +7,18 @@ from __future__ import annotations
 
 import functools
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import registry
+from . import mtp, registry
 from .balance import combine_layers
+from .block import Block
 from .config import ModelConfig
 from .layers import RMSNorm
 from .profiling import part
-
-
-class Block(nn.Module):
-    """Pre-norm residual block: attention then FFN."""
-
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
-        super().__init__()
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = registry.ATTENTION[cfg.attention.kind].build(cfg, layer_idx)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = registry.FFN[cfg.ffn.kind].build(cfg, layer_idx)
-
-    def forward(self, x: torch.Tensor, start_pos: int = 0, cache=None) -> torch.Tensor:
-        h = self.attn_norm(x)
-        with part("attn.other", self.attn):  # the module call itself; its parts open their own ranges
-            h = self.attn(h, start_pos, cache)
-        with part("residual", self):
-            x = x + h
-        h = self.ffn_norm(x)
-        with part("ffn.other", self.ffn):
-            h = self.ffn(h)
-        with part("residual", self):
-            return x + h
 
 
 @dataclass
@@ -48,12 +26,15 @@ class ModelOutput:
     """What a forward with targets gives every workload that takes a loss (train, eval, probes)."""
 
     logits: torch.Tensor  # (B, T, V)
-    losses: dict[str, torch.Tensor]  # named scalars: "lm" (mean cross-entropy), "aux" (MoE balance), …
+    losses: dict[str, torch.Tensor]  # named scalars: "lm" (mean cross-entropy), "aux" (MoE balance), "mtp", …
     lm_loss_per_row: torch.Tensor  # (B,) fp32: the harness reports loss by each row's data domain
+    observed: dict[str, torch.Tensor] = field(default_factory=dict)  # recorded, not trained on ("mtp.1", …)
 
-    def total(self) -> torch.Tensor:
-        """The training objective: the sum of the named losses, in their insertion order."""
-        return functools.reduce(operator.add, self.losses.values())
+    def total(self, weights: dict[str, float] | None = None) -> torch.Tensor:
+        """The training objective: Σ weight·loss over the named losses (weight 1 unless given)."""
+        weights = weights or {}
+        terms = (weights[name] * loss if name in weights else loss for name, loss in self.losses.items())
+        return functools.reduce(operator.add, terms)
 
 
 def lm_loss_per_row(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -73,6 +54,7 @@ class Decoder(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
+        self.mtp = mtp.MultiTokenPrediction(cfg) if cfg.mtp else None  # V3 §2.2; shares embed and head
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -86,6 +68,12 @@ class Decoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, caches: list | None = None) -> torch.Tensor:
         """tokens (B, T) at positions start_pos… → logits (B, T, V); fills caches when given."""
+        h = self.hidden(tokens, start_pos, caches)
+        with part("lm_head", self.head):
+            return self.head(h)  # (B, T, V)
+
+    def hidden(self, tokens: torch.Tensor, start_pos: int = 0, caches: list | None = None) -> torch.Tensor:
+        """The final normed hidden states (B, T, C) the head reads (and MTP's first module)."""
         T = tokens.shape[1]
         if start_pos + T > self.cfg.max_seq_len:
             raise ValueError(
@@ -97,23 +85,29 @@ class Decoder(nn.Module):
         for i, block in enumerate(self.blocks):
             with part("block.other", block):  # the block's call and glue; its parts open their own ranges
                 x = block(x, start_pos, caches[i] if caches is not None else None)
-        x = self.norm(x)
-        with part("lm_head", self.head):
-            return self.head(x)  # (B, T, V)
+        return self.norm(x)
 
     def forward_losses(self, tokens: torch.Tensor, targets: torch.Tensor) -> ModelOutput:
         """forward() from position 0 without caches, and the named losses against targets (B, T).
 
         A part that adds a training loss (MTP, an indexer's KL) adds its name here; train sums
-        the dict, so no workload changes."""
-        logits = self(tokens)
+        the dict, so no workload changes. "lm" is the main head's loss alone, whatever else trains.
+        MTP: losses["mtp"] = (1/D)·Σ_k L_MTP^k, weighted by λ in the total (V3 eq. (25)); each
+        depth's loss is in `observed` as "mtp.k"."""
+        h = self.hidden(tokens)
+        with part("lm_head", self.head):
+            logits = self.head(h)
         with part("loss"):
             per_row = lm_loss_per_row(logits, targets)
-            losses = {"lm": per_row.mean()}
-            aux = self.aux_loss()
-            if aux is not None:
-                losses["aux"] = aux
-        return ModelOutput(logits, losses, per_row)
+        losses, observed = {"lm": per_row.mean()}, {}
+        if self.mtp is not None:
+            depth_losses = self.mtp.losses(h, tokens, targets, self.embed, self.head)
+            observed = {f"mtp.{k}": loss.detach() for k, loss in enumerate(depth_losses, start=1)}
+            losses["mtp"] = torch.stack(depth_losses).mean()
+        aux = self.aux_loss()
+        if aux is not None:
+            losses["aux"] = aux
+        return ModelOutput(logits, losses, per_row, observed)
 
     def parts(self):
         """Every part module (attention and FFN of each block) with its layer index; the
@@ -121,6 +115,8 @@ class Decoder(nn.Module):
         for i, block in enumerate(self.blocks):
             yield i, block.attn
             yield i, block.ffn
+        if self.mtp is not None:
+            yield from self.mtp.parts(self.cfg.n_layers)
 
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of the extra training losses the parts left from the last forward (MoE balance)."""
@@ -137,6 +133,8 @@ class Decoder(nn.Module):
         the parts that observe themselves (routed FFNs); read once, at the end of a cell."""
         records, per_layer = [], []
         for i, p in self.parts():
+            if i >= self.cfg.n_layers:  # MTP's layers: balance columns stay comparable across mtp values
+                continue
             observed = p.metrics(i)
             if observed is not None:
                 layer_records, summary = observed
@@ -178,6 +176,7 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
         "params_total": embedding + blocks_total + norm + head,
         "params_active": embedding + blocks_active + norm + head,
         "params_embedding": embedding,
+        "params_mtp": mtp.param_count(cfg),  # apart, as V3's 671B excludes its MTP module (§2.2)
     }
 
 

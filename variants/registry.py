@@ -92,6 +92,7 @@ WORKLOADS: dict[str, str] = {
     "train": "AdamW steps on batch×seq tokens: forward, backward, optimizer",
     "prefill": "one forward over batch×seq tokens, filling a KV cache",
     "decode": "prefill a context, then generate tokens one at a time from the KV cache",
+    "speculative": "train, then MTP self-speculative decoding (draft with the MTP modules, verify with the main model) against plain greedy",
 }
 
 

@@ -39,6 +39,9 @@ class WorkloadRun:
     mean_context_len: float  # keys each processed token attends to, on average (for FLOPs)
     summary: dict = field(default_factory=dict)  # workload-specific scalar results
     series: list[tuple] = field(default_factory=list)  # point(...) rows
+    # The timed step ranges' total, where a sample is not one range (speculative: a round's
+    # time ÷ the tokens it emitted); None: the samples' sum. The profiler checks its ranges against it.
+    step_range_total_s: float | None = None
 
 
 def point(step: int, metric: str, value: float, layer: int | None = None, index: int | None = None, domain: str | None = None) -> tuple:
@@ -67,10 +70,15 @@ class Workload(ABC):
     Settings: ClassVar[type]  # frozen dataclass: fields, defaults and bounds (metadata) drive validation
     trains: ClassVar[bool] = False  # backward + optimizer: FP32 master weights under autocast, 3× forward FLOPs
     decodes: ClassVar[bool] = False  # timed tokens come one at a time from the KV cache
+    trains_first: ClassVar[bool] = False  # trains its model before the timed work: built in FP32 like a train cell
 
     @abstractmethod
     def cells(self, section, cfg: ModelConfig) -> list[dict]:
         """The cell settings this section expands to for one model config."""
+
+    def cells_for(self, spec: SweepSpec, cfg: ModelConfig) -> list[dict]:
+        """The cells of this workload in a spec (a workload that reads other sections overrides this)."""
+        return self.cells(getattr(spec, self.name), cfg)
 
     @abstractmethod
     def shape_label(self, settings: dict) -> str:
@@ -95,6 +103,10 @@ class Workload(ABC):
     def flops_per_token(self, cfg: ModelConfig, settings: dict) -> float:
         """Model FLOPs per processed token (decoder.FLOP_CONVENTION)."""
         return decoder.forward_flops_per_token(cfg, self.mean_context_len(settings), decode=self.decodes)
+
+    def mtp_flops_per_token(self, cfg: ModelConfig, settings: dict) -> float:
+        """The share of flops_per_token the MTP modules run (0: they run only where a workload trains them)."""
+        return 0.0
 
     @abstractmethod
     def data_lengths(self, section) -> list[tuple[int, str]]:

@@ -151,8 +151,9 @@ def _check_max_batch(d: DecodeSettings, configs) -> None:
 
 
 def _generate(model, context, caches, n_tokens: int, prefill_timer: StepTimer, token_timer: StepTimer,
-              rows: int | None = None, domains=None):
-    """Prefill the context into the caches, then generate n_tokens greedily; return last logits."""
+              rows: int | None = None, domains=None, on_token=None):
+    """Prefill the context into the caches, then generate n_tokens greedily; return last logits.
+    on_token(token (B, 1)) sees each generated token (outside the timed step's work)."""
     L = context.shape[1]
     with prefill_timer.step():
         logits = _prefill(model, context, caches, rows or context.shape[0], domains)  # (B, V)
@@ -161,6 +162,8 @@ def _generate(model, context, caches, n_tokens: int, prefill_timer: StepTimer, t
             with part("sample"):
                 next_token = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
             logits = model(next_token, L + i, caches)[:, -1]
+        if on_token is not None:
+            on_token(next_token)
     return logits
 
 

@@ -10,7 +10,8 @@ import torch
 
 from dsbench.errors import SpecError
 from dsbench.measure import StepTimer
-from dsbench.variants import decoder
+from dsbench.variants import decoder, mtp
+from dsbench.variants.base import PassShape, add_cost
 from dsbench.variants.fp8 import QuantisationProbe
 from dsbench.variants.profiling import part
 
@@ -31,6 +32,9 @@ class TrainSettings:
     beta2: float = field(default=0.95, metadata={"min": 0, "max_exclusive": 1})
     grad_clip: float = field(default=1.0, metadata={"min": 0})  # 0 = no clipping
     eval_batches: int = field(default=4, metadata={"min": 0})
+    # λ of L_MTP = (λ/D)·Σ_k L_MTP^k (V3 §2.2 eq. (25); V3 used 0.3, then 0.1 for its last 4.8T tokens).
+    # Read only by cells with model.mtp ≥ 1, and only theirs carry it (cell identity).
+    mtp_lambda: float = field(default=0.3, metadata={"min": 0})
 
 
 class Train(WholeSequences):
@@ -39,11 +43,14 @@ class Train(WholeSequences):
     trains = True
 
     def cells(self, section: TrainSettings, cfg) -> list[dict]:
-        return [dataclasses.asdict(section)]
+        return [settings_for(section, cfg)]
 
     def flops_per_token(self, cfg, settings: dict) -> float:
         # Backward costs two forwards (activation and weight gradients): train = 3 × forward.
-        return 3 * super().flops_per_token(cfg, settings)
+        return 3 * (super().flops_per_token(cfg, settings) + mtp.forward_flops_per_token(cfg, settings["seq_len"]))
+
+    def mtp_flops_per_token(self, cfg, settings: dict) -> float:
+        return 3 * mtp.forward_flops_per_token(cfg, settings["seq_len"])
 
     def data_lengths(self, section: TrainSettings) -> list[tuple[int, str]]:
         return [(section.seq_len, "train")] + ([(section.seq_len, "eval")] if section.eval_batches else [])
@@ -52,6 +59,7 @@ class Train(WholeSequences):
         limit = configs[0][1].max_seq_len
         if spec.train.seq_len > limit:
             raise SpecError(f"train.seq_len: {spec.train.seq_len} exceeds model.max_seq_len {limit}")
+        check_mtp_rows("train.seq_len", spec.train.seq_len, configs)
         if spec.measure.warmup >= spec.train.steps:
             raise SpecError(f"measure.warmup: {spec.measure.warmup} leaves no timed step of train.steps {spec.train.steps}; use warmup < steps")
 
@@ -59,10 +67,16 @@ class Train(WholeSequences):
         return {**settings, "steps": options.warmup + options.steps, "eval_batches": 0}, options.steps
 
     def add_step_costs(self, cell, costs: dict, add, act_bytes: int) -> None:
+        if cell.model.mtp:  # the MTP modules' forward, priced by their own parts
+            shape = PassShape(tokens=self.tokens_per_step(cell.workload), mean_context_len=self.mean_context_len(cell.workload),
+                              decode=False, batch=cell.workload["batch_size"], act_bytes=act_bytes, weight_bytes=4)
+            for name, cost in mtp.part_costs(cell.model, shape, cell.workload["seq_len"]).items():
+                add_cost(costs, name, cost.flops, cost.bytes)
         for cost in costs.values():  # backward: 2× the forward's FLOPs and traffic
             cost.flops *= 3
             cost.bytes = None if cost.bytes is None else 3 * cost.bytes
-        params = decoder.param_counts(cell.model)["params_total"]
+        counts = decoder.param_counts(cell.model)
+        params = counts["params_total"] + counts["params_mtp"]
         add("loss", 0.0, self.tokens_per_step(cell.workload) * cell.model.vocab_size * (act_bytes + 4) * 3)  # logits read, FP32 copy; its backward writes dlogits
         add("grad_clip", 0.0, GRAD_CLIP_PASSES * 4 * params)
         add("optimizer", 0.0, ADAMW_STATE_PASSES * 4 * params)
@@ -83,7 +97,7 @@ class Train(WholeSequences):
                 with autocast(ctx):
                     out = model.forward_losses(inputs, targets)
                     with part("loss"):
-                        total = out.total()
+                        total = out.total(loss_weights(settings))
                 with part("autograd"):
                     total.backward()
                 with part("grad_clip"):
@@ -94,7 +108,7 @@ class Train(WholeSequences):
                 model.after_optimizer_step()
             # Kept on the device and read once at the end: a per-step .item() would sync the GPU.
             row_losses.append(out.lm_loss_per_row.detach())
-            named_losses.append({name: loss.detach() for name, loss in out.losses.items()})
+            named_losses.append({**{name: loss.detach() for name, loss in out.losses.items()}, **out.observed})
             domain_labels.append(domains)
         losses = torch.stack(row_losses).float().cpu()  # (steps, B)
         run = WorkloadRun(timer.samples_s(), self.tokens_per_step(settings), self.mean_context_len(settings))
@@ -105,6 +119,8 @@ class Train(WholeSequences):
         tail = max(1, settings["steps"] // 10)
         run.summary["final_loss"] = float(losses[-tail:].mean())
         run.summary["first_loss"] = float(losses[0].mean())
+        if model.cfg.mtp:  # the MTP losses apart from the main head's (V3 Table 4 compares the main head)
+            run.summary["final_loss_mtp"] = float(torch.stack([step["mtp"] for step in named_losses[-tail:]]).float().mean())
         run.summary.update(_evaluate(ctx, settings, run.series))
         add_part_metrics(ctx, run)
         if ctx.observe:
@@ -128,12 +144,39 @@ def lr_at(step: int, settings: dict) -> float:
     return settings["lr"] * min(1.0, (step + 1) / ramp)
 
 
+def settings_for(section: TrainSettings, cfg) -> dict:
+    """A train cell's settings: the section, less what its model does not read (mtp_lambda
+    without MTP), so cells recorded before a setting existed keep their ids."""
+    settings = dataclasses.asdict(section)
+    if not cfg.mtp:
+        settings.pop("mtp_lambda")
+    return settings
+
+
+def loss_weights(settings: dict) -> dict[str, float]:
+    """The weights of the named losses in the objective that are not 1: MTP's λ (V3 eq. (25))."""
+    return {"mtp": settings["mtp_lambda"]} if "mtp_lambda" in settings else {}
+
+
+def check_mtp_rows(key: str, seq_len: int, configs) -> None:
+    """Module D trains on T − D positions of each row: at least one (V3 eq. (24))."""
+    for _, cfg in configs:
+        if cfg.mtp and seq_len <= cfg.mtp:
+            raise SpecError(f"{key}: {seq_len} is too short for model.mtp {cfg.mtp}; MTP module {cfg.mtp} predicts "
+                            f"{cfg.mtp + 1} tokens ahead, so use {key} > {cfg.mtp}")
+
+
 def _named_loss_series(named_losses: list[dict]) -> list[tuple]:
-    """Each named loss but "lm" per step, as `loss.<name>` ("lm" is the `loss` series)."""
+    """Each named loss but "lm" per step, as `loss.<name>` ("lm" is the `loss` series); MTP's
+    per-depth losses ("mtp.k") as `loss_mtp_depth` with index k."""
     rows = []
     for name in dict.fromkeys(n for step in named_losses for n in step if n != "lm"):
         values = torch.stack([step[name].float() for step in named_losses]).cpu()
-        rows += [point(s, f"loss.{name}", float(v)) for s, v in enumerate(values)]
+        depth = name.removeprefix("mtp.")
+        if depth != name and depth.isdigit():
+            rows += [point(s, "loss_mtp_depth", float(v), index=int(depth)) for s, v in enumerate(values)]
+        else:
+            rows += [point(s, f"loss.{name}", float(v)) for s, v in enumerate(values)]
     return rows
 
 
@@ -170,18 +213,25 @@ def _evaluate(ctx: Context, settings: dict, series: list) -> dict:
     if settings["eval_batches"] == 0:
         return {"eval_loss": None}
     ctx.model.eval()
-    per_row, labels = [], []
+    per_row, labels, depth_losses = [], [], []
     for i in range(settings["eval_batches"]):
         inputs, targets, domains = to_device(ctx.data.batch(i, settings["batch_size"], settings["seq_len"], split="eval"), ctx.device)
         ctx.model.set_token_domains(domains, ctx.data.domains)
         with autocast(ctx):
-            per_row.append(ctx.model.forward_losses(inputs, targets).lm_loss_per_row.float().cpu())
+            out = ctx.model.forward_losses(inputs, targets)
+        per_row.append(out.lm_loss_per_row.float().cpu())
+        depth_losses.append([float(v) for v in out.observed.values()])
         labels.append(domains)
     losses, labels = torch.cat(per_row), torch.cat(labels)
     step = settings["steps"]
+    summary = {"eval_loss": float(losses.mean())}
+    if ctx.model.cfg.mtp:  # each depth on the same held-out batches (equal-size batches: a mean of means)
+        by_depth = torch.tensor(depth_losses).mean(dim=0)
+        series += [point(step, "eval_loss_mtp_depth", float(v), index=k) for k, v in enumerate(by_depth, start=1)]
+        summary["eval_loss_mtp"] = float(by_depth.mean())
     for d, name in enumerate(ctx.data.domains):
         if (labels == d).any():
             series.append(point(step, "eval_loss_by_domain", float(losses[labels == d].mean()), domain=name))
     series.append(point(step, "eval_loss", float(losses.mean())))
     check_finite(losses, "eval loss")
-    return {"eval_loss": float(losses.mean())}
+    return summary
