@@ -17,7 +17,7 @@ from dsbench.accounting import static_row
 from dsbench.cli import app
 from dsbench.report import build_report
 from dsbench.results import load_results
-from dsbench.spec import expand, load_preset
+from dsbench.spec import expand, load_preset, preset_names
 from dsbench.variants import decoder
 from dsbench.variants.attention import MultiHeadAttention
 from dsbench.variants.config import config_from_size
@@ -320,7 +320,26 @@ def synthetic_run(path: Path, preset: str) -> Path:
 def test_paper_presets_give_every_empirical_claim_its_evidence(tmp_path, preset):
     got = verdicts(synthetic_run(tmp_path / "main", preset))  # the n_shared = 0 ablation is a [[sweep]] block
     for c in claims.CLAIMS:
-        if c.method == "empirical" and not isinstance(c.check, claims.NotCheckable):
+        if c.method == "empirical" and not isinstance(c.check, claims.NotCheckable) and "paper-cpu" in c.hint:
+            assert got[c.id].verdict != claims.NOT_CHECKABLE, (c.id, got[c.id])
+
+
+SPECULATIVE = dict(accept_rate_pos1=0.8, accepted_len_mean=1.8, spec_speedup=1.5, verify_cost_ratio=1.1, spec_matches_greedy=True)
+
+
+@pytest.mark.skipif("mtp-cpu" not in preset_names(), reason="the mtp-cpu preset lands with the MTP core work")
+def test_mtp_cpu_preset_gives_the_mtp_claims_their_evidence(tmp_path):
+    """Its cells' static rows pair along mtp (nothing an MTP depth decides is held against a pair)
+    and its speculative cells carry the settings the checks read."""
+    path = synthetic_run(tmp_path / "mtp", "mtp-cpu")
+    cells = pd.read_parquet(path / "cells.parquet")
+    speculative = cells["workload"] == "speculative"
+    for column, value in SPECULATIVE.items():
+        cells[column] = pd.Series([value if s else None for s in speculative], dtype=object)
+    cells.to_parquet(path / "cells.parquet", index=False)
+    got = verdicts(path)
+    for c in claims.CLAIMS:
+        if "mtp-cpu" in c.hint:
             assert got[c.id].verdict != claims.NOT_CHECKABLE, (c.id, got[c.id])
 
 

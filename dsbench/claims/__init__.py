@@ -18,7 +18,9 @@ measured, a verdict and the numbers behind it. Verdicts:
   cannot exist on this hardware (and the detail says why). Never a verdict without evidence.
 
 The package: evidence (verdicts, Evidence), analytic (official.py's counts), empirical (the
-measured cells, paired by dsbench.pairing), and here the registry, evaluate and the output.
+measured cells, paired by dsbench.pairing), mtp (multi-token prediction: speculative cells, and
+train cells paired along `mtp`), and here the registry, evaluate and the output. A claim's `hint`
+says which preset gives its evidence (paper-cpu unless it says otherwise).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from dsbench.claims.analytic import (check_kv_table1, check_kv_vs_67b, check_moe
 from dsbench.claims.empirical import (check_aux_free, check_deepseekmoe_vs_moe, check_fp8_gap, check_fp8_tensorwise,
                                       check_mla_decode, check_mla_kv, check_shared_expert, ok_cells)
 from dsbench.claims.evidence import DIRECTION, NOT_CHECKABLE, NOT_REPRODUCED, REPRODUCED, VERDICTS, Evidence, NotCheckable
+from dsbench.claims.mtp import RUN_MTP, check_mtp_acceptance, check_mtp_main_loss, check_mtp_speedup
 from dsbench.results import Results
 
 __all__ = ["CLAIMS", "DIRECTION", "NOT_CHECKABLE", "NOT_REPRODUCED", "REPRODUCED", "VERDICTS", "Claim", "ClaimResult",
@@ -53,6 +56,10 @@ class Claim:
     method: str  # analytic | empirical
     expected: str
     check: Callable[[list[Results]], Evidence]
+    hint: str = RUN_PAPER  # what to run for its evidence, when no results are given
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("check", "hint")}
 
 
 @dataclass(frozen=True)
@@ -61,8 +68,7 @@ class ClaimResult:
     evidence: Evidence
 
     def to_json(self) -> dict:
-        c = {k: v for k, v in dataclasses.asdict(self.claim).items() if k != "check"}
-        return {**c, **dataclasses.asdict(self.evidence)}
+        return {**self.claim.to_json(), **dataclasses.asdict(self.evidence)}
 
 
 # --- the registry ---
@@ -124,6 +130,15 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("fp8-tensorwise-worse", V3, "§3.3.2",
           "Per-tensor FP8 scaling tracks BF16 worse than fine-grained (1×128, 128×128) scaling.", "empirical",
           "|error(tensorwise)| > |error(block-wise)|", check_fp8_tensorwise),
+    Claim("v3-mtp-acceptance", V3, "§5.4.3",
+          "With one MTP module as the draft, the second predicted token is accepted 85–90% of the time.", "empirical",
+          "85–90%", check_mtp_acceptance, RUN_MTP),
+    Claim("v3-mtp-speedup", V3, "§5.4.3",
+          "Self-speculative decoding with the MTP module generates about 1.8× the tokens per second.", "empirical",
+          "≈ 1.8× (±10%)", check_mtp_speedup, RUN_MTP),
+    Claim("v3-mtp-main-loss", V3, "§4.5.1, Table 4",
+          "Training with the MTP objective improves the main model at equal steps and data (the MTP modules are dropped "
+          "at inference).", "empirical", "loss(mtp ≥ 1) < loss(mtp = 0)", check_mtp_main_loss, RUN_MTP),
     Claim("v2-max-throughput", V2, "§3.2.3", "DeepSeek-V2's maximum generation throughput is 5.76× DeepSeek 67B's.",
           "empirical", "5.76×", NotCheckable(
               "measured serving the full V2 (FP8 weights, ~6-bit KV cache) on 8×H800 against the 67B; the attention-gpu "
@@ -138,7 +153,7 @@ def evaluate(results: Sequence[Results] = ()) -> list[ClaimResult]:
     out = []
     for claim in CLAIMS:
         if claim.method == "empirical" and not results and not isinstance(claim.check, NotCheckable):
-            evidence = Evidence("–", NOT_CHECKABLE, f"no results given; {RUN_PAPER}")
+            evidence = Evidence("–", NOT_CHECKABLE, f"no results given; {claim.hint}")
         else:
             evidence = run_check(claim, list(results))
         out.append(ClaimResult(claim, evidence))

@@ -5,13 +5,15 @@
 
 index.html is self-contained (figures inline as data: URIs; opens from disk); index.md is for
 GitHub and CI job summaries and links figures/. Sections: environment and spec, failures, the
-cells, the ablation view (for each axis, B ÷ A of every main metric with all else fixed), the
-comparison with a baseline (dsbench.check), and the figures.
+cells, the ablation view (for each axis, B ÷ A of every main metric with all else fixed),
+multi-token prediction (when some cell has MTP), the comparison with a baseline (dsbench.check),
+and the figures.
 
 The package, one module per part: data (ReportData, prepare, formatting), ablation (B ÷ A over
 dsbench.pairing's pairs), figures (the registry and the per-cell figures), comparisons (KV vs
-context, FP8 − BF16 gap, B ÷ A vs model size), heatmaps (routing), profiles, sections, render
-(HTML and Markdown) and build (build_report).
+context, FP8 − BF16 gap, B ÷ A vs model size), heatmaps (routing), profiles, mtp (multi-token
+prediction: loss by depth, speculative decoding; only when the results hold MTP cells), sections,
+render (HTML and Markdown) and build (build_report).
 
 Figures come from a registry: each FigureDef names the cells columns and series metrics it
 needs and is skipped when a run does not have them, so a new metric needs only a new entry.
@@ -20,7 +22,7 @@ speed_note (bf16 on a CPU). All user-supplied text is escaped in the HTML and th
 """
 
 # Importing the figure modules registers their figures, in this order.
-from dsbench.report import comparisons, heatmaps, profiles  # noqa: F401
+from dsbench.report import comparisons, heatmaps, mtp, profiles  # noqa: F401
 from dsbench.report.ablation import ablation, ablation_summary
 from dsbench.report.build import build_report
 from dsbench.report.data import ReportData, prepare

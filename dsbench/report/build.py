@@ -6,6 +6,7 @@ from pathlib import Path
 
 from dsbench.check import load_checked
 from dsbench.report.data import prepare, safe_name
+from dsbench.report.mtp import mtp_section
 from dsbench.report.profiles import profiles_section
 from dsbench.report.render import render_html, render_md
 from dsbench.report.sections import (ablation_section, baseline_section, cells_section, claims_section, failures_section,
@@ -27,6 +28,9 @@ def build_report(results: list, out: str | Path | None = None, baseline: str | P
             old.unlink()
     sections = [overview_section(data, tables_dir), failures_section(data, tables_dir), cells_section(data, tables_dir),
                 ablation_section(data, tables_dir)]
+    mtp = mtp_section(data, tables_dir)  # only when some cell trained with MTP or decoded speculatively
+    if mtp is not None:
+        sections.append(mtp)
     if baseline is not None:
         sections.append(baseline_section(data, Path(baseline), tables_dir))
     claims = claims_section(runs, tables_dir)  # only when the runs hold evidence for an empirical claim
