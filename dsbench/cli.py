@@ -82,7 +82,7 @@ def run_sweep_cmd(
 
 @run_app.command("cell")
 def run_cell_cmd(
-    workload: Annotated[str, typer.Option(help="train | prefill | decode")] = "train",
+    workload: Annotated[str, typer.Option(help="train | prefill | decode | speculative")] = "train",
     ffn: Annotated[str, typer.Option(help="FFN variant (axes.ffn).")] = "dense",
     attention: Annotated[str, typer.Option(help="Attention variant (axes.attention).")] = "mha",
     precision: Annotated[str, typer.Option(help="fp32 | bf16 | … (axes.precision).")] = "fp32",
@@ -92,7 +92,8 @@ def run_cell_cmd(
     seq_len: Annotated[int, typer.Option(help="Tokens per row (train, prefill).")] = 128,
     context_len: Annotated[int, typer.Option(help="Context tokens before generation (decode).")] = 128,
     new_tokens: Annotated[int, typer.Option(help="Tokens generated (decode).")] = 32,
-    steps: Annotated[int, typer.Option(help="Training steps (train).")] = 30,
+    steps: Annotated[int, typer.Option(help="Training steps (train; speculative: before decoding).")] = 30,
+    mtp: Annotated[int, typer.Option(help="Multi-token-prediction modules D (model.mtp; speculative needs ≥ 1).")] = 0,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up steps.")] = 3,
     repeats: Annotated[int, typer.Option(help="Timed repeats (prefill, decode).")] = 10,
     seed: Annotated[int, typer.Option(help="Seed for weights and data.")] = 0,
@@ -105,21 +106,22 @@ def run_cell_cmd(
 
     with user_errors():
         spec = cell_spec(workload, ffn, attention, precision, balance, size, batch_size, seq_len, context_len, new_tokens,
-                         steps, warmup, repeats, seed, device, data)
+                         steps, mtp, warmup, repeats, seed, device, data)
         runner.check_data(spec)
         outcome = runner.run_sweep(spec, out=out, console=err_console, spec_source="dsbench run cell")
     finish(outcome)
 
 
 def cell_spec(workload, ffn, attention, precision, balance, size, batch_size, seq_len, context_len, new_tokens,
-              steps, warmup, repeats, seed, device, data) -> spec_lib.SweepSpec:
+              steps, mtp, warmup, repeats, seed, device, data) -> spec_lib.SweepSpec:
     """The one-cell spec that `run cell`'s flags describe."""
     raw = {
-        "name": "cell", "device": device, "seed": seed, "data": data, "model": {"size": size},
+        "name": "cell", "device": device, "seed": seed, "data": data, "model": {"size": size, **({"mtp": mtp} if mtp else {})},
         "axes": {"workload": workload, "ffn": ffn, "attention": attention, "precision": precision, "balance": balance},
         "train": {"steps": steps, "batch_size": batch_size, "seq_len": seq_len},
         "prefill": {"batch_size": batch_size, "seq_lens": [seq_len]},
         "decode": {"batch_size": batch_size, "context_lens": [context_len], "new_tokens": new_tokens},
+        "speculative": {"batch_size": batch_size, "context_lens": [context_len], "new_tokens": new_tokens, "train_steps": [steps]},
         "measure": {"warmup": warmup, "repeats": repeats},
     }
     return spec_lib.parse_spec(raw)

@@ -185,6 +185,8 @@ _ENTRIES = (
        short="eval loss", **LOSS),
     _m("final_loss_mtp", "loss", "nats/token", "MTP: (1/D)·Σ_k L_MTP^k, mean of the last 10% of steps", **LOSS),
     _m("eval_loss_mtp", "loss", "nats/token", "MTP: (1/D)·Σ_k of each depth's loss on the held-out batches", **LOSS),
+    _m("pretrain_source", "speculative", "", "trained | loaded <key> (an earlier cell's identical training) | untrained",
+       fmt="text"),
     _m("pretrain_final_loss", "loss", "nats/token", "speculative: the main head's training loss at the end of its pre-training",
        **LOSS),
     *(_m(f"accept_rate_pos{k}", "speculative", "1", f"P(draft {k} accepted | drafts before it accepted), every row of every round"

@@ -42,6 +42,7 @@ class ResultStore:
         self.cells_dir = self.root / "cells"
         self.logs_dir = self.root / "logs"
         self.work_dir = self.root / ".work"
+        self.weights_dir = self.root / "weights"  # trained weights later cells reuse (dsbench/checkpoints.py); not committed
 
     def create(self) -> None:
         for d in (self.cells_dir, self.logs_dir, self.work_dir):

@@ -260,7 +260,8 @@ def _run_cells(cells: list[Cell], order: dict[str, int], store: ResultStore, inf
                 raise KeyboardInterrupt
             progress.update(task, description=cell.label())
             timeout_s = spec.measure.timeout_s * (PROFILE_TIMEOUT_FACTOR if profile else 1)
-            result = run_cell_process(cell, store, cell_runtime(info, cell, spec), timeout_s, profile)
+            runtime = dataclasses.replace(cell_runtime(info, cell, spec), weights_dir=str(store.weights_dir))
+            result = run_cell_process(cell, store, runtime, timeout_s, profile)
             row = {"run_id": info["run_id"], "status": result.status, "error": result.error, **static_row(cell), **result.row}
             row["cell_index"] = order[cell.cell_id]
             store.write_cell(row, result.series)

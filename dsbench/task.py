@@ -45,6 +45,7 @@ class Runtime:
     calibration: dict | None = None  # hardware.calibrate()'s measurement, where one was taken
     threads: int = 0  # measure.threads: 0 = choose (contention.choose_threads)
     spawn_time: float | None = None  # time.time() when the runner started the process
+    weights_dir: str | None = None  # where cells save and reuse trained weights (dsbench/checkpoints.py); None: nowhere
 
 
 @dataclass(frozen=True)

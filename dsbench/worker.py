@@ -24,6 +24,7 @@ from dsbench.data import load_dataset
 from dsbench.measure import NvmlSampler, current_rss_bytes, peak_memory, reset_peak_memory, summarize
 from dsbench.cell import Cell
 from dsbench.task import CellResult, CellTask, ProfileRequest, Runtime
+from dsbench.checkpoints import WeightCache
 from dsbench.variants.decoder import build_model
 from dsbench.variants.precision import PRECISIONS
 from dsbench.workloads import Context, Diverged, WorkloadRun, point, workload_of
@@ -86,7 +87,8 @@ def measure_cell(cell: Cell, runtime: Runtime, profile: ProfileRequest | None = 
     if not (workload.trains or workload.trains_first):
         model = model.to(precision.inference_dtype)
     inject_fault(cell, model)
-    ctx = Context(model, data, device, precision, cell.measure["warmup"], cell.measure["repeats"])
+    weights = WeightCache(runtime.weights_dir, cell.seed, cell.data) if runtime.weights_dir else None
+    ctx = Context(model, data, device, precision, cell.measure["warmup"], cell.measure["repeats"], weights=weights)
     setup_s = time.perf_counter() - setup_start
     rss_before = current_rss_bytes()
     reset_peak_memory(device)

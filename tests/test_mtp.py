@@ -8,6 +8,8 @@ CPU, fp32, `debug`-sized models throughout.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -281,6 +283,32 @@ def test_speculative_cell_trains_first_and_matches_greedy():
                       "verify_cost_ratio", "greedy_distinct_fraction"}
     assert 1 <= s["accepted_len_mean"] <= 3 and s["spec_speedup"] == pytest.approx(s["spec_tokens_per_s"] / s["plain_tokens_per_s"])
     assert len(run.step_times_s) >= cell.measure["repeats"] and all(t > 0 for t in run.step_times_s)
+
+
+def test_speculative_cell_reuses_the_weights_a_train_cell_of_the_same_training_saved(tmp_path):
+    """A train cell saves its MTP model's final weights; a speculative cell with the same model,
+    [train] settings, steps, seed and data loads them instead of training again, and they are
+    bit for bit what its own training would have produced."""
+    from dsbench.checkpoints import WeightCache
+
+    sections = {"model": {"mtp": 1}, "speculative": {"train_steps": [6]}}
+    [train] = spec.expand(tiny_spec("train", **sections), "cpu")
+    [decode] = spec.expand(tiny_spec("speculative", **sections), "cpu")
+    cache = WeightCache(tmp_path, train.seed, train.data)
+    trained = context_for(train)
+    WORKLOADS["train"].run(dataclasses.replace(trained, weights=cache), train.workload)
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+
+    loading = dataclasses.replace(context_for(decode), weights=cache)
+    run = WORKLOADS["speculative"].run(loading, decode.workload)
+    assert run.summary["pretrain_source"].startswith("loaded ") and run.summary["pretrain_final_loss"] > 0
+    fresh = context_for(decode)  # no cache: it trains itself
+    from dsbench.workloads.speculative import pretrain
+
+    assert pretrain(fresh, decode.workload)["pretrain_source"] == "trained"
+    loaded_state, fresh_state = loading.model.float().state_dict(), fresh.model.state_dict()
+    assert loaded_state.keys() == fresh_state.keys()
+    assert all(torch.equal(loaded_state[k], fresh_state[k]) for k in fresh_state)
 
 
 def test_cells_without_mtp_keep_their_identity():

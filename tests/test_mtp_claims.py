@@ -72,9 +72,25 @@ def test_acceptance_reproduced_on_the_d1_cells_trained_longest(tmp_path):
              speculative((0.50,), train_steps=100), speculative((0.95, 0.8), mtp=2, train_steps=800)]
     got = verdicts(write(tmp_path / "r", cells))["v3-mtp-acceptance"]
     assert got.verdict == claims.REPRODUCED, got
-    assert got.measured.startswith("87.5% (median of 2 D1 cells at 400 train steps; all: 50.0%–95.0% over 4 cells)")
+    assert got.measured.startswith("87.5% during greedy generation (median of 2 D1 cells at 400 train steps; "
+                                   "generation: 50.0%–95.0% over 4 cells)")
     assert "100 train steps: 50.0% (1 cells)" in got.detail and "d64" in got.detail
     assert "real text" not in got.detail  # the caveat is for a miss
+
+
+def test_acceptance_of_a_looping_greedy_output_is_judged_on_held_out_text(tmp_path):
+    """A small model's greedy output can repeat one byte, which drafts match trivially: where
+    every judged cell loops, the verdict reads the teacher-forced agreement on held-out text."""
+    loop = dict(greedy_distinct_fraction=0.02, eval_agreement_pos1=0.70)
+    got = verdicts(write(tmp_path / "r", [speculative((1.0,), **loop), speculative((1.0,), context_len=512, **loop)]))
+    acceptance = got["v3-mtp-acceptance"]
+    assert acceptance.verdict == claims.NOT_REPRODUCED
+    assert acceptance.measured.startswith("70.0% teacher-forced on held-out text")
+    assert "loops (2.0% of its tokens distinct)" in acceptance.detail and "accepted trivially (100.0%)" in acceptance.detail
+    assert "upper bound" in got["v3-mtp-speedup"].detail
+    varied = dict(greedy_distinct_fraction=0.6, eval_agreement_pos1=0.70)  # not a loop: generation's acceptance stands
+    got = verdicts(write(tmp_path / "v", [speculative((0.88,), **varied)]))["v3-mtp-acceptance"]
+    assert got.verdict == claims.REPRODUCED and got.measured.startswith("88.0% during greedy generation")
 
 
 @pytest.mark.parametrize("rate", [0.60, 0.95])

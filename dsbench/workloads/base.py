@@ -60,6 +60,7 @@ class Context:
     warmup: int
     repeats: int
     observe: bool = True  # False (a profiled pass): only the steps, no metrics, no probes
+    weights: object = None  # a dsbench.checkpoints.WeightCache: trained weights to save and reuse; None: none
 
 
 class Workload(ABC):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from dsbench.checkpoints import WEIGHT_SETTINGS
 from dsbench.errors import SpecError
 from dsbench.measure import StepTimer, summarize, sync
 from dsbench.variants.mtp import MAX_DEPTH, SelfSpeculative, draft_agreement
@@ -26,7 +27,6 @@ from .base import Context, Workload, WorkloadRun, batch_label, check_finite, poi
 from .decode import _generate
 from .train import Train, check_mtp_rows, settings_for
 
-PRETRAIN_KEYS = ("batch_size", "seq_len", "lr", "weight_decay", "beta1", "beta2", "grad_clip", "mtp_lambda")
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class Speculative(Workload):
 
     def cells_for(self, spec, cfg) -> list[dict]:
         s = spec.speculative
-        pretrain = {k: v for k, v in settings_for(spec.train, cfg).items() if k in PRETRAIN_KEYS}
+        pretrain = {k: v for k, v in settings_for(spec.train, cfg).items() if k in WEIGHT_SETTINGS}
         return [{"batch_size": s.batch_size, "context_len": L, "new_tokens": s.new_tokens, "train_steps": steps, "train": pretrain}
                 for steps in s.train_steps for L in s.context_lens]
 
@@ -107,13 +107,22 @@ class Speculative(Workload):
 
 def pretrain(ctx: Context, settings: dict) -> dict:
     """Train the cell's model for train_steps steps with the recorded [train] settings (untimed,
-    unobserved); the main head's final and eval loss say how trained the drafts are."""
+    unobserved), or load the weights an earlier cell of the sweep trained the same way
+    (dsbench/checkpoints.py); the main head's final training loss says how trained the drafts are."""
     steps = settings["train_steps"]
     if not steps:
-        return {"pretrain_final_loss": None}
+        return {"pretrain_final_loss": None, "pretrain_source": "untrained"}
+    cache, key = ctx.weights, None
+    if cache is not None:
+        key = cache.key(ctx.model.cfg.to_dict(), settings["train"], steps)
+        info = cache.load(key, ctx.model)
+        if info is not None:
+            return {"pretrain_final_loss": info["final_loss"], "pretrain_source": f"loaded {key}"}
     train_settings = {**settings["train"], "steps": steps, "eval_batches": 0}
-    run = Train().run(replace(ctx, warmup=0, observe=False), train_settings)
-    return {"pretrain_final_loss": run.summary["final_loss"]}
+    final_loss = Train().run(replace(ctx, warmup=0, observe=False), train_settings).summary["final_loss"]
+    if cache is not None:
+        cache.save(key, ctx.model, {"final_loss": final_loss})
+    return {"pretrain_final_loss": final_loss, "pretrain_source": "trained"}
 
 
 EVAL_AGREEMENT_BATCHES = 2

@@ -121,6 +121,9 @@ class Train(WholeSequences):
         run.summary["first_loss"] = float(losses[0].mean())
         if model.cfg.mtp:  # the MTP losses apart from the main head's (V3 Table 4 compares the main head)
             run.summary["final_loss_mtp"] = float(torch.stack([step["mtp"] for step in named_losses[-tail:]]).float().mean())
+        if ctx.observe and ctx.weights is not None and model.cfg.mtp:  # a speculative cell may reuse them
+            key = ctx.weights.key(model.cfg.to_dict(), settings, settings["steps"])
+            ctx.weights.save(key, model, {"final_loss": run.summary["final_loss"]})
         run.summary.update(_evaluate(ctx, settings, run.series))
         add_part_metrics(ctx, run)
         if ctx.observe:
