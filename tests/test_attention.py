@@ -30,7 +30,7 @@ from dsbench.variants.decoder import build_model, forward_flops_per_token, kv_ca
 from dsbench.variants.mla import LatentCache, MultiHeadLatentAttention, mla_dims
 
 CPU = torch.device("cpu")
-KINDS = tuple(registry.ATTENTION)  # mha, gqa, mqa, mla, mla-naive
+KINDS = tuple(registry.ATTENTION)  # mha, gqa, mqa, mla, mla-naive, dsa
 
 
 def resolved(kind: str, **overrides) -> ModelConfig:
@@ -72,7 +72,7 @@ def run_chunks(model, toks: torch.Tensor, chunks: list[int], dtype=torch.float32
 
 
 def test_axis_values_resolve_to_the_variants():
-    assert KINDS == ("mha", "gqa", "mqa", "mla", "mla-naive")
+    assert KINDS == ("mha", "gqa", "mqa", "mla", "mla-naive", "dsa")
     assert [CONFIGS[k].n_kv_heads() for k in ("mha", "gqa", "mqa")] == [8, 2, 1]  # gqa: n_heads/4
     assert CONFIGS["mla"].attention.mla_impl == "absorbed" and CONFIGS["mla-naive"].attention.mla_impl == "naive"
     assert resolved("gqa", n_kv_heads=4).n_kv_heads() == 4  # an explicit n_kv_heads wins
@@ -370,7 +370,7 @@ def _spec(**tables) -> dict:
 def test_every_attention_value_expands_to_its_own_cell():
     spec = parse_spec(_spec(model={"size": "small"}, axes={"attention": list(KINDS), "workload": ["decode"]}))
     cells = expand(spec, "cpu")
-    assert len({c.cell_id for c in cells}) == len(cells) == 5
+    assert len({c.cell_id for c in cells}) == len(cells) == len(KINDS)
     rows = {c.axes["attention"]: static_row(c) for c in cells}
     assert [rows[k]["n_kv_heads"] for k in ("mha", "gqa", "mqa")] == [8, 2, 1]
     assert rows["mla"]["mla_impl"] == "absorbed" and rows["mla-naive"]["mla_impl"] == "naive"
@@ -427,10 +427,11 @@ def test_max_batch_cells_fit_the_budget():
 @pytest.mark.parametrize("name", ["attention-cpu", "attention-gpu"])
 def test_attention_presets_expand(name):
     spec = load_preset(name)
-    assert set(spec.axes["attention"]) == set(KINDS) and set(spec.axes["workload"]) == {"prefill", "decode"}
+    # dsa is measured where it differs from MLA: contexts past index_topk (the long-context presets)
+    assert set(spec.axes["attention"]) == set(KINDS) - {"dsa"} and set(spec.axes["workload"]) == {"prefill", "decode"}
     cells = expand(spec, "cpu" if name == "attention-cpu" else "cuda")
     fit = [c for c in cells if "memory_budget_bytes" in c.workload]
-    assert fit and len(fit) % len(KINDS) == 0
+    assert fit and len(fit) % len(spec.axes["attention"]) == 0
 
 
 # -- the workload measures the live cache --------------------------------------------------------

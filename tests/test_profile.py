@@ -56,6 +56,7 @@ CASES = [
     ("decode", "dense", "mla", "bf16", "none", {"attn.proj", "attn.core", "sample"}),
     ("decode", "deepseekmoe", "mla-naive", "fp32", "aux", {"shared_experts", "attn.core", "sample"}),
     ("speculative", "dense", "mha", "fp32", "none", {"mtp", "attn.core", "lm_head", "sample"}),
+    ("train", "dense", "dsa", "fp32", "none", {"indexer", "attn.proj", "attn.core"}),
 ]
 FEW_EXPERTS = {"n_experts": 4, "granularity": 2}
 

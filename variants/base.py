@@ -101,6 +101,16 @@ class Part(nn.Module):
     def set_token_domains(self, domains_B: torch.Tensor, names: tuple[str, ...]) -> None:
         return None
 
+    def named_losses(self) -> dict[str, torch.Tensor]:
+        """Training losses of their own name the last forward left (DSA's "indexer_kl"); the
+        decoder averages each over the parts that give it."""
+        return {}
+
+    def only_trains(self) -> list[nn.Parameter] | None:
+        """The parameters training may update, where a part asks that nothing else train (DSA's
+        dense warm-up: the indexer alone); None: no such request."""
+        return None
+
     @staticmethod
     def row_columns(cfg) -> dict:
         return {}

@@ -107,7 +107,25 @@ class Decoder(nn.Module):
         aux = self.aux_loss()
         if aux is not None:
             losses["aux"] = aux
+        losses.update(self.part_losses())
         return ModelOutput(logits, losses, per_row, observed)
+
+    def part_losses(self) -> dict[str, torch.Tensor]:
+        """Each named loss the parts left (Part.named_losses), averaged over the parts giving it."""
+        by_name: dict[str, list[torch.Tensor]] = {}
+        for _, p in self.parts():
+            for name, loss in p.named_losses().items():
+                by_name.setdefault(name, []).append(loss)
+        return {name: torch.stack(values).mean() for name, values in by_name.items()}
+
+    def freeze_for_training(self) -> None:
+        """Where parts ask to train alone (Part.only_trains), every other parameter is frozen."""
+        requested = [p.only_trains() for _, p in self.parts()]
+        if all(r is None for r in requested):
+            return
+        keep = {id(param) for r in requested if r is not None for param in r}
+        for param in self.parameters():
+            param.requires_grad_(id(param) in keep)
 
     def parts(self):
         """Every part module (attention and FFN of each block) with its layer index; the

@@ -35,12 +35,16 @@ class RotaryEmbedding(nn.Module):
 
     Angles are computed for the positions of each call (T·D/2 values), so no table of
     max_seq_len rows is stored per layer; only inv_freq is kept, as a non-persistent buffer.
+
+    interleaved=False pairs channel i with i + D/2 instead (DeepSeek-V3.2's indexer: "rope in
+    indexer is not interleaved", inference/model.py), with the same frequencies.
     """
 
-    def __init__(self, head_dim: int, theta: float = 10000.0):
+    def __init__(self, head_dim: int, theta: float = 10000.0, interleaved: bool = True):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head dim, got {head_dim}")
+        self.interleaved = interleaved
         inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
@@ -50,6 +54,9 @@ class RotaryEmbedding(nn.Module):
         positions = torch.arange(start_pos, start_pos + T, device=x.device, dtype=torch.float32)
         angles = torch.outer(positions, self.inv_freq)  # (T, D/2)
         cos, sin = angles.cos(), angles.sin()
+        if not self.interleaved:  # pairs (i, i + D/2)
+            first, second = x.float().chunk(2, dim=-1)
+            return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1).type_as(x)
         x_even, x_odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, T, D/2) each
         rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
         return rotated.flatten(-2).type_as(x)

@@ -27,6 +27,7 @@ PARTS = {
     "attn.proj": "attention weight matmuls: Q/K/V/O, MLA down/up projections and absorbed W^UK/W^UV",
     "attn.rope": "rotary position embedding of q and k",
     "attn.core": "KV-cache write, scores, softmax, weighted sum of values",
+    "indexer": "DSA's lightning indexer: its projections, key cache, scores and the top-k selection",
     "attn.other": "the attention module's call, reshapes and Python outside the parts above",
     "ffn": "dense SwiGLU FFN",
     "router": "gate matmul, affinities, top-k, gate weights",

@@ -16,6 +16,7 @@ from importlib import metadata
 
 from .attention import MHAConfig, MultiHeadAttention
 from .base import Attention, FeedForward, PartConfig
+from .dsa import DeepSeekSparseAttention, DSAConfig
 from .ffn import DenseFFN, DenseFFNConfig
 from .mla import MLAConfig, MultiHeadLatentAttention
 from .moe import DeepSeekMoEConfig, MoEFeedForward, RoutedFFNConfig
@@ -77,6 +78,8 @@ register("attention", Variant("mla", MultiHeadLatentAttention, MLAConfig, "DeepS
                               overrides=lambda a: {"mla_impl": "absorbed"}))
 register("attention", Variant("mla-naive", MultiHeadLatentAttention, MLAConfig, "DeepSeek-V2 2405.04434 §2.1 (naive decode)",
                               overrides=lambda a: {"mla_impl": "naive"}))
+register("attention", Variant("dsa", DeepSeekSparseAttention, DSAConfig, "DeepSeek-V3.2-Exp (2025): MLA + lightning indexer, top-k",
+                              overrides=lambda a: {"mla_impl": "absorbed"}))
 register("ffn", Variant("dense", DenseFFN, DenseFFNConfig, "Shazeer 2002.05202 (SwiGLU)"))
 register("ffn", Variant("moe", MoEFeedForward, RoutedFFNConfig, "GShard, Lepikhin et al. 2006.16668"))
 register("ffn", Variant("deepseekmoe", MoEFeedForward, DeepSeekMoEConfig, "DeepSeekMoE, Dai et al. 2401.06066 §3"))

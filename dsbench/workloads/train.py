@@ -84,6 +84,7 @@ class Train(WholeSequences):
     def run(self, ctx: Context, settings: dict) -> WorkloadRun:
         model, B, T = ctx.model, settings["batch_size"], settings["seq_len"]
         model.train()
+        model.freeze_for_training()
         optimizer = make_optimizer(model, settings)
         timer = StepTimer(ctx.device)
         clip = settings["grad_clip"] or math.inf

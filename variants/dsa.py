@@ -1,0 +1,397 @@
+"""DeepSeek Sparse Attention (DeepSeek-V3.2-Exp, 2025): MLA whose main attention reads only the
+index_topk earlier tokens a small "lightning indexer" ranks highest.
+
+The indexer, as DeepSeek-V3.2-Exp's inference/model.py computes it (`Indexer`):
+  q_{t,j} = W^IQ_j c^Q_t          index_n_heads queries from the query latent (from h_t without one)
+  k_s     = LayerNorm(W^IK h_s)   one key per token, shared by the heads
+  w_{t,j} = (W^W h_t)_j · n^-½ · d^-½                       per-head weights from the hidden state
+  I(t,s)  = Σ_j w_{t,j} · ReLU(q_{t,j} · k_s)               (V3.2 report eq. 1)
+RoPE on the first qk_rope_head_dim channels of q and k, NOT interleaved (pairs i, i + D/2), the
+rest unrotated: the layout DeepSeek's code uses ([pe | nope], where MLA's main RoPE is the last
+channels, interleaved). Under an fp8 precision q and k pass a Hadamard rotation (d^-½·H, Sylvester
+order, as fast_hadamard_transform) and are quantised to E4M3 with one power-of-two (ue8m0) scale
+per 128 channels, and the key cache holds E4M3 keys and their scales; otherwise they stay in the
+activation dtype (the rotation is orthogonal, so it changes nothing there).
+
+The main attention is MLA's MQA form over the latent cache (V3.2: "we implement DSA based on the
+MQA mode of MLA"): each query attends to the latent rows [c^KV | k^R] of its selected tokens,
+gathered (never a dense score matrix over the whole context), with W^UK folded into the query and
+W^UV into the output. Where index_topk covers every causal key, the selection is everything and
+the module runs MLA's own dense path, so DSA then equals MLA exactly.
+
+Training (V3.2 §2.1, "continued pre-training"): `index_stage`
+- "dense" warm-up: the main attention stays dense; only the indexer trains (the rest is frozen),
+  by L^I = Σ_t KL(p_t ‖ softmax(I_t)), p_t the main attention's distribution summed over heads
+  and L1-normalised;
+- "sparse": the main model trains through the sparse attention on the LM loss; the indexer on the
+  KL over the selected set, from a detached input (V3.2: "we detach the indexer input from the
+  computational graph for separate optimization").
+The KL (mean per query, mean over layers) is the named loss "indexer_kl".
+
+Legend as mla.py; I index_n_heads, Di index_head_dim, K = min(index_topk, keys).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsbench.kernels.fp8_quant import FP8_DTYPE, FP8_MAX, GROUP, to_float
+
+from .base import PartCost, PassShape, at_least, choices
+from .layers import RotaryEmbedding
+from .mla import LatentCache, MLAConfig, MultiHeadLatentAttention, mla_dims
+from .precision import PRECISIONS, linear
+from .profiling import part
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
+
+INDEX_STAGES = ("sparse", "dense")
+QUERY_CHUNK = 256  # queries whose gathered latent rows are held at once (prefill memory: chunk·K·(Dc+Dr))
+
+
+@dataclass(frozen=True)
+class DSAConfig(MLAConfig):
+    """MLA's dims plus the indexer's (V3.2-Exp's config.json: index_topk 2048, index_n_heads 64,
+    index_head_dim 128)."""
+
+    kind: str = "dsa"
+    index_topk: int = at_least(2048, 1)
+    index_n_heads: int = at_least(4, 1)
+    index_head_dim: int = at_least(32, 2)  # its first qk_rope_head_dim channels carry RoPE
+    index_stage: str = choices("sparse", *INDEX_STAGES)
+
+
+@dataclass(frozen=True)
+class IndexerDims:
+    n: int  # index_n_heads
+    D: int  # index_head_dim
+    Dr: int  # its RoPE channels (MLA's qk_rope_head_dim)
+    q_in: int  # the query latent's width (or d_model without query compression)
+    K: int  # index_topk
+
+
+def indexer_dims(cfg: ModelConfig) -> IndexerDims:
+    a, d = cfg.attention, mla_dims(cfg)
+    return IndexerDims(a.index_n_heads, a.index_head_dim, d.Dr, d.Dq or cfg.d_model, a.index_topk)
+
+
+def fp8_indexer(cfg: ModelConfig) -> bool:
+    return PRECISIONS[cfg.precision].fp8_recipe is not None
+
+
+def hadamard(D: int, device=None) -> torch.Tensor:
+    """The D×D Walsh–Hadamard matrix in Sylvester order, scaled by D^-½ (orthogonal)."""
+    h = torch.ones(1, 1, device=device)
+    while h.shape[0] < D:
+        h = torch.cat([torch.cat([h, h], dim=1), torch.cat([h, -h], dim=1)], dim=0)
+    return h * D ** -0.5
+
+
+def quant_ue8m0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., D) → E4M3 (..., D) and FP32 power-of-two scales (..., ⌈D/128⌉): DeepSeek's act_quant
+    with scale_fmt = "ue8m0" (the scale rounded up to 2^⌈log2(amax/448)⌉)."""
+    *lead, D = x.shape
+    groups = -(-D // GROUP)
+    tiles = F.pad(x.float(), (0, groups * GROUP - D)).view(*lead, groups, GROUP)
+    amax = tiles.abs().amax(dim=-1).clamp(min=1e-4)
+    scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
+    q = (tiles / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q.view(*lead, groups * GROUP)[..., :D], scale
+
+
+def dequant_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """quant_ue8m0's inverse: (..., D) FP32."""
+    D = q.shape[-1]
+    tiles = F.pad(to_float(q), (0, -D % GROUP)).unflatten(-1, (-1, GROUP))
+    return (tiles * scale[..., None]).flatten(-2)[..., :D]
+
+
+class LightningIndexer(nn.Module):
+    """The indexer's projections and its scores (module docstring)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        i, C, p = indexer_dims(cfg), cfg.d_model, cfg.precision
+        self.dims, self.fp8 = i, fp8_indexer(cfg)
+        self.wq_b = linear(p, i.q_in, i.n * i.D)
+        self.wk = linear(p, C, i.D)
+        self.k_norm = nn.LayerNorm(i.D, eps=1e-6)  # DeepSeek's LayerNorm: weight and bias, in fp32
+        self.weights_proj = nn.Linear(C, i.n, bias=False)  # kept in fp32 (DeepSeek: "for convenience")
+        self.rope = RotaryEmbedding(i.Dr, cfg.attention.rope_theta, interleaved=False)
+        self.register_buffer("rotation", hadamard(i.D) if self.fp8 else torch.empty(0), persistent=False)
+
+    def _rotate(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """RoPE on the first Dr channels ([pe | nope]), x (B, ·, T, D)."""
+        pe, nope = x.split([self.dims.Dr, self.dims.D - self.dims.Dr], dim=-1)
+        return torch.cat([self.rope(pe, start_pos), nope], dim=-1)
+
+    def keys(self, h: torch.Tensor, start_pos: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """h (B, T, C) → k (B, T, D); under fp8 (E4M3 keys, their scales)."""
+        k = F.layer_norm(self.wk(h).float(), (self.dims.D,), self.k_norm.weight.float(), self.k_norm.bias.float(), 1e-6)
+        k = self._rotate(k.unsqueeze(1), start_pos).squeeze(1)
+        return quant_ue8m0(k @ self.rotation.float()) if self.fp8 else k.type_as(h)
+
+    def queries(self, q_in: torch.Tensor, h: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q (B, n, T, D) in fp32, as quantised under fp8; w (B, T, n)) for the T new tokens."""
+        i = self.dims
+        B, T, _ = h.shape
+        q = self._rotate(self.wq_b(q_in).view(B, T, i.n, i.D).transpose(1, 2), start_pos)
+        w = F.linear(h.float(), self.weights_proj.weight.float()) * (i.n ** -0.5 * i.D ** -0.5)  # fp32 whatever the weights' dtype
+        return (dequant_rows(*quant_ue8m0(q.float() @ self.rotation.float())) if self.fp8 else q.float()), w
+
+    def key_values(self, keys) -> torch.Tensor:
+        """The keys as the scores read them: (B, S, D) fp32."""
+        return dequant_rows(*keys) if self.fp8 else keys.float()
+
+    @staticmethod
+    def score(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """I(t, s) = Σ_j w_{t,j}·ReLU(q_{t,j}·k_s): q (B, n, T, D), w (B, T, n), k (B, S, D) → (B, T, S) fp32."""
+        return torch.einsum("bnts,btn->bts", torch.relu(torch.einsum("bntd,bsd->bnts", q, k)), w)
+
+
+class IndexedLatentCache(LatentCache):
+    """MLA's latent cache plus the indexer's key cache (E4M3 and its scales under fp8)."""
+
+    def __init__(self, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, dtype, device, index_dim: int, fp8: bool):
+        super().__init__(batch, max_len, kv_lora_rank, rope_dim, dtype, device)
+        self.fp8 = fp8
+        self.register_buffer("index_k", torch.zeros(batch, max_len, index_dim, dtype=FP8_DTYPE if fp8 else dtype, device=device),
+                             persistent=False)
+        groups = -(-index_dim // GROUP)
+        self.register_buffer("index_k_scale", torch.zeros(batch, max_len, groups if fp8 else 0, device=device), persistent=False)
+
+    def update_index(self, start_pos: int, keys):
+        """Write the new tokens' indexer keys; return every key so far (and scales under fp8)."""
+        k, scale = keys if self.fp8 else (keys, None)
+        end = start_pos + k.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; writing up to {end} needs a longer cache")
+        self.index_k[:, start_pos:end] = k
+        if scale is not None:
+            self.index_k_scale[:, start_pos:end] = scale
+            return self.index_k[:, :end], self.index_k_scale[:, :end]
+        return self.index_k[:, :end]
+
+    def live_bytes_per_token(self) -> int:
+        per_row = self.index_k.element_size() * self.index_k[:, 0].numel() + self.index_k_scale.element_size() * self.index_k_scale[:, 0].numel()
+        return super().live_bytes_per_token() + per_row // self.index_k.shape[0]
+
+
+def select(scores: torch.Tensor, start_pos: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-K keys of each query under the causal mask: (indices (B, T, K), valid (B, T, K)).
+    A query with fewer than K earlier keys gets masked picks, marked invalid (as DeepSeek's index
+    mask adds the causal mask after the top-k). Ties go to the lower index (torch.topk, stable sort)."""
+    T, S = scores.shape[1], scores.shape[2]
+    allowed = torch.arange(S, device=scores.device)[None, :] <= torch.arange(start_pos, start_pos + T, device=scores.device)[:, None]
+    masked = scores.masked_fill(~allowed, float("-inf"))
+    idx = masked.sort(dim=-1, descending=True, stable=True).indices[..., :K]
+    return idx, torch.gather(allowed.expand_as(masked), -1, idx)
+
+
+def kl_to_indexer(p: torch.Tensor, index_scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over queries of KL(p ‖ softmax(I)) over the valid keys (V3.2 eq. 3 and 4): p (B, T, K)
+    the main attention summed over heads and L1-normalised (detached), I the indexer's scores."""
+    log_q = index_scores.masked_fill(~valid, float("-inf")).log_softmax(dim=-1)
+    p = p.masked_fill(~valid, 0.0)
+    terms = torch.where(p > 0, p * (p.clamp_min(1e-30).log() - log_q), torch.zeros_like(p))
+    return terms.sum(dim=-1).mean()
+
+
+class DeepSeekSparseAttention(MultiHeadLatentAttention):
+    Config = DSAConfig
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.indexer = LightningIndexer(cfg)
+        self.K, self.stage = cfg.attention.index_topk, cfg.attention.index_stage
+        self.kl_loss: torch.Tensor | None = None  # the last training forward's indexer KL
+
+    # --- accounting ---
+    @staticmethod
+    def _indexer_params(cfg: ModelConfig) -> int:
+        i, C = indexer_dims(cfg), cfg.d_model
+        return i.q_in * i.n * i.D + C * i.D + 2 * i.D + C * i.n  # wq_b, wk, k_norm (weight, bias), weights_proj
+
+    @staticmethod
+    def param_count(cfg: ModelConfig) -> int:
+        return MultiHeadLatentAttention.param_count(cfg) + DeepSeekSparseAttention._indexer_params(cfg)
+
+    @staticmethod
+    def indexer_flops_per_token(cfg: ModelConfig, context_len: float) -> float:
+        """Projections (wq_b, wk, weights_proj) and, per scored key, I·Di for q·k and I for the
+        weighted sum over heads: 2 FLOPs per multiply-add."""
+        i = indexer_dims(cfg)
+        proj = i.q_in * i.n * i.D + cfg.d_model * i.D + cfg.d_model * i.n
+        return 2 * proj + 2 * (i.n * i.D + i.n) * context_len
+
+    @staticmethod
+    def selected_keys(cfg: ModelConfig, context_len: float, decode: bool) -> float:
+        """Mean keys the main attention reads per token. Decode: min(K, context). A whole sequence
+        of T = 2·context − 1 tokens (mean causal context (T+1)/2): (1/T)·Σ_t min(K, t + 1)."""
+        K = cfg.attention.index_topk
+        if decode:
+            return min(K, context_len)
+        T = round(2 * context_len - 1)
+        if T <= K:
+            return context_len
+        return (K * (K + 1) / 2 + (T - K) * K) / T
+
+    @staticmethod
+    def flops_per_token(cfg: ModelConfig, context_len: float, decode: bool = False) -> float:
+        """Indexer over every causal key plus the main attention over the selected ones. Where K
+        covers every key the main attention is MLA's dense path (its own count); otherwise the
+        MQA latent form: per selected key and head, scores Dc + Dr and AV Dc."""
+        indexer = DeepSeekSparseAttention.indexer_flops_per_token(cfg, context_len)
+        keys = DeepSeekSparseAttention.selected_keys(cfg, context_len, decode)
+        if keys >= context_len:  # dense: everything is selected
+            return indexer + MultiHeadLatentAttention.flops_per_token(cfg, context_len, decode)
+        d = mla_dims(cfg)
+        # The absorbed W^UK / W^UV cost what up-projecting the latent would (mla.py): the same projections.
+        return indexer + 2 * MultiHeadLatentAttention._matmul_params(cfg) + 2 * d.H * (2 * d.Dc + d.Dr) * keys
+
+    @staticmethod
+    def kv_cache_bytes_per_token(cfg: ModelConfig, dtype_bytes: int) -> int:
+        """The latent (Dc + Dr values) plus the indexer's key: Di values, or Di E4M3 bytes and a
+        4-byte scale per 128 channels under fp8."""
+        d, i = mla_dims(cfg), indexer_dims(cfg)
+        index = i.D + 4 * -(-i.D // GROUP) if fp8_indexer(cfg) else i.D * dtype_bytes
+        return (d.Dc + d.Dr) * dtype_bytes + index
+
+    @staticmethod
+    def part_costs(cfg: ModelConfig, shape: PassShape) -> dict[str, PartCost]:
+        costs = MultiHeadLatentAttention.part_costs(cfg, shape)
+        dense = MultiHeadLatentAttention.flops_per_token(cfg, shape.mean_context_len, shape.decode)
+        total = DeepSeekSparseAttention.flops_per_token(cfg, shape.mean_context_len, shape.decode)
+        indexer = DeepSeekSparseAttention.indexer_flops_per_token(cfg, shape.mean_context_len)
+        costs["attn.core"].flops += shape.tokens * (total - indexer - dense)  # the main attention's sparse saving (≤ 0)
+        i = indexer_dims(cfg)
+        keys = shape.tokens * shape.mean_context_len if not shape.decode else shape.batch * shape.mean_context_len
+        index_bytes = keys * i.D * (1 if fp8_indexer(cfg) else shape.act_bytes)  # every scored key read once
+        costs["indexer"] = PartCost(shape.tokens * indexer, index_bytes + DeepSeekSparseAttention._indexer_params(cfg) * shape.weight_bytes)
+        return costs
+
+    @staticmethod
+    def row_columns(cfg: ModelConfig) -> dict:
+        i = indexer_dims(cfg)
+        return {**MultiHeadLatentAttention.row_columns(cfg), "index_topk": i.K, "index_n_heads": i.n, "index_head_dim": i.D,
+                "index_stage": cfg.attention.index_stage}
+
+    @staticmethod
+    def check_config(cfg: ModelConfig) -> str | None:
+        if problem := MultiHeadLatentAttention.check_config(cfg):
+            return problem
+        i = indexer_dims(cfg)
+        if i.D <= i.Dr:
+            return (f"attention.index_head_dim: {i.D} does not fit the indexer's RoPE channels (qk_rope_head_dim {i.Dr}); "
+                    f"use index_head_dim > {i.Dr}")
+        if fp8_indexer(cfg) and i.D & (i.D - 1):
+            return f"attention.index_head_dim: {i.D} is not a power of two, which the FP8 indexer's Hadamard rotation needs (V3.2: 128)"
+        return None
+
+    def new_cache(self, batch: int, max_len: int, dtype, device) -> IndexedLatentCache:
+        d = self.dims
+        return IndexedLatentCache(batch, max_len, d.Dc, d.Dr, dtype, device, self.indexer.dims.D, self.indexer.fp8)
+
+    def only_trains(self) -> list[nn.Parameter] | None:
+        """The dense warm-up trains the indexer alone."""
+        return list(self.indexer.parameters()) if self.stage == "dense" else None
+
+    def named_losses(self) -> dict[str, torch.Tensor]:
+        return {"indexer_kl": self.kl_loss} if self.kl_loss is not None else {}
+
+    # --- forward ---
+    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: IndexedLatentCache | None = None) -> torch.Tensor:
+        d = self.dims
+        S = start_pos + x.shape[1]
+        q_latent = self.q_norm(self.wq_a(x)) if d.Dq else x
+        train_indexer = torch.is_grad_enabled() and self.training
+        h_in, q_in = (x.detach(), q_latent.detach()) if train_indexer else (x, q_latent)  # V3.2: detached
+        with part("indexer", self):
+            keys = self.indexer.keys(h_in, start_pos)
+            k_all = self.indexer.key_values(cache.update_index(start_pos, keys) if cache is not None else keys)
+            q_idx, w_idx = self.indexer.queries(q_in, h_in, start_pos)
+        self.kl_loss = None
+        if min(self.K, S) >= S or self.stage == "dense":  # every key selected, or the warm-up: MLA's own path
+            out = super().forward(x, start_pos, cache)
+            if train_indexer:
+                self.kl_loss = self._dense_kl(x, q_latent, start_pos, q_idx, w_idx, k_all)
+            return out
+        return self._sparse(x, q_latent, start_pos, cache, q_idx, w_idx, k_all, train_indexer)
+
+    def _latent_queries(self, q_latent: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """[W^UK-absorbed q^C ; RoPE(q^R)] (B, H, T, Dc + Dr)."""
+        d, B, T = self.dims, q_latent.shape[0], q_latent.shape[1]
+        with part("attn.proj", self):
+            q = (self.wq_b(q_latent) if d.Dq else self.wq(q_latent)).view(B, T, d.H, d.Dn + d.Dr).transpose(1, 2)
+            q_nope, q_rope = q.split([d.Dn, d.Dr], dim=-1)
+            w_uk, _ = self._up_weights()
+            q_nope = torch.einsum("bhtn,hnc->bhtc", q_nope, w_uk)
+        with part("attn.rope", self):
+            q_rope = self.rope(q_rope, start_pos)
+        return torch.cat([q_nope, q_rope], dim=-1)
+
+    def _latent_rows(self, x: torch.Tensor, start_pos: int, cache) -> torch.Tensor:
+        """Every latent row [c^KV | RoPE(k^R)] so far (B, S, Dc + Dr), written to the cache if any."""
+        d = self.dims
+        with part("attn.proj", self):
+            c_kv, k_rope = self.wkv_a(x).split([d.Dc, d.Dr], dim=-1)
+        with part("attn.rope", self):
+            k_rope = self.rope(k_rope.unsqueeze(1), start_pos).squeeze(1)
+        latent = torch.cat([self.kv_norm(c_kv), k_rope], dim=-1)
+        with part("attn.core", self):
+            return cache.update(start_pos, latent) if cache is not None else latent
+
+    def _sparse(self, x, q_latent, start_pos, cache, q_idx, w_idx, k_all, train_indexer: bool) -> torch.Tensor:
+        """Per chunk of QUERY_CHUNK queries: the indexer's scores against every key so far, the
+        top-K selection, and the main attention over the gathered latent rows of the selection."""
+        d, K = self.dims, self.K
+        kv = self._latent_rows(x, start_pos, cache)  # (B, S, Dc + Dr)
+        q = self._latent_queries(q_latent, start_pos)  # (B, H, T, Dc + Dr)
+        outs, kl_terms = [], []
+        for t0 in range(0, q.shape[2], QUERY_CHUNK):
+            sl = slice(t0, t0 + QUERY_CHUNK)
+            with part("indexer", self):
+                index_scores = self.indexer.score(q_idx[:, :, sl], w_idx[:, sl], k_all)  # (B, t, S)
+                idx, valid = select(index_scores, start_pos + t0, K)
+            with part("attn.core", self):
+                rows = torch.stack([kv[b, idx[b]] for b in range(kv.shape[0])])  # (B, t, K, Dc + Dr): the gather
+                scores = torch.einsum("bhtc,btkc->bhtk", q[:, :, sl], rows) * self.scale
+                probs = scores.masked_fill(~valid[:, None], float("-inf")).float().softmax(dim=-1).type_as(rows)
+                outs.append(torch.einsum("bhtk,btkc->bhtc", probs, rows[..., :d.Dc]))  # V = the first Dc channels
+            if train_indexer:
+                p = probs.detach().float().sum(dim=1)  # (B, t, K): summed over heads
+                kl_terms.append(kl_to_indexer(p / p.sum(-1, keepdim=True).clamp_min(1e-30), torch.gather(index_scores, -1, idx), valid)
+                                * idx.shape[1])
+        if train_indexer:
+            self.kl_loss = torch.stack(kl_terms).sum() / q.shape[2]
+        _, w_uv = self._up_weights()
+        with part("attn.proj", self):
+            o = torch.einsum("bhtc,hvc->bhtv", torch.cat(outs, dim=2), w_uv)
+        return self._out(o)
+
+    def _dense_kl(self, x, q_latent, start_pos, q_idx, w_idx, k_all) -> torch.Tensor:
+        """The warm-up's KL target: the main attention over every causal key, summed over heads
+        and L1-normalised (detached), against the indexer's scores (V3.2 eq. 3)."""
+        with torch.no_grad():
+            p = dense_attention_mass(self, x, q_latent, start_pos)  # (B, T, S)
+        T, S = p.shape[1], p.shape[2]
+        allowed = torch.arange(S, device=x.device)[None, :] <= torch.arange(start_pos, start_pos + T, device=x.device)[:, None]
+        return kl_to_indexer(p, self.indexer.score(q_idx, w_idx, k_all), allowed.expand_as(p))
+
+
+def dense_attention_mass(module: DeepSeekSparseAttention, x: torch.Tensor, q_latent: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    """The main attention's probabilities over every causal key of a fresh sequence (start_pos 0
+    or the tokens given), summed over heads and L1-normalised: (B, T, S)."""
+    kv = module._latent_rows(x, start_pos, None)
+    q = module._latent_queries(q_latent, start_pos)
+    scores = torch.einsum("bhtc,bsc->bhts", q, kv) * module.scale
+    T, S = q.shape[2], kv.shape[1]
+    allowed = torch.arange(S, device=x.device)[None, :] <= torch.arange(start_pos, start_pos + T, device=x.device)[:, None]
+    p = scores.masked_fill(~allowed, float("-inf")).float().softmax(dim=-1).sum(dim=1)
+    return p / p.sum(dim=-1, keepdim=True)
