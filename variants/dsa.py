@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from .config import ModelConfig
 
 INDEX_STAGES = ("sparse", "dense")
+PREFILL_FORMS = ("gather", "masked")
 QUERY_CHUNK = 256  # queries whose gathered latent rows are held at once (prefill memory: chunk·K·(Dc+Dr))
 
 
@@ -65,6 +66,11 @@ class DSAConfig(MLAConfig):
     index_n_heads: int = at_least(4, 1)
     index_head_dim: int = at_least(32, 2)  # its first qk_rope_head_dim channels carry RoPE
     index_stage: str = choices("sparse", *INDEX_STAGES)
+    # How a whole sequence (train, prefill) reads its selection: "gather" the selected latent rows
+    # (O(L·k): the form sparse kernels take), or "masked" dense latent scores with every unselected
+    # key masked (O(L²), DeepSeek-V3.2-Exp's reference inference code for prefill). The same
+    # numbers either way; decode always gathers.
+    dsa_prefill: str = choices("gather", *PREFILL_FORMS)
 
 
 @dataclass(frozen=True)
@@ -184,14 +190,29 @@ class IndexedLatentCache(LatentCache):
 
 
 def select(scores: torch.Tensor, start_pos: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-K keys of each query under the causal mask: (indices (B, T, K), valid (B, T, K)).
-    A query with fewer than K earlier keys gets masked picks, marked invalid (as DeepSeek's index
-    mask adds the causal mask after the top-k). Ties go to the lower index (torch.topk, stable sort)."""
+    """Top-K keys of each query under the causal mask: (indices (B, T, K), valid (B, T, K)), as
+    DeepSeek's `index_score.topk(k)` after adding the mask: a query with fewer than K earlier keys
+    gets masked picks, marked invalid. Equal scores at the K-th place go to the lower positions, so a
+    query selects the same keys alone (decode) as in a batch of queries (prefill), which topk alone
+    does not promise (FP8 scores tie often). Indices come in no particular order (a set). Two
+    topk passes and a cumsum: O(S) per query, where a full sort is O(S log S)."""
     T, S = scores.shape[1], scores.shape[2]
-    allowed = torch.arange(S, device=scores.device)[None, :] <= torch.arange(start_pos, start_pos + T, device=scores.device)[:, None]
-    masked = scores.masked_fill(~allowed, float("-inf"))
-    idx = masked.sort(dim=-1, descending=True, stable=True).indices[..., :K]
-    return idx, torch.gather(allowed.expand_as(masked), -1, idx)
+    positions = torch.arange(S, device=scores.device)
+    q_pos = torch.arange(start_pos, start_pos + T, device=scores.device)[:, None]
+    masked = scores.masked_fill(positions[None, :] > q_pos, float("-inf"))
+    threshold = masked.topk(K, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    above, tie = masked > threshold, masked == threshold
+    chosen = above | (tie & (tie.cumsum(dim=-1) <= K - above.sum(dim=-1, keepdim=True)))
+    idx = torch.where(chosen, S - positions, 0).topk(K, dim=-1, sorted=False).indices  # exactly the K chosen
+    return idx, idx <= q_pos
+
+
+def gather_rows(kv: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """kv (B, S, W), idx (B, t, K) → the selected rows (B, t, K, W): one index_select of
+    contiguous rows over the flattened batch (advanced indexing per row is several times slower)."""
+    B, S, W = kv.shape
+    flat = (idx + S * torch.arange(B, device=idx.device)[:, None, None]).reshape(-1)
+    return kv.reshape(B * S, W).index_select(0, flat).view(*idx.shape, W)
 
 
 def kl_to_indexer(p: torch.Tensor, index_scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -210,6 +231,7 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         super().__init__(cfg)
         self.indexer = LightningIndexer(cfg)
         self.K, self.stage = cfg.attention.index_topk, cfg.attention.index_stage
+        self.masked = cfg.attention.dsa_prefill == "masked"
         self.kl_loss: torch.Tensor | None = None  # the last training forward's indexer KL
 
     # --- accounting ---
@@ -252,6 +274,8 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         if keys >= context_len:  # dense: everything is selected
             return indexer + MultiHeadLatentAttention.flops_per_token(cfg, context_len, decode)
         d = mla_dims(cfg)
+        if not decode and cfg.attention.dsa_prefill == "masked":  # every causal key scored, then masked
+            keys = context_len
         # The absorbed W^UK / W^UV cost what up-projecting the latent would (mla.py): the same projections.
         return indexer + 2 * MultiHeadLatentAttention._matmul_params(cfg) + 2 * d.H * (2 * d.Dc + d.Dr) * keys
 
@@ -280,7 +304,7 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
     def row_columns(cfg: ModelConfig) -> dict:
         i = indexer_dims(cfg)
         return {**MultiHeadLatentAttention.row_columns(cfg), "index_topk": i.K, "index_n_heads": i.n, "index_head_dim": i.D,
-                "index_stage": cfg.attention.index_stage}
+                "index_stage": cfg.attention.index_stage, "dsa_prefill": cfg.attention.dsa_prefill}
 
     @staticmethod
     def check_config(cfg: ModelConfig) -> str | None:
@@ -360,10 +384,11 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
                 index_scores = self.indexer.score(q_idx[:, :, sl], w_idx[:, sl], k_all)  # (B, t, S)
                 idx, valid = select(index_scores, start_pos + t0, K)
             with part("attn.core", self):
-                rows = torch.stack([kv[b, idx[b]] for b in range(kv.shape[0])])  # (B, t, K, Dc + Dr): the gather
-                scores = torch.einsum("bhtc,btkc->bhtk", q[:, :, sl], rows) * self.scale
-                probs = scores.masked_fill(~valid[:, None], float("-inf")).float().softmax(dim=-1).type_as(rows)
-                outs.append(torch.einsum("bhtk,btkc->bhtc", probs, rows[..., :d.Dc]))  # V = the first Dc channels
+                if self.masked and q.shape[2] > 1:
+                    o, probs = self._masked_chunk(q[:, :, sl], kv, idx, valid)
+                else:
+                    o, probs = self._gathered_chunk(q[:, :, sl], kv, idx, valid)
+                outs.append(o)
             if train_indexer:
                 p = probs.detach().float().sum(dim=1)  # (B, t, K): summed over heads
                 kl_terms.append(kl_to_indexer(p / p.sum(-1, keepdim=True).clamp_min(1e-30), torch.gather(index_scores, -1, idx), valid)
@@ -374,6 +399,22 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         with part("attn.proj", self):
             o = torch.einsum("bhtc,hvc->bhtv", torch.cat(outs, dim=2), w_uv)
         return self._out(o)
+
+    def _gathered_chunk(self, q, kv, idx, valid):
+        """Scores and AV over the gathered rows: (o (B, H, t, Dc), probs over the K picks (B, H, t, K))."""
+        rows = gather_rows(kv, idx)  # (B, t, K, Dc + Dr)
+        scores = torch.einsum("bhtc,btkc->bhtk", q, rows) * self.scale
+        probs = scores.masked_fill(~valid[:, None], float("-inf")).float().softmax(dim=-1).type_as(rows)
+        return torch.einsum("bhtk,btkc->bhtc", probs, rows[..., :self.dims.Dc]), probs  # V = the first Dc channels
+
+    def _masked_chunk(self, q, kv, idx, valid):
+        """The same attention from dense latent scores with every unselected key masked."""
+        B, t, S = idx.shape[0], idx.shape[1], kv.shape[1]
+        keep = torch.zeros(B, t, S, dtype=torch.bool, device=kv.device).scatter_(-1, idx, valid)
+        scores = torch.einsum("bhtc,bsc->bhts", q, kv) * self.scale
+        probs = scores.masked_fill(~keep[:, None], float("-inf")).float().softmax(dim=-1).type_as(kv)
+        o = torch.einsum("bhts,bsc->bhtc", probs, kv[..., :self.dims.Dc])
+        return o, torch.gather(probs, -1, idx[:, None].expand(-1, probs.shape[1], -1, -1))
 
     def _dense_kl(self, x, q_latent, start_pos, q_idx, w_idx, k_all) -> torch.Tensor:
         """The warm-up's KL target: the main attention over every causal key, summed over heads
