@@ -117,6 +117,7 @@ _ENTRIES = (
         ("qk_rope_head_dim", "1", "MLA d_h^R: the decoupled RoPE key width", "int"),
         ("v_head_dim", "1", "MLA value width", "int"),
         ("mla_impl", "", "MLA decode path: absorb | naive", "text"),
+        ("rope_factor", "1", "MLA/DSA: YaRN's factor where it is active (max_seq_len > original_seq_len; V3: 40)", "g"),
         ("index_topk", "1", "DSA: keys each query's main attention reads (V3.2: 2048)", "int"),
         ("index_n_heads", "1", "DSA: lightning-indexer heads (V3.2: 64)", "int"),
         ("index_head_dim", "1", "DSA: indexer query/key width, its first qk_rope_head_dim channels RoPE'd (V3.2: 128)", "int"),

@@ -250,3 +250,49 @@ def test_masked_prefill_equals_the_gathered_one():
     a, b = gather.forward_losses(*batch), masked.forward_losses(*batch)
     torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a.losses["indexer_kl"], b.losses["indexer_kl"], rtol=1e-5, atol=1e-7)
+
+
+# --- YaRN (mla and dsa) ---
+
+
+def deepseek_yarn_freqs(dim, seqlen, original, theta, factor, beta_fast, beta_slow):
+    """DeepSeek-V3 inference/model.py precompute_freqs_cis, restated."""
+    import math
+
+    def corr(rot):
+        return dim * math.log(original / (rot * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = max(math.floor(corr(beta_fast)), 0), min(math.ceil(corr(beta_slow)), dim - 1)
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if seqlen > original:
+        hi = high + 0.001 if low == high else high
+        smooth = 1 - torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (hi - low), 0, 1)
+        freqs = freqs / factor * (1 - smooth) + freqs * smooth
+    return freqs
+
+
+@pytest.mark.parametrize("kind", ["mla", "dsa"])
+def test_yarn_frequencies_and_softmax_scale_are_deepseeks(kind):
+    from dsbench.variants import mla
+
+    cfg = config_from_size("debug", kind, "dense", max_seq_len=1024, rope_factor=40.0, original_seq_len=128, mscale=1.0,
+                           qk_rope_head_dim=16)
+    attn = build_model(cfg).blocks[0].attn
+    expected = deepseek_yarn_freqs(16, 1024, 128, 10000.0, 40.0, 32, 1)
+    torch.testing.assert_close(attn.rope.inv_freq, expected)
+    m = 0.1 * 1.0 * torch.log(torch.tensor(40.0)).item() + 1.0
+    assert attn.scale == pytest.approx((mla_dims(cfg).Dn + 16) ** -0.5 * m * m)
+    if kind == "dsa":  # the indexer rotates with the same frequencies (DeepSeek passes one freqs_cis)
+        torch.testing.assert_close(attn.indexer.rope.inv_freq, expected)
+    # max_seq_len within original_seq_len: YaRN stays off, the plain frequencies and scale
+    off = config_from_size("debug", kind, "dense", max_seq_len=1024, rope_factor=40.0, original_seq_len=4096, qk_rope_head_dim=16)
+    plain = build_model(off).blocks[0].attn
+    assert not mla.yarn_active(off) and torch.equal(plain.rope.inv_freq, RotaryEmbedding(16).inv_freq)
+    assert plain.scale == (mla_dims(off).Dn + 16) ** -0.5
+
+
+def test_yarn_fields_stay_out_of_identity_at_their_defaults():
+    plain = config_from_size("debug", "mla", "dense")
+    assert "rope_factor" not in plain.to_dict()["attention"]
+    scaled = config_from_size("debug", "mla", "dense", rope_factor=4.0)
+    assert scaled.to_dict()["attention"]["rope_factor"] == 4.0

@@ -27,6 +27,8 @@ the parameter counts against the instantiated module, and cached decode against 
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -51,6 +53,16 @@ class PartConfig:
     cell identity (their asdict) never holds a setting the cell does not use."""
 
     kind: str
+    # Fields added after cells were first recorded, with their defaults: left out of the cell's
+    # identity at those values, so existing cell ids hold (ModelConfig.to_dict).
+    LATE_DEFAULTS: ClassVar[dict] = {}
+
+    def identity(self) -> dict:
+        d = dataclasses.asdict(self)
+        for name, default in self.LATE_DEFAULTS.items():
+            if d.get(name) == default:
+                d.pop(name)
+        return d
 
 
 @dataclass(frozen=True)

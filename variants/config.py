@@ -44,6 +44,7 @@ class ModelConfig:
         d = asdict(self)
         if not self.mtp:
             d.pop("mtp")
+        d["attention"], d["ffn"] = self.attention.identity(), self.ffn.identity()
         return d
 
 

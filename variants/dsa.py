@@ -44,7 +44,7 @@ from dsbench.kernels.fp8_quant import FP8_DTYPE, FP8_MAX, GROUP, to_float
 
 from .base import PartCost, PassShape, at_least, choices
 from .layers import RotaryEmbedding
-from .mla import LatentCache, MLAConfig, MultiHeadLatentAttention, mla_dims
+from .mla import LatentCache, MLAConfig, MultiHeadLatentAttention, mla_dims, yarn_inv_freq
 from .precision import PRECISIONS, linear
 from .profiling import part
 
@@ -129,7 +129,7 @@ class LightningIndexer(nn.Module):
         self.wk = linear(p, C, i.D)
         self.k_norm = nn.LayerNorm(i.D, eps=1e-6)  # DeepSeek's LayerNorm: weight and bias, in fp32
         self.weights_proj = nn.Linear(C, i.n, bias=False)  # kept in fp32 (DeepSeek: "for convenience")
-        self.rope = RotaryEmbedding(i.Dr, cfg.attention.rope_theta, interleaved=False)
+        self.rope = RotaryEmbedding(i.Dr, cfg.attention.rope_theta, interleaved=False, inv_freq=yarn_inv_freq(cfg, i.Dr))  # MLA's freqs_cis
         self.register_buffer("rotation", hadamard(i.D) if self.fp8 else torch.empty(0), persistent=False)
 
     def _rotate(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:

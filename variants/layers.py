@@ -40,12 +40,13 @@ class RotaryEmbedding(nn.Module):
     indexer is not interleaved", inference/model.py), with the same frequencies.
     """
 
-    def __init__(self, head_dim: int, theta: float = 10000.0, interleaved: bool = True):
+    def __init__(self, head_dim: int, theta: float = 10000.0, interleaved: bool = True, inv_freq: torch.Tensor | None = None):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head dim, got {head_dim}")
         self.interleaved = interleaved
-        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        if inv_freq is None:  # given: frequencies already scaled (YaRN, variants/mla.py)
+            inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
     def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:

@@ -29,8 +29,9 @@ still writes only the latent to its cache.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
@@ -62,6 +63,16 @@ class MLAConfig(PartConfig):
     qk_rope_head_dim: int | None = None  # d_h^R, the decoupled RoPE dim (one key shared by all heads); None = d_h/2
     v_head_dim: int | None = None  # per-head value dim; None = d_h
     mla_impl: str = choices("absorbed", *MLA_IMPLS)  # decode path (set by the axis value)
+    # YaRN (Peng et al. 2309.00071) as DeepSeek-V3's inference/model.py applies it, active where
+    # rope_factor > 1 and model.max_seq_len > original_seq_len (V3: factor 40, original 4096,
+    # beta_fast 32, beta_slow 1, mscale 1).
+    rope_factor: float = field(default=1.0, metadata={"min": 1})
+    original_seq_len: int = 4096
+    beta_fast: int = 32
+    beta_slow: int = 1
+    mscale: float = field(default=1.0, metadata={"min": 0})
+
+    LATE_DEFAULTS: ClassVar[dict] = {"rope_factor": 1.0, "original_seq_len": 4096, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0}
 
 
 @dataclass(frozen=True)
@@ -118,6 +129,38 @@ class LatentCache(nn.Module):
         return _row_view(self, start, stop)
 
 
+def yarn_active(cfg: ModelConfig) -> bool:
+    a = cfg.attention
+    return a.rope_factor > 1 and cfg.max_seq_len > a.original_seq_len
+
+
+def yarn_softmax_factor(cfg: ModelConfig) -> float:
+    """DeepSeek-V3 model.py: softmax_scale · mscale², mscale = 0.1·mscale·ln(factor) + 1."""
+    if not yarn_active(cfg):
+        return 1.0
+    m = 0.1 * cfg.attention.mscale * math.log(cfg.attention.rope_factor) + 1.0
+    return m * m
+
+
+def yarn_inv_freq(cfg: ModelConfig, dim: int) -> torch.Tensor | None:
+    """RoPE frequencies with YaRN's correction (DeepSeek-V3 model.py precompute_freqs_cis): the
+    dims rotating fewer than beta_slow times over original_seq_len are divided by the factor, those
+    rotating more than beta_fast times kept, a linear ramp between. None: YaRN off."""
+    if not yarn_active(cfg):
+        return None
+    a = cfg.attention
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(a.original_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(a.rope_theta))
+
+    low = max(math.floor(correction_dim(a.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(a.beta_slow)), dim - 1)
+    freqs = 1.0 / (a.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / ((high - low) or 0.001)).clamp(0, 1)
+    smooth = 1 - ramp
+    return freqs / a.rope_factor * (1 - smooth) + freqs * smooth
+
+
 class MultiHeadLatentAttention(Attention):
     """MLA (DeepSeek-V2 §2.1): low-rank joint KV compression with decoupled RoPE."""
 
@@ -142,8 +185,8 @@ class MultiHeadLatentAttention(Attention):
         self.kv_norm = RMSNorm(d.Dc, cfg.norm_eps)
         self.wkv_b = linear(p, d.Dc, d.H * (d.Dn + d.Dv))  # per head [W^UK_i; W^UV_i]
         self.wo = linear(p, d.H * d.Dv, C)
-        self.rope = RotaryEmbedding(d.Dr, cfg.attention.rope_theta)
-        self.scale = (d.Dn + d.Dr) ** -0.5  # §2.1.3: 1/√(d_h + d_h^R)
+        self.rope = RotaryEmbedding(d.Dr, cfg.attention.rope_theta, inv_freq=yarn_inv_freq(cfg, d.Dr))
+        self.scale = (d.Dn + d.Dr) ** -0.5 * yarn_softmax_factor(cfg)  # §2.1.3: 1/√(d_h + d_h^R); YaRN's mscale²
 
     # --- accounting: exact counts for this module, checked against the instance by the tests ---
     @staticmethod
@@ -199,7 +242,8 @@ class MultiHeadLatentAttention(Attention):
         """The resolved dims and decode path (MLA has no KV heads: it caches a latent)."""
         d = mla_dims(cfg)
         return {"n_kv_heads": None, "kv_lora_rank": d.Dc, "q_lora_rank": d.Dq, "qk_nope_head_dim": d.Dn,
-                "qk_rope_head_dim": d.Dr, "v_head_dim": d.Dv, "mla_impl": cfg.attention.mla_impl}
+                "qk_rope_head_dim": d.Dr, "v_head_dim": d.Dv, "mla_impl": cfg.attention.mla_impl,
+                "rope_factor": cfg.attention.rope_factor if yarn_active(cfg) else None}
 
     @staticmethod
     def check_config(cfg: ModelConfig) -> str | None:

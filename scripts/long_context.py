@@ -1,0 +1,129 @@
+"""Per-token cost against context for each attention value of a long-context sweep, and where
+DeepSeek Sparse Attention (dsa) beats MLA: measured (per-token time) and predicted (the analytic
+FLOPs per token, variants/dsa.py and variants/mla.py).
+
+    python scripts/long_context.py results/long-context-cpu [--figure out.png]
+
+Decode: per-token time is the median step (one generated token per row); prefill: the median
+step ÷ its tokens. Prints a Markdown table per workload and the crossovers; with --figure, time
+and FLOPs per token against context (log-log), one line per attention value (and dsa prefill form).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from dsbench.results import load_results
+from dsbench.variants import dsa, registry
+from dsbench.variants.config import config_from_size
+
+
+def per_token(cells: pd.DataFrame) -> pd.DataFrame:
+    """One row per ok cell: workload, variant (attention, and dsa's prefill form), context, ms/token, FLOP/token."""
+    ok = cells[cells["status"] == "ok"].copy()
+    prefill = ok["workload"] == "prefill"
+    ok["context"] = ok["seq_len"].where(prefill, ok["context_len"])
+    ok["ms_per_token"] = ok["step_time_ms_median"] / ok["tokens_per_step"]
+    form = ok.get("dsa_prefill", pd.Series(None, index=ok.index))
+    ok["variant"] = ok["attention"].where(~((ok["attention"] == "dsa") & prefill), "dsa-" + form.fillna("gather").astype(str))
+    return ok[["workload", "variant", "context", "ms_per_token", "flops_per_token", "kv_cache_bytes_per_token"]]
+
+
+def crossover(table: pd.DataFrame, column: str, sparse: str, dense: str = "mla") -> str:
+    """The first context where `sparse` costs less than `dense` in `column` (between the two
+    contexts measured around it), or 'none measured'."""
+    pivot = table.pivot_table(index="context", columns="variant", values=column)
+    if sparse not in pivot or dense not in pivot:
+        return "not in these results"
+    both = pivot[[sparse, dense]].dropna()
+    wins = both[sparse] < both[dense]
+    # From here on: a single win between losses (both on MLA's dense path below index_topk) is noise.
+    holds = wins[::-1].cummin()[::-1]
+    if not holds.any():
+        return f"none up to {int(both.index.max())}"
+    first = holds.idxmax()
+    before = [c for c in both.index if c < first]
+    return f"between {int(before[-1])} and {int(first)}" if before else f"at or below {int(first)}"
+
+
+def predicted_crossover(size: str, attention: dict, decode: bool, upto: int = 1 << 20) -> str:
+    """Smallest context (powers of √2) where dsa's analytic FLOPs per token fall below mla's."""
+    keys = {k: v for k, v in attention.items() if k in registry.config_fields("attention", "dsa")}
+    sparse_cfg = config_from_size(size, "dsa", "dense", **keys)
+    dense_cfg = config_from_size(size, "mla", "dense", **{k: v for k, v in keys.items() if k in registry.config_fields("attention", "mla")})
+    mla_module = registry.ATTENTION["mla"].module
+    context = 64.0
+    while context <= upto:
+        mean = context if decode else (context + 1) / 2
+        if dsa.DeepSeekSparseAttention.flops_per_token(sparse_cfg, mean, decode) < mla_module.flops_per_token(dense_cfg, mean, decode):
+            return f"{int(context)} (one attention layer's analytic FLOPs, dsa's gather form)"
+        context *= 2 ** 0.5
+    return f"none up to {upto}"
+
+
+def markdown(table: pd.DataFrame) -> str:
+    lines = []
+    for workload, rows in table.groupby("workload"):
+        pivot = rows.pivot_table(index="context", columns="variant", values="ms_per_token")
+        flops = rows.pivot_table(index="context", columns="variant", values="flops_per_token")
+        lines.append(f"\n### {workload}: ms per token (FLOP per token)\n")
+        lines.append("| context | " + " | ".join(pivot.columns) + " |")
+        lines.append("|---" * (len(pivot.columns) + 1) + "|")
+        for context, r in pivot.iterrows():
+            cells = [f"{r[c]:.4g} ({flops.loc[context, c]:.3g})" if pd.notna(r[c]) else "–" for c in pivot.columns]
+            lines.append(f"| {int(context)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def figure(table: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = sorted(table["workload"].unique())
+    fig, axes = plt.subplots(2, len(workloads), figsize=(6 * len(workloads), 8), squeeze=False, layout="constrained")
+    for j, workload in enumerate(workloads):
+        rows = table[table["workload"] == workload]
+        for variant, g in rows.groupby("variant"):
+            g = g.sort_values("context")
+            axes[0][j].plot(g["context"], g["ms_per_token"], marker="o", label=variant)
+            axes[1][j].plot(g["context"], g["flops_per_token"], marker="o", label=variant)
+        axes[0][j].set(title=f"{workload}: measured", xscale="log", yscale="log", ylabel="ms per token")
+        axes[1][j].set(title=f"{workload}: analytic", xscale="log", yscale="log", ylabel="FLOP per token", xlabel="context (tokens)")
+        for ax in axes[:, j]:
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results")
+    parser.add_argument("--figure", type=Path)
+    args = parser.parse_args(argv)
+    res = load_results(args.results)
+    table = per_token(res.cells)
+    print(markdown(table))
+    spec = res.run.get("spec") or {}
+    size = spec.get("size", "debug")
+    attention = spec.get("attention") or {}
+    print("\n### where dsa beats mla\n")
+    for workload in sorted(table["workload"].unique()):
+        rows = table[table["workload"] == workload]
+        sparse_variants = sorted(v for v in rows["variant"].unique() if str(v).startswith("dsa"))
+        for sparse in sparse_variants:
+            print(f"- {workload}, {sparse}: measured {crossover(rows, 'ms_per_token', sparse)}; "
+                  f"predicted {predicted_crossover(size, attention, workload == 'decode')}")
+    if args.figure:
+        figure(table, args.figure)
+        print(f"\nfigure: {args.figure}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
