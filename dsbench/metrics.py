@@ -229,6 +229,8 @@ _ENTRIES = (
         ("dead_expert_fraction", "experts that received no token in training"),
         ("dropped_fraction", "tokens dropped above expert capacity"))),
     _m("maxvio_global_source", "balance", "", "eval | inference | train: which forwards maxvio_global sums", fmt="text"),
+    _m("indexer_kept_mass", "loss", "1", "DSA: the main attention's probability mass the indexer's top-k keeps (held-out forwards, "
+       "mean over queries and layers)", fmt="pct", better="higher"),
     _m("router_entropy", "balance", "nats", "mean routing entropy per token"),
     _m("aux_loss_final", "balance", "1", "the auxiliary balance loss at the last step (balance = aux)"),
     *(_m(f"sqnr_{k}_db{s}", "fp8", "dB", f"{what} quantisation SQNR, {agg} over FP8 linears", better="higher")

@@ -24,7 +24,7 @@ from dsbench.variants.config import config_from_size
 
 def per_token(cells: pd.DataFrame) -> pd.DataFrame:
     """One row per ok cell: workload, variant (attention, and dsa's prefill form), context, ms/token, FLOP/token."""
-    ok = cells[cells["status"] == "ok"].copy()
+    ok = cells[(cells["status"] == "ok") & cells["workload"].isin(["decode", "prefill"])].copy()  # train cells: the claims
     prefill = ok["workload"] == "prefill"
     ok["context"] = ok["seq_len"].where(prefill, ok["context_len"])
     ok["ms_per_token"] = ok["step_time_ms_median"] / ok["tokens_per_step"]

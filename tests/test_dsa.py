@@ -296,3 +296,25 @@ def test_yarn_fields_stay_out_of_identity_at_their_defaults():
     assert "rope_factor" not in plain.to_dict()["attention"]
     scaled = config_from_size("debug", "mla", "dense", rope_factor=4.0)
     assert scaled.to_dict()["attention"]["rope_factor"] == 4.0
+
+
+def test_kept_mass_is_measured_only_while_observing_and_is_the_selected_share():
+    m = model(dsa_config(topk=4))
+    x = tokens(2, 24)
+    with torch.no_grad():
+        m(x)
+        assert m.collect_metrics()[1] == {}  # an unobserved (timed) forward measures nothing
+        with m.observing():
+            m(x)
+    columns = m.collect_metrics()[1]
+    assert 0 < columns["indexer_kept_mass"] < 1
+    attn = m.blocks[0].attn
+    with torch.no_grad():  # by hand for layer 0: the dense mass on the indexer's top-4
+        h = m.embed(x)
+        h = m.blocks[0].attn_norm(h)
+        q_latent = h  # debug MLA has no query compression
+        p = dsa.dense_attention_mass(attn, h, q_latent)
+        q, w = attn.indexer.queries(q_latent, h, 0)
+        idx, valid = dsa.select(attn.indexer.score(q, w, attn.indexer.key_values(attn.indexer.keys(h, 0))), 0, 4)
+        by_hand = (torch.gather(p, -1, idx) * valid).sum(-1).mean().item()
+    assert attn.kept_mass[0] == pytest.approx(by_hand, rel=1e-6)

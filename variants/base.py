@@ -113,6 +113,10 @@ class Part(nn.Module):
     def set_token_domains(self, domains_B: torch.Tensor, names: tuple[str, ...]) -> None:
         return None
 
+    def set_observing(self, on: bool) -> None:
+        """Inside Decoder.observing(): forwards where a costly measurement may run."""
+        return None
+
     def named_losses(self) -> dict[str, torch.Tensor]:
         """Training losses of their own name the last forward left (DSA's "indexer_kl"); the
         decoder averages each over the parts that give it."""

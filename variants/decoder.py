@@ -5,6 +5,7 @@ Legend: B batch, T tokens in this call, C model width, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
 from dataclasses import dataclass, field
@@ -149,7 +150,7 @@ class Decoder(nn.Module):
     def collect_metrics(self) -> tuple[list[dict], dict]:
         """(series records {step, metric, value, layer?, index?, domain?}, cell columns) from
         the parts that observe themselves (routed FFNs); read once, at the end of a cell."""
-        records, per_layer = [], []
+        records, per_layer, own = [], [], {}
         for i, p in self.parts():
             if i >= self.cfg.n_layers:  # MTP's layers: balance columns stay comparable across mtp values
                 continue
@@ -157,9 +158,26 @@ class Decoder(nn.Module):
             if observed is not None:
                 layer_records, summary = observed
                 records += layer_records
-                per_layer.append(summary)
+                if "columns" in summary:  # a part's own columns, averaged over the layers giving them
+                    for name, value in summary["columns"].items():
+                        own.setdefault(name, []).append(value)
+                else:
+                    per_layer.append(summary)
         combined_records, columns = combine_layers(per_layer)
+        columns.update({name: sum(values) / len(values) for name, values in own.items()})
         return records + combined_records, columns
+
+    @contextlib.contextmanager
+    def observing(self):
+        """Forwards in which parts may measure what is too costly for a timed step (DSA's kept
+        attention mass): the held-out evaluation."""
+        for _, p in self.parts():
+            p.set_observing(True)
+        try:
+            yield
+        finally:
+            for _, p in self.parts():
+                p.set_observing(False)
 
     def after_optimizer_step(self) -> None:
         """Let parts with non-gradient state (e.g. a routing bias) update after each step."""

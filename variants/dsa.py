@@ -232,6 +232,8 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         self.indexer = LightningIndexer(cfg)
         self.K, self.stage = cfg.attention.index_topk, cfg.attention.index_stage
         self.masked = cfg.attention.dsa_prefill == "masked"
+        self.observing = False
+        self.kept_mass: list[float] = []  # per observed forward: the main attention's mass on the selection
         self.kl_loss: torch.Tensor | None = None  # the last training forward's indexer KL
 
     # --- accounting ---
@@ -318,6 +320,17 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
             return f"attention.index_head_dim: {i.D} is not a power of two, which the FP8 indexer's Hadamard rotation needs (V3.2: 128)"
         return None
 
+    def set_observing(self, on: bool) -> None:
+        self.observing = on
+
+    def metrics(self, layer: int):
+        """The share of the main attention's probability mass (dense, summed over heads) that the
+        indexer's selection keeps, mean over the observed (held-out) forwards' queries."""
+        if not self.kept_mass:
+            return None
+        kept = sum(self.kept_mass) / len(self.kept_mass)
+        return [dict(step=0, metric="indexer_kept_mass", value=kept, layer=layer)], {"columns": {"indexer_kept_mass": kept}}
+
     def new_cache(self, batch: int, max_len: int, dtype, device) -> IndexedLatentCache:
         d = self.dims
         return IndexedLatentCache(batch, max_len, d.Dc, d.Dr, dtype, device, self.indexer.dims.D, self.indexer.fp8)
@@ -346,7 +359,17 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
             if train_indexer:
                 self.kl_loss = self._dense_kl(x, q_latent, start_pos, q_idx, w_idx, k_all)
             return out
-        return self._sparse(x, q_latent, start_pos, cache, q_idx, w_idx, k_all, train_indexer)
+        out = self._sparse(x, q_latent, start_pos, cache, q_idx, w_idx, k_all, train_indexer)
+        if self.observing and start_pos == 0:
+            self.kept_mass.append(self._kept_mass(x, q_latent, q_idx, w_idx, k_all))
+        return out
+
+    @torch.no_grad()
+    def _kept_mass(self, x, q_latent, q_idx, w_idx, k_all) -> float:
+        """Σ over the selected keys of the dense attention (summed over heads, normalised), mean over queries."""
+        p = dense_attention_mass(self, x, q_latent)  # (B, T, S)
+        idx, valid = select(self.indexer.score(q_idx, w_idx, k_all), 0, self.K)
+        return float((torch.gather(p, -1, idx) * valid).sum(dim=-1).mean())
 
     def _latent_queries(self, q_latent: torch.Tensor, start_pos: int) -> torch.Tensor:
         """[W^UK-absorbed q^C ; RoPE(q^R)] (B, H, T, Dc + Dr)."""

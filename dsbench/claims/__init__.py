@@ -38,6 +38,7 @@ from dsbench.claims.analytic import (check_kv_table1, check_kv_vs_67b, check_moe
 from dsbench.claims.empirical import (check_aux_free, check_deepseekmoe_vs_moe, check_fp8_gap, check_fp8_tensorwise,
                                       check_mla_decode, check_mla_kv, check_shared_expert, ok_cells)
 from dsbench.claims.evidence import DIRECTION, NOT_CHECKABLE, NOT_REPRODUCED, REPRODUCED, VERDICTS, Evidence, NotCheckable
+from dsbench.claims.dsa import RUN_LONG, check_flat_decode, check_sparse_quality
 from dsbench.claims.mtp import RUN_MTP, check_mtp_acceptance, check_mtp_main_loss, check_mtp_speedup
 from dsbench.results import Results
 
@@ -74,6 +75,7 @@ class ClaimResult:
 # --- the registry ---
 
 V3, V2, DSMOE = "DeepSeek-V3 (2412.19437)", "DeepSeek-V2 (2405.04434)", "DeepSeekMoE (2401.06066)"
+V32 = "DeepSeek-V3.2-Exp report (2025)"
 ACTIVATED = "Convention: activated = what a token multiplies with, the input embedding table not counted (a lookup reads one row)"
 
 CLAIMS: tuple[Claim, ...] = (
@@ -139,6 +141,12 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("v3-mtp-main-loss", V3, "§4.5.1, Table 4",
           "Training with the MTP objective improves the main model at equal steps and data (the MTP modules are dropped "
           "at inference).", "empirical", "loss(mtp ≥ 1) < loss(mtp = 0)", check_mtp_main_loss, RUN_MTP),
+    Claim("v32-flat-decode-cost", V32, "§3, Figure 3 (cost per token against position)",
+          "With DSA, the per-token decode cost stays nearly flat as context grows, where dense MLA's grows with it.",
+          "empirical", "slope(dsa) < slope(mla) past index_topk", check_flat_decode, hint=RUN_LONG),
+    Claim("v32-sparse-quality", V32, "§2–3 (on par with V3.1-Terminus)",
+          "Sparse attention (top-2048 of the context) costs little quality against the dense attention it replaces.",
+          "empirical", "loss(dsa) ≤ loss(mla) + 0.5% at equal steps", check_sparse_quality, hint=RUN_LONG),
     Claim("v2-max-throughput", V2, "§3.2.3", "DeepSeek-V2's maximum generation throughput is 5.76× DeepSeek 67B's.",
           "empirical", "5.76×", NotCheckable(
               "measured serving the full V2 (FP8 weights, ~6-bit KV cache) on 8×H800 against the 67B; the attention-gpu "

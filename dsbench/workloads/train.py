@@ -221,7 +221,7 @@ def _evaluate(ctx: Context, settings: dict, series: list) -> dict:
     for i in range(settings["eval_batches"]):
         inputs, targets, domains = to_device(ctx.data.batch(i, settings["batch_size"], settings["seq_len"], split="eval"), ctx.device)
         ctx.model.set_token_domains(domains, ctx.data.domains)
-        with autocast(ctx):
+        with autocast(ctx), ctx.model.observing():
             out = ctx.model.forward_losses(inputs, targets)
         per_row.append(out.lm_loss_per_row.float().cpu())
         depth_losses.append([float(v) for v in out.observed.values()])
