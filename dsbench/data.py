@@ -38,6 +38,8 @@ BYTE_VOCAB_SIZE = 256
 SPLITS = ("train", "eval")
 EVAL_DIVISOR = 10  # the last len // 10 tokens of each corpus are the eval split
 DEFAULT_BYTES_PER_DOMAIN = 1 << 16  # 5 domains x 64 KiB: held-out tail of 6553 bytes each
+# "synthetic-long": the same domain generators run for 2 MiB each, so a 128K-token window fits one domain's train split.
+LONG_BYTES_PER_DOMAIN = 1 << 21
 
 # The smallest corpus whose eval tail still holds a one-token window (2 tokens).
 _MIN_CORPUS_TOKENS = 2 * EVAL_DIVISOR
@@ -45,7 +47,7 @@ _MIN_CORPUS_TOKENS = 2 * EVAL_DIVISOR
 _CORPUS_STREAM = 0
 _BATCH_STREAM = 1
 _TOKEN_FILE_SUFFIXES = (".bin", ".u16")
-_ALLOWED_SOURCES = "'synthetic', a .bin/.u16 uint16 token file, a .txt file, or a folder of .txt files"
+_ALLOWED_SOURCES = "'synthetic', 'synthetic-long', a .bin/.u16 uint16 token file, a .txt file, or a folder of .txt files"
 
 
 from dsbench.errors import DataError  # noqa: E402,F401 (kept importable from here)
@@ -381,9 +383,9 @@ def _checked_split(split: str) -> str:
 # --- sources ----------------------------------------------------------------------------------
 
 
-def synthetic_dataset(seed: int, bytes_per_domain: int = DEFAULT_BYTES_PER_DOMAIN) -> TokenDataset:
-    corpora = [synthetic_corpus(name, seed, bytes_per_domain) for name in SYNTHETIC_DOMAINS]
-    return TokenDataset(corpora, SYNTHETIC_DOMAINS, seed, "synthetic")
+def synthetic_dataset(seed: int, bytes_per_domain: int = DEFAULT_BYTES_PER_DOMAIN, name: str = "synthetic") -> TokenDataset:
+    corpora = [synthetic_corpus(domain, seed, bytes_per_domain) for domain in SYNTHETIC_DOMAINS]
+    return TokenDataset(corpora, SYNTHETIC_DOMAINS, seed, name)
 
 
 def _read_corpus(path: Path, dtype: str) -> np.ndarray:
@@ -412,6 +414,8 @@ def load_dataset(source: str | os.PathLike[str] | None, seed: int) -> TokenDatas
     """The dataset a spec's `data` names: None or "synthetic", or a path (see module docstring)."""
     if source is None or source == "synthetic":
         return synthetic_dataset(seed)
+    if source == "synthetic-long":
+        return synthetic_dataset(seed, LONG_BYTES_PER_DOMAIN, "synthetic-long")
     if not str(source).strip():
         raise DataError(f"data source is empty; allowed: {_ALLOWED_SOURCES}")
     path = Path(source)

@@ -346,7 +346,7 @@ def _check_axes(table: dict) -> dict:
 def _check_combinations(spec: SweepSpec) -> None:
     configs = list(_cell_configs(spec))
     cfg = configs[0][1]
-    if spec.data == "synthetic" and cfg.vocab_size < 256:
+    if spec.data in ("synthetic", "synthetic-long") and cfg.vocab_size < 256:
         raise SpecError(f"model.vocab_size: {cfg.vocab_size} is below 256, the byte vocabulary of the synthetic data")
     for _, cell_cfg in configs:  # each variant refuses a config it cannot build, in one line
         problem = mtp.check_config(cell_cfg)

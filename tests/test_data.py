@@ -234,3 +234,16 @@ def test_corpus_shorter_than_a_window_raises(tmp_path: Path):
 def test_bad_split_raises(synthetic):
     with pytest.raises(ValueError, match="split"):
         synthetic.batch(0, 2, 8, "test")
+
+
+def test_synthetic_long_extends_the_same_streams_to_hold_128k_windows():
+    from dsbench.data import DEFAULT_BYTES_PER_DOMAIN, load_dataset
+
+    short, long = load_dataset("synthetic", 0), load_dataset("synthetic-long", 0)
+    assert long.domains == short.domains and long.source == "synthetic-long"
+    again = load_dataset("synthetic-long", 0)
+    for a, b, c in zip(short.corpora, long.corpora, again.corpora):
+        assert len(b) == 32 * len(a) == 32 * DEFAULT_BYTES_PER_DOMAIN and np.array_equal(b, c)  # seeded: the same every load
+    long.check_seq_len(131072, "train")
+    batch = long.batch(0, 1, 131072)
+    assert batch.inputs.shape == (1, 131072)
