@@ -318,3 +318,14 @@ def test_kept_mass_is_measured_only_while_observing_and_is_the_selected_share():
         idx, valid = dsa.select(attn.indexer.score(q, w, attn.indexer.key_values(attn.indexer.keys(h, 0))), 0, 4)
         by_hand = (torch.gather(p, -1, idx) * valid).sum(-1).mean().item()
     assert attn.kept_mass[0] == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_fp8_constants_are_the_kernels_and_importing_dsa_leaves_triton_unloaded():
+    import subprocess
+    import sys
+
+    from dsbench.kernels import fp8_quant
+
+    assert (dsa.FP8_DTYPE, dsa.FP8_MAX, dsa.GROUP) == (fp8_quant.FP8_DTYPE, fp8_quant.FP8_MAX, fp8_quant.GROUP)
+    code = "import sys, dsbench.variants.registry; print('triton' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

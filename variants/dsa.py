@@ -40,8 +40,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsbench.kernels.fp8_quant import FP8_DTYPE, FP8_MAX, GROUP, to_float
-
 from .base import PartCost, PassShape, at_least, choices
 from .layers import RotaryEmbedding
 from .mla import LatentCache, MLAConfig, MultiHeadLatentAttention, mla_dims, yarn_inv_freq
@@ -51,6 +49,11 @@ from .profiling import part
 if TYPE_CHECKING:
     from .config import ModelConfig
 
+# kernels/fp8_quant's constants, restated: importing it imports triton, which costs every cell's
+# start ~85 MB of RSS (fp8.py imports it on first use for the same reason; a test holds them equal).
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+GROUP = 128
 INDEX_STAGES = ("sparse", "dense")
 PREFILL_FORMS = ("gather", "masked")
 QUERY_CHUNK = 256  # queries whose gathered latent rows are held at once (prefill memory: chunk·K·(Dc+Dr))
@@ -113,6 +116,8 @@ def quant_ue8m0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequant_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """quant_ue8m0's inverse: (..., D) FP32."""
+    from dsbench.kernels.fp8_quant import to_float  # on first use: it imports triton
+
     D = q.shape[-1]
     tiles = F.pad(to_float(q), (0, -D % GROUP)).unflatten(-1, (-1, GROUP))
     return (tiles * scale[..., None]).flatten(-2)[..., :D]
