@@ -106,13 +106,19 @@ def looping(cells: pd.DataFrame) -> pd.Series:
     return pd.to_numeric(cells["greedy_distinct_fraction"], errors="coerce") < LOOP_DISTINCT
 
 
-def check_mtp_acceptance(results) -> Evidence:
+def speculative_with(results, column: str) -> pd.DataFrame | Evidence:
+    """The speculative cells with a value in `column`, or the missing-evidence answer."""
     cells = speculative_cells(results)
     if cells.empty:
         return missing("no speculative cells with mtp ≥ 1", RUN_MTP)
-    cells = cells[cells["accept_rate_pos1"].notna()]
-    if cells.empty:
-        return missing("no speculative cell with an accept_rate_pos1", RUN_MTP)
+    cells = cells[cells[column].notna()]
+    return cells if not cells.empty else missing(f"no speculative cell has a value in {column}", RUN_MTP)
+
+
+def check_mtp_acceptance(results) -> Evidence:
+    cells = speculative_with(results, "accept_rate_pos1")
+    if isinstance(cells, Evidence):
+        return cells
     chosen = judged(cells)
     generated = float(chosen["accept_rate_pos1"].median())
     # Where the greedy output loops, its acceptance is a loop's: judge on held-out text instead,
@@ -167,12 +173,9 @@ def speedup_verdict(speedup: float) -> str:
 
 
 def check_mtp_speedup(results) -> Evidence:
-    cells = speculative_cells(results)
-    if cells.empty:
-        return missing("no speculative cells with mtp ≥ 1", RUN_MTP)
-    cells = cells[cells["spec_speedup"].notna()]
-    if cells.empty:
-        return missing("no speculative cell with a spec_speedup", RUN_MTP)
+    cells = speculative_with(results, "spec_speedup")
+    if isinstance(cells, Evidence):
+        return cells
     chosen = judged(cells)
     speedup = float(chosen["spec_speedup"].median())
     measured = (f"×{speedup:.2f} (median of {len(chosen)} D{int(chosen['mtp'].min())} cells at "
