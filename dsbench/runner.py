@@ -100,7 +100,7 @@ def run_cell_process(cell: Cell, store: ResultStore, runtime: Runtime, timeout_s
     with open(log_path, "w") as log:
         # A new session: Ctrl-C reaches only the parent, which then ends the cell itself.
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dsbench.worker", str(task_path), str(result_path)],
+            worker_command(cell, task_path, result_path),
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             preexec_fn=_die_with_parent,
         )
@@ -120,6 +120,11 @@ def run_cell_process(cell: Cell, store: ResultStore, runtime: Runtime, timeout_s
         result.row["cell_wall_s"] = time.perf_counter() - start
         return result
     return _failure(*_death_status(returncode, log_path), start)
+
+
+def worker_command(cell: Cell, task_path: Path, result_path: Path) -> list[str]:
+    """The command line that runs one cell's worker (every executor runs this same command)."""
+    return [sys.executable, "-m", "dsbench.worker", str(task_path), str(result_path)]
 
 
 def _die_with_parent() -> None:
