@@ -202,6 +202,48 @@ def test_decode_flops_match_the_flop_counter(context):
     assert counter.get_total_flops() - indexer == 2 * attn._matmul_params(cfg) + 2 * d.H * (2 * d.Dc + d.Dr) * 8
 
 
+def _prefill_flops(cfg, T):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    attn = model(cfg).blocks[0].attn
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        attn(torch.randn(1, T, 64), 0, None)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("T", [41, 75])
+def test_prefill_flops_are_the_causal_count_and_chunks_add_only_their_own_keys(T, monkeypatch):
+    """The analytic prefill count is the causal one (each query scores its own earlier keys). The
+    module runs exactly that with one query per chunk; with QUERY_CHUNK queries a chunk scores the
+    keys up to its last query, and FlopCounterMode sees exactly those extra keys."""
+    cfg, d, K = dsa_config(topk=8), mla_dims(dsa_config(topk=8)), 8
+    monkeypatch.setattr(dsa, "QUERY_CHUNK", 1)
+    per_token = dsa.DeepSeekSparseAttention.flops_per_token(cfg, (T + 1) / 2)
+    assert _prefill_flops(cfg, T) == pytest.approx(T * per_token, rel=1e-12)
+    monkeypatch.setattr(dsa, "QUERY_CHUNK", 16)
+    proj = 2 * dsa.DeepSeekSparseAttention._matmul_params(cfg)
+    chunked = sum(min(16, T - t0) * (dsa.DeepSeekSparseAttention.indexer_flops_per_token(cfg, min(t0 + 16, T)) + proj
+                                     + 2 * d.H * (2 * d.Dc + d.Dr) * min(K, t0 + 16, T))
+                  for t0 in range(0, T, 16))
+    assert _prefill_flops(cfg, T) == chunked > T * per_token
+
+
+def test_query_chunks_change_no_output(monkeypatch):
+    """Chunking the queries (and truncating each chunk's keys) computes the same attention, in both
+    whole-sequence forms, in training (the KL too) and at inference."""
+    batch = tokens(2, 40), tokens(2, 40, seed=2)
+    for form in dsa.PREFILL_FORMS:
+        results = []
+        for chunk in (256, 7):
+            monkeypatch.setattr(dsa, "QUERY_CHUNK", chunk)
+            m = model(dsa_config(topk=6, dsa_prefill=form)).train()
+            out = m.forward_losses(*batch)
+            with torch.no_grad():
+                results.append((out.logits, out.losses["indexer_kl"], m.eval()(batch[0])))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_per_token_cost_flattens_against_mla():
     mla, sparse = config_from_size("debug", "mla", "dense"), dsa_config(topk=8)
     f = dsa.DeepSeekSparseAttention.flops_per_token

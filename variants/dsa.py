@@ -162,8 +162,11 @@ class LightningIndexer(nn.Module):
 
     @staticmethod
     def score(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """I(t, s) = Σ_j w_{t,j}·ReLU(q_{t,j}·k_s): q (B, n, T, D), w (B, T, n), k (B, S, D) → (B, T, S) fp32."""
-        return torch.einsum("bnts,btn->bts", torch.relu(torch.einsum("bntd,bsd->bnts", q, k)), w)
+        """I(t, s) = Σ_j w_{t,j}·ReLU(q_{t,j}·k_s): q (B, n, T, D), w (B, T, n), k (B, S, D) → (B, T, S) fp32.
+        Two batched matmuls in the (B, T, n, S) layout, so the (T·n·S) product is never transposed."""
+        B, n, T, D = q.shape
+        logits = torch.bmm(q.transpose(1, 2).reshape(B, T * n, D), k.transpose(1, 2)).relu_()  # (B, T·n, S)
+        return torch.bmm(w.reshape(B * T, 1, n), logits.view(B * T, n, -1)).view(B, T, -1)
 
 
 class IndexedLatentCache(LatentCache):
@@ -199,8 +202,8 @@ def select(scores: torch.Tensor, start_pos: int, K: int) -> tuple[torch.Tensor, 
     DeepSeek's `index_score.topk(k)` after adding the mask: a query with fewer than K earlier keys
     gets masked picks, marked invalid. Equal scores at the K-th place go to the lower positions, so a
     query selects the same keys alone (decode) as in a batch of queries (prefill), which topk alone
-    does not promise (FP8 scores tie often). Indices come in no particular order (a set). Two
-    topk passes and a cumsum: O(S) per query, where a full sort is O(S log S)."""
+    does not promise (FP8 scores tie often). Indices come in ascending position. One topk pass
+    and a cumsum: O(S) per query, where a full sort is O(S log S)."""
     T, S = scores.shape[1], scores.shape[2]
     positions = torch.arange(S, device=scores.device)
     q_pos = torch.arange(start_pos, start_pos + T, device=scores.device)[:, None]
@@ -208,16 +211,25 @@ def select(scores: torch.Tensor, start_pos: int, K: int) -> tuple[torch.Tensor, 
     threshold = masked.topk(K, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
     above, tie = masked > threshold, masked == threshold
     chosen = above | (tie & (tie.cumsum(dim=-1) <= K - above.sum(dim=-1, keepdim=True)))
-    idx = torch.where(chosen, S - positions, 0).topk(K, dim=-1, sorted=False).indices  # exactly the K chosen
+    picks = chosen.nonzero()  # exactly K per query (fewer only where a score is NaN)
+    if picks.shape[0] == chosen.shape[0] * T * K:
+        idx = picks[:, -1].view(chosen.shape[0], T, K)
+    else:
+        idx = torch.where(chosen, S - positions, 0).topk(K, dim=-1, sorted=False).indices
     return idx, idx <= q_pos
 
 
-def gather_rows(kv: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def gather_rows(kv: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """kv (B, S, W), idx (B, t, K) → the selected rows (B, t, K, W): one index_select of
-    contiguous rows over the flattened batch (advanced indexing per row is several times slower)."""
+    contiguous rows over the flattened batch (advanced indexing per row is several times slower).
+    out: a reused buffer of at least B·t·K rows; a fresh allocation this large costs more in page
+    faults than the gather itself (×4 on a CPU at 512K rows)."""
     B, S, W = kv.shape
     flat = (idx + S * torch.arange(B, device=idx.device)[:, None, None]).reshape(-1)
-    return kv.reshape(B * S, W).index_select(0, flat).view(*idx.shape, W)
+    if out is None:
+        return kv.reshape(B * S, W).index_select(0, flat).view(*idx.shape, W)
+    rows = out.view(-1, W)[:flat.numel()]
+    return torch.index_select(kv.reshape(B * S, W), 0, flat, out=rows).view(*idx.shape, W)
 
 
 def kl_to_indexer(p: torch.Tensor, index_scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -275,7 +287,10 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
     def flops_per_token(cfg: ModelConfig, context_len: float, decode: bool = False) -> float:
         """Indexer over every causal key plus the main attention over the selected ones. Where K
         covers every key the main attention is MLA's dense path (its own count); otherwise the
-        MQA latent form: per selected key and head, scores Dc + Dr and AV Dc."""
+        MQA latent form: per selected key and head, scores Dc + Dr and AV Dc. The causal count:
+        a whole sequence runs it exactly with one query per chunk; with QUERY_CHUNK queries each
+        chunk also scores the keys between a query and the chunk's last one (QUERY_CHUNK/2 a query
+        on average: 1.6% more indexer keys at 16K)."""
         indexer = DeepSeekSparseAttention.indexer_flops_per_token(cfg, context_len)
         keys = DeepSeekSparseAttention.selected_keys(cfg, context_len, decode)
         if keys >= context_len:  # dense: everything is selected
@@ -400,25 +415,28 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
             return cache.update(start_pos, latent) if cache is not None else latent
 
     def _sparse(self, x, q_latent, start_pos, cache, q_idx, w_idx, k_all, train_indexer: bool) -> torch.Tensor:
-        """Per chunk of QUERY_CHUNK queries: the indexer's scores against every key so far, the
-        top-K selection, and the main attention over the gathered latent rows of the selection."""
+        """Per chunk of QUERY_CHUNK queries: the indexer's scores against the chunk's causal keys
+        (every key up to its last query), the top-K selection, and the main attention over the
+        gathered latent rows of the selection."""
         d, K = self.dims, self.K
         kv = self._latent_rows(x, start_pos, cache)  # (B, S, Dc + Dr)
         q = self._latent_queries(q_latent, start_pos)  # (B, H, T, Dc + Dr)
         outs, kl_terms = [], []
+        rows = None if torch.is_grad_enabled() else kv.new_empty(kv.shape[0] * min(QUERY_CHUNK, q.shape[2]) * K, kv.shape[2])  # autograd keeps each chunk's rows
         for t0 in range(0, q.shape[2], QUERY_CHUNK):
             sl = slice(t0, t0 + QUERY_CHUNK)
+            keys = start_pos + min(t0 + QUERY_CHUNK, q.shape[2])  # the chunk's causal keys: later ones are masked for all of it
             with part("indexer", self):
-                index_scores = self.indexer.score(q_idx[:, :, sl], w_idx[:, sl], k_all)  # (B, t, S)
-                idx, valid = select(index_scores, start_pos + t0, K)
+                index_scores = self.indexer.score(q_idx[:, :, sl], w_idx[:, sl], k_all[:, :keys])  # (B, t, keys)
+                idx, valid = select(index_scores, start_pos + t0, min(K, keys))
             with part("attn.core", self):
                 if self.masked and q.shape[2] > 1:
-                    o, probs = self._masked_chunk(q[:, :, sl], kv, idx, valid)
+                    o, probs = self._masked_chunk(q[:, :, sl], kv[:, :keys], idx, valid)
                 else:
-                    o, probs = self._gathered_chunk(q[:, :, sl], kv, idx, valid)
+                    o, probs = self._gathered_chunk(q[:, :, sl], kv, idx, valid, rows)
                 outs.append(o)
             if train_indexer:
-                p = probs.detach().float().sum(dim=1)  # (B, t, K): summed over heads
+                p = probs.detach().float()  # (B, t, K): summed over heads
                 kl_terms.append(kl_to_indexer(p / p.sum(-1, keepdim=True).clamp_min(1e-30), torch.gather(index_scores, -1, idx), valid)
                                 * idx.shape[1])
         if train_indexer:
@@ -428,12 +446,15 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
             o = torch.einsum("bhtc,hvc->bhtv", torch.cat(outs, dim=2), w_uv)
         return self._out(o)
 
-    def _gathered_chunk(self, q, kv, idx, valid):
-        """Scores and AV over the gathered rows: (o (B, H, t, Dc), probs over the K picks (B, H, t, K))."""
-        rows = gather_rows(kv, idx)  # (B, t, K, Dc + Dr)
-        scores = torch.einsum("bhtc,btkc->bhtk", q, rows) * self.scale
-        probs = scores.masked_fill(~valid[:, None], float("-inf")).float().softmax(dim=-1).type_as(rows)
-        return torch.einsum("bhtk,btkc->bhtc", probs, rows[..., :self.dims.Dc]), probs  # V = the first Dc channels
+    def _gathered_chunk(self, q, kv, idx, valid, buffer=None):
+        """Scores and AV over the gathered rows, one (H × K) matmul per query in the (B·t, H, ·)
+        layout: (o (B, H, t, Dc), probs summed over heads (B, t, K))."""
+        B, H, t, C = q.shape
+        rows = gather_rows(kv, idx, buffer).view(B * t, -1, C)  # (B·t, K, Dc + Dr)
+        scores = torch.bmm(q.transpose(1, 2).reshape(B * t, H, C), rows.transpose(1, 2)) * self.scale
+        probs = scores.masked_fill(~valid.view(B * t, 1, -1), float("-inf")).float().softmax(dim=-1).type_as(rows)
+        o = torch.bmm(probs, rows[..., :self.dims.Dc])  # V = the first Dc channels
+        return o.view(B, t, H, -1).transpose(1, 2), probs.view(B, t, H, -1).sum(dim=2)
 
     def _masked_chunk(self, q, kv, idx, valid):
         """The same attention from dense latent scores with every unselected key masked."""
@@ -442,7 +463,7 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         scores = torch.einsum("bhtc,bsc->bhts", q, kv) * self.scale
         probs = scores.masked_fill(~keep[:, None], float("-inf")).float().softmax(dim=-1).type_as(kv)
         o = torch.einsum("bhts,bsc->bhtc", probs, kv[..., :self.dims.Dc])
-        return o, torch.gather(probs, -1, idx[:, None].expand(-1, probs.shape[1], -1, -1))
+        return o, torch.gather(probs.sum(dim=1), -1, idx)
 
     def _dense_kl(self, x, q_latent, start_pos, q_idx, w_idx, k_all) -> torch.Tensor:
         """The warm-up's KL target: the main attention over every causal key, summed over heads
