@@ -161,11 +161,13 @@ class LightningIndexer(nn.Module):
         return dequant_rows(*keys) if self.fp8 else keys.float()
 
     @staticmethod
-    def score(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def score(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, buffer: torch.Tensor | None = None) -> torch.Tensor:
         """I(t, s) = Σ_j w_{t,j}·ReLU(q_{t,j}·k_s): q (B, n, T, D), w (B, T, n), k (B, S, D) → (B, T, S) fp32.
-        Two batched matmuls in the (B, T, n, S) layout, so the (T·n·S) product is never transposed."""
+        Two batched matmuls in the (B, T, n, S) layout, so the (T·n·S) product is never transposed.
+        buffer: reused storage of at least B·T·n·S fp32 for that product (see gather_rows)."""
         B, n, T, D = q.shape
-        logits = torch.bmm(q.transpose(1, 2).reshape(B, T * n, D), k.transpose(1, 2)).relu_()  # (B, T·n, S)
+        out = None if buffer is None else buffer[:B * T * n * k.shape[1]].view(B, T * n, k.shape[1])
+        logits = torch.bmm(q.transpose(1, 2).reshape(B, T * n, D), k.transpose(1, 2), out=out).relu_()  # (B, T·n, S)
         return torch.bmm(w.reshape(B * T, 1, n), logits.view(B * T, n, -1)).view(B, T, -1)
 
 
@@ -422,12 +424,16 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         kv = self._latent_rows(x, start_pos, cache)  # (B, S, Dc + Dr)
         q = self._latent_queries(q_latent, start_pos)  # (B, H, T, Dc + Dr)
         outs, kl_terms = [], []
-        rows = None if torch.is_grad_enabled() else kv.new_empty(kv.shape[0] * min(QUERY_CHUNK, q.shape[2]) * K, kv.shape[2])  # autograd keeps each chunk's rows
+        rows = logits = None  # reused scratch at inference (autograd keeps each chunk's own)
+        if not torch.is_grad_enabled():
+            t_max = min(QUERY_CHUNK, q.shape[2])
+            rows = kv.new_empty(kv.shape[0] * t_max * K, kv.shape[2])
+            logits = k_all.new_empty(kv.shape[0] * t_max * self.indexer.dims.n * kv.shape[1])
         for t0 in range(0, q.shape[2], QUERY_CHUNK):
             sl = slice(t0, t0 + QUERY_CHUNK)
             keys = start_pos + min(t0 + QUERY_CHUNK, q.shape[2])  # the chunk's causal keys: later ones are masked for all of it
             with part("indexer", self):
-                index_scores = self.indexer.score(q_idx[:, :, sl], w_idx[:, sl], k_all[:, :keys])  # (B, t, keys)
+                index_scores = self.indexer.score(q_idx[:, :, sl], w_idx[:, sl], k_all[:, :keys], logits)  # (B, t, keys)
                 idx, valid = select(index_scores, start_pos + t0, min(K, keys))
             with part("attn.core", self):
                 if self.masked and q.shape[2] > 1:
