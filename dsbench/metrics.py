@@ -121,7 +121,9 @@ _ENTRIES = (
         ("index_topk", "1", "DSA: keys each query's main attention reads (V3.2: 2048)", "int"),
         ("index_n_heads", "1", "DSA: lightning-indexer heads (V3.2: 64)", "int"),
         ("index_head_dim", "1", "DSA: indexer query/key width, its first qk_rope_head_dim channels RoPE'd (V3.2: 128)", "int"),
-        ("index_stage", "", "DSA training: dense (warm-up, the indexer alone) | sparse", "text"),
+        ("index_stage", "", "DSA training: dense (warm-up, the indexer alone) | sparse | staged (MLA steps, warm-up, then sparse)", "text"),
+        ("index_dense_steps", "1", "DSA staged training: the first steps, trained as plain MLA (V3.2 starts from a dense checkpoint)", "int"),
+        ("index_warmup_steps", "1", "DSA staged training: the dense warm-up's steps (the indexer alone, by KL), then sparse", "int"),
         ("dsa_prefill", "", "DSA whole sequences: gather the selected rows (O(L·k)) | masked dense scores (O(L²))", "text"))),
     *(_cell(n, u, d, group="variant", owner="ffn", fmt=f) for n, u, d, f in (
         ("n_experts", "1", "routed FFN: experts before fine-grained splitting", "int"),

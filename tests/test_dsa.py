@@ -155,6 +155,46 @@ def test_training_stages(stage):
     assert grads and grads <= indexer  # the KL trains the indexer alone
 
 
+def test_staged_training_runs_mla_then_the_warm_up_then_sparse_in_one_optimizer():
+    """index_stage = "staged": MLA steps (everything but the idle indexer trains, no KL), warm-up
+    steps (the indexer alone, by KL), then sparse steps (everything). Each stage's gradients reach
+    exactly its parameters, through the workload's own optimizer and step hook."""
+    from dsbench.workloads.train import make_optimizer
+
+    m = model(dsa_config(topk=6, index_stage="staged", index_dense_steps=2, index_warmup_steps=2)).train()
+    optimizer = make_optimizer(m, {"weight_decay": 0.1, "lr": 1e-3, "beta1": 0.9, "beta2": 0.95})
+    m.freeze_for_training()
+    indexer = {id(p) for blk in m.blocks for p in blk.attn.indexer.parameters()}
+    batch = tokens(2, 24), tokens(2, 24, seed=2)
+    seen = []
+    for step in range(6):
+        m.begin_step(step)
+        before = {id(p): p.detach().clone() for p in m.parameters()}
+        out = m.forward_losses(*batch)
+        out.total().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        moved = {id(p) for p in m.parameters() if not torch.equal(before[id(p)], p.detach())}
+        seen.append((m.blocks[0].attn.stage, set(out.losses), moved))
+    assert [stage for stage, _, _ in seen] == ["base", "base", "dense", "dense", "sparse", "sparse"]
+    everything = {id(p) for p in m.parameters()}
+    for stage, losses, moved in seen:
+        if stage == "base":
+            assert losses == {"lm"} and moved == everything - indexer
+        elif stage == "dense":
+            assert losses == {"lm", "indexer_kl"} and moved == indexer
+        else:
+            assert losses == {"lm", "indexer_kl"} and moved == everything
+    assert m.eval().blocks[0].attn.stage == "sparse"  # inference after training reads the last stage
+
+
+def test_staged_fields_stay_out_of_identity_at_their_defaults():
+    a = dsa_config().attention
+    assert "index_dense_steps" not in a.identity() and "index_warmup_steps" not in a.identity()
+    staged = dsa_config(index_stage="staged", index_warmup_steps=3).attention.identity()
+    assert staged["index_warmup_steps"] == 3 and "index_dense_steps" not in staged  # 0 is its default
+
+
 def test_fp8_indexer_keys_are_e4m3_with_power_of_two_scales_in_the_cache():
     cfg = dsa_config(topk=8, precision="fp8", index_head_dim=32)
     m = model(cfg)
@@ -257,6 +297,10 @@ def test_per_token_cost_flattens_against_mla():
     ({"index_topk": 0}, "attention.index_topk: expected a positive integer, got 0"),
     ({"index_head_dim": 8}, "attention.index_head_dim: 8 does not fit the indexer's RoPE channels (qk_rope_head_dim 8)"),
     ({"index_stage": "warm"}, "attention.index_stage: 'warm'"),
+    ({"index_warmup_steps": 5}, "attention.index_warmup_steps: 5 is read only with index_stage = 'staged'"),
+    ({"index_stage": "staged", "index_dense_steps": 3}, "attention.index_warmup_steps: 0 with index_stage = 'staged'"),
+    ({"index_stage": "staged", "index_dense_steps": 50, "index_warmup_steps": 50},
+     "attention.index_warmup_steps: index_dense_steps 50 + index_warmup_steps 50 leave no sparse step of train.steps 50"),
 ])
 def test_bad_settings_are_one_line(attention, needle):
     raw = {"name": "d", "device": "cpu", "axes": {"attention": "dsa"}, "attention": attention}

@@ -18,7 +18,9 @@ A variant is one module class plus its config class, registered in one line (reg
 Optional hooks (defaults do nothing), read by the decoder after each forward or step:
 `aux_loss` (a training loss the part left from its last forward, or None), `metrics(layer)`
 (series records and cell columns, read once at the end of a cell), `after_optimizer_step()`
-(non-gradient state such as a routing bias), `set_token_domains(domains_B, names)`.
+(non-gradient state such as a routing bias), `set_token_domains(domains_B, names)`,
+`begin_step(step)` (a training schedule of the part's own: DSA's staged continued pre-training),
+and the static `check_training(cfg, steps)` (that schedule against train.steps, at spec time).
 
 The FLOP convention is variants/decoder.py FLOP_CONVENTION; a variant's `part_costs` FLOPs sum
 exactly to its `flops_per_token` (tests/test_contract.py walks the registry and checks this,
@@ -121,6 +123,15 @@ class Part(nn.Module):
         """Training losses of their own name the last forward left (DSA's "indexer_kl"); the
         decoder averages each over the parts that give it."""
         return {}
+
+    def begin_step(self, step: int) -> None:
+        """Before training step `step` (0-based): a part whose training has stages switches here."""
+        return None
+
+    @staticmethod
+    def check_training(cfg, steps: int) -> str | None:
+        """The part's own training schedule against train.steps: the first problem as one line, or None."""
+        return None
 
     def only_trains(self) -> list[nn.Parameter] | None:
         """The parameters training may update, where a part asks that nothing else train (DSA's

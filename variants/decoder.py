@@ -120,13 +120,23 @@ class Decoder(nn.Module):
         return {name: torch.stack(values).mean() for name, values in by_name.items()}
 
     def freeze_for_training(self) -> None:
-        """Where parts ask to train alone (Part.only_trains), every other parameter is frozen."""
+        """Where parts ask to train alone (Part.only_trains), every other parameter is frozen;
+        where none asks, every parameter trains."""
         requested = [p.only_trains() for _, p in self.parts()]
-        if all(r is None for r in requested):
-            return
-        keep = {id(param) for r in requested if r is not None for param in r}
+        keep = None if all(r is None for r in requested) else {id(param) for r in requested if r is not None for param in r}
         for param in self.parameters():
-            param.requires_grad_(id(param) in keep)
+            param.requires_grad_(keep is None or id(param) in keep)
+
+    def begin_step(self, step: int) -> None:
+        """Before each training step: parts with staged training switch stage, and what trains follows."""
+        def training_sets():
+            return [None if r is None else [id(param) for param in r] for r in (p.only_trains() for _, p in self.parts())]
+
+        before = training_sets()
+        for _, p in self.parts():
+            p.begin_step(step)
+        if training_sets() != before:
+            self.freeze_for_training()
 
     def parts(self):
         """Every part module (attention and FFN of each block) with its layer index; the

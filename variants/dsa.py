@@ -26,6 +26,8 @@ Training (V3.2 §2.1, "continued pre-training"): `index_stage`
 - "sparse": the main model trains through the sparse attention on the LM loss; the indexer on the
   KL over the selected set, from a detached input (V3.2: "we detach the indexer input from the
   computational graph for separate optimization").
+- "staged": both in one training, after plain MLA training of the main model (V3.2 starts from
+  the dense V3.1 checkpoint): index_dense_steps as MLA, index_warmup_steps of warm-up, then sparse.
 The KL (mean per query, mean over layers) is the named loss "indexer_kl".
 
 Legend as mla.py; I index_n_heads, Di index_head_dim, K = min(index_topk, keys).
@@ -34,7 +36,7 @@ Legend as mla.py; I index_n_heads, Di index_head_dim, K = min(index_topk, keys).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +56,7 @@ if TYPE_CHECKING:
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 GROUP = 128
-INDEX_STAGES = ("sparse", "dense")
+INDEX_STAGES = ("sparse", "dense", "staged")
 PREFILL_FORMS = ("gather", "masked")
 QUERY_CHUNK = 256  # queries whose gathered latent rows are held at once (prefill memory: chunk·K·(Dc+Dr))
 
@@ -69,11 +71,18 @@ class DSAConfig(MLAConfig):
     index_n_heads: int = at_least(4, 1)
     index_head_dim: int = at_least(32, 2)  # its first qk_rope_head_dim channels carry RoPE
     index_stage: str = choices("sparse", *INDEX_STAGES)
+    # "staged": V3.2's continued pre-training in one run. The first index_dense_steps train the
+    # model as MLA (the dense checkpoint V3.2 starts from; the indexer is not run), the next
+    # index_warmup_steps are the dense warm-up, the rest sparse training.
+    index_dense_steps: int = at_least(0, 0)
+    index_warmup_steps: int = at_least(0, 0)
     # How a whole sequence (train, prefill) reads its selection: "gather" the selected latent rows
     # (O(L·k): the form sparse kernels take), or "masked" dense latent scores with every unselected
     # key masked (O(L²), DeepSeek-V3.2-Exp's reference inference code for prefill). The same
     # numbers either way; decode always gathers.
     dsa_prefill: str = choices("gather", *PREFILL_FORMS)
+
+    LATE_DEFAULTS: ClassVar[dict] = {**MLAConfig.LATE_DEFAULTS, "index_dense_steps": 0, "index_warmup_steps": 0}
 
 
 @dataclass(frozen=True)
@@ -249,7 +258,8 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         self.indexer = LightningIndexer(cfg)
-        self.K, self.stage = cfg.attention.index_topk, cfg.attention.index_stage
+        self.K, self.schedule = cfg.attention.index_topk, cfg.attention
+        self.stage = "sparse" if cfg.attention.index_stage == "staged" else cfg.attention.index_stage  # inference: the last stage
         self.masked = cfg.attention.dsa_prefill == "masked"
         self.observing = False
         self.kept_mass: list[float] = []  # per observed forward: the main attention's mass on the selection
@@ -328,7 +338,9 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
     def row_columns(cfg: ModelConfig) -> dict:
         i = indexer_dims(cfg)
         return {**MultiHeadLatentAttention.row_columns(cfg), "index_topk": i.K, "index_n_heads": i.n, "index_head_dim": i.D,
-                "index_stage": cfg.attention.index_stage, "dsa_prefill": cfg.attention.dsa_prefill}
+                "index_stage": cfg.attention.index_stage, "dsa_prefill": cfg.attention.dsa_prefill,
+                **({"index_dense_steps": cfg.attention.index_dense_steps, "index_warmup_steps": cfg.attention.index_warmup_steps}
+                   if cfg.attention.index_stage == "staged" else {})}
 
     @staticmethod
     def check_config(cfg: ModelConfig) -> str | None:
@@ -338,6 +350,12 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         if i.D <= i.Dr:
             return (f"attention.index_head_dim: {i.D} does not fit the indexer's RoPE channels (qk_rope_head_dim {i.Dr}); "
                     f"use index_head_dim > {i.Dr}")
+        a = cfg.attention
+        if a.index_stage != "staged" and (a.index_dense_steps or a.index_warmup_steps):
+            field = "index_dense_steps" if a.index_dense_steps else "index_warmup_steps"
+            return f"attention.{field}: {getattr(a, field)} is read only with index_stage = 'staged' (it is {a.index_stage!r})"
+        if a.index_stage == "staged" and not a.index_warmup_steps:
+            return "attention.index_warmup_steps: 0 with index_stage = 'staged'; the staged training needs a warm-up of at least 1 step"
         if fp8_indexer(cfg) and i.D & (i.D - 1):
             return f"attention.index_head_dim: {i.D} is not a power of two, which the FP8 indexer's Hadamard rotation needs (V3.2: 128)"
         return None
@@ -357,6 +375,21 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         d = self.dims
         return IndexedLatentCache(batch, max_len, d.Dc, d.Dr, dtype, device, self.indexer.dims.D, self.indexer.fp8)
 
+    def begin_step(self, step: int) -> None:
+        """A staged training's stage at this step: "base" (plain MLA, the indexer idle), "dense", "sparse"."""
+        a = self.schedule
+        if a.index_stage == "staged":
+            self.stage = ("base" if step < a.index_dense_steps else
+                          "dense" if step < a.index_dense_steps + a.index_warmup_steps else "sparse")
+
+    @staticmethod
+    def check_training(cfg: ModelConfig, steps: int) -> str | None:
+        a = cfg.attention
+        if a.index_stage == "staged" and a.index_dense_steps + a.index_warmup_steps >= steps:
+            return (f"attention.index_warmup_steps: index_dense_steps {a.index_dense_steps} + index_warmup_steps "
+                    f"{a.index_warmup_steps} leave no sparse step of train.steps {steps}; use a sum below {steps}")
+        return None
+
     def only_trains(self) -> list[nn.Parameter] | None:
         """The dense warm-up trains the indexer alone."""
         return list(self.indexer.parameters()) if self.stage == "dense" else None
@@ -368,6 +401,9 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
     def forward(self, x: torch.Tensor, start_pos: int = 0, cache: IndexedLatentCache | None = None) -> torch.Tensor:
         d = self.dims
         S = start_pos + x.shape[1]
+        if self.stage == "base":  # a staged training's dense steps: plain MLA, the indexer idle
+            self.kl_loss = None
+            return super().forward(x, start_pos, cache)
         q_latent = self.q_norm(self.wq_a(x)) if d.Dq else x
         train_indexer = torch.is_grad_enabled() and self.training
         h_in, q_in = (x.detach(), q_latent.detach()) if train_indexer else (x, q_latent)  # V3.2: detached

@@ -10,7 +10,7 @@ import torch
 
 from dsbench.errors import SpecError
 from dsbench.measure import StepTimer
-from dsbench.variants import decoder, mtp
+from dsbench.variants import decoder, mtp, registry
 from dsbench.variants.base import PassShape, add_cost
 from dsbench.variants.fp8 import QuantisationProbe
 from dsbench.variants.profiling import part
@@ -60,6 +60,10 @@ class Train(WholeSequences):
         if spec.train.seq_len > limit:
             raise SpecError(f"train.seq_len: {spec.train.seq_len} exceeds model.max_seq_len {limit}")
         check_mtp_rows("train.seq_len", spec.train.seq_len, configs)
+        for _, cfg in configs:  # a part's own training schedule (DSA's stages) must fit the steps
+            for section in ("attention", "ffn"):
+                if problem := registry.TABLES[section][getattr(cfg, section).kind].module.check_training(cfg, spec.train.steps):
+                    raise SpecError(problem)
         if spec.measure.warmup >= spec.train.steps:
             raise SpecError(f"measure.warmup: {spec.measure.warmup} leaves no timed step of train.steps {spec.train.steps}; use warmup < steps")
 
@@ -84,14 +88,15 @@ class Train(WholeSequences):
     def run(self, ctx: Context, settings: dict) -> WorkloadRun:
         model, B, T = ctx.model, settings["batch_size"], settings["seq_len"]
         model.train()
+        optimizer = make_optimizer(model, settings)  # every parameter: a frozen one has no grad, which AdamW skips
         model.freeze_for_training()
-        optimizer = make_optimizer(model, settings)
         timer = StepTimer(ctx.device)
         clip = settings["grad_clip"] or math.inf
         row_losses, named_losses, grad_norms, domain_labels = [], [], [], []
         for step in range(settings["steps"]):
             inputs, targets, domains = to_device(ctx.data.batch(step, B, T), ctx.device)
             model.set_token_domains(domains, ctx.data.domains)
+            model.begin_step(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, settings)
             with timer.step(record=step >= ctx.warmup):
@@ -134,7 +139,7 @@ class Train(WholeSequences):
 
 def make_optimizer(model: torch.nn.Module, settings: dict) -> torch.optim.Optimizer:
     """AdamW; weight decay on matrices only, not on norms (as nanoGPT's configure_optimizers)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = list(model.parameters())
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": settings["weight_decay"]},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
@@ -172,15 +177,17 @@ def check_mtp_rows(key: str, seq_len: int, configs) -> None:
 
 def _named_loss_series(named_losses: list[dict]) -> list[tuple]:
     """Each named loss but "lm" per step, as `loss.<name>` ("lm" is the `loss` series); MTP's
-    per-depth losses ("mtp.k") as `loss_mtp_depth` with index k."""
+    per-depth losses ("mtp.k") as `loss_mtp_depth` with index k. A loss only some steps have (DSA's
+    indexer KL, absent from a staged training's dense steps) has points at those steps only."""
     rows = []
     for name in dict.fromkeys(n for step in named_losses for n in step if n != "lm"):
-        values = torch.stack([step[name].float() for step in named_losses]).cpu()
+        steps = [s for s, step in enumerate(named_losses) if name in step]
+        values = torch.stack([named_losses[s][name].float() for s in steps]).cpu()
         depth = name.removeprefix("mtp.")
         if depth != name and depth.isdigit():
-            rows += [point(s, "loss_mtp_depth", float(v), index=int(depth)) for s, v in enumerate(values)]
+            rows += [point(s, "loss_mtp_depth", float(v), index=int(depth)) for s, v in zip(steps, values)]
         else:
-            rows += [point(s, f"loss.{name}", float(v)) for s, v in enumerate(values)]
+            rows += [point(s, f"loss.{name}", float(v)) for s, v in zip(steps, values)]
     return rows
 
 
