@@ -56,6 +56,18 @@ def test_sparse_quality_both_ways(tmp_path, dsa_loss, verdict):
     assert "keeps 80.0% of the attention mass" in got.detail and "index_topk 64 of 256-token rows" in got.detail
 
 
+def test_sparse_quality_names_each_dsa_cells_training(tmp_path):
+    """A staged cell (V3.2's recipe) and a sparse one pair with the same mla cell; the detail says
+    which trained how."""
+    sparse = train("dsa", 2.01, kept=0.8) | {"index_stage": "sparse", "steps": 150}
+    staged = train("dsa", 2.3, kept=0.9) | {"index_stage": "staged", "index_dense_steps": 100, "index_warmup_steps": 20,
+                                            "steps": 150, "label": "train/dense/dsa/fp32/attention.index_stage=staged b8×t256"}
+    staged["cell_id"] = hashlib.sha256(staged["label"].encode()).hexdigest()[:12]
+    got = verdicts(tmp_path, [train("mla", 2.0) | {"steps": 150}, sparse, staged])["v32-sparse-quality"]
+    assert "sparse, index_topk 64" in got.detail and "staged (100 MLA + 20 warm-up + 30 sparse steps)" in got.detail
+    assert got.measured.startswith("1/2 pairs"), got
+
+
 def test_without_dsa_cells_the_claims_say_what_to_run(tmp_path):
     got = verdicts(tmp_path, [train("mla", 2.0), decode("mla", 4096, 2.0, 1e6)])
     for claim in ("v32-flat-decode-cost", "v32-sparse-quality"):
