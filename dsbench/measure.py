@@ -133,6 +133,33 @@ def summarize(samples: Sequence[float]) -> dict:
     }
 
 
+L2_FLUSH_BYTES = 256 << 20  # more than any GPU's L2 (H100: 50 MiB, H200 60 MiB, B200: 126 MiB)
+
+
+def time_calls(fn, device: torch.device, reps: int, warmup: int = 3) -> dict:
+    """summarize() of reps timed calls of fn(), after `warmup` untimed ones (compilation and
+    autotuning excluded). CUDA: CUDA events per call, and the L2 flushed before each (a 256 MiB
+    buffer zeroed outside the timed region), so operands come from HBM, as in Triton's do_bench."""
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device) if device.type == "cuda" else None
+    for _ in range(warmup):
+        fn()
+    timer = StepTimer(device)
+    for _ in range(reps):
+        if flush is not None:
+            flush.zero_()
+        with timer.step():
+            fn()
+    return summarize(timer.samples_s())
+
+
+def bench_device(requested: str) -> tuple[torch.device, str, str]:
+    """A kernel benchmark's --device (auto | cpu | cuda) → (device, its name, how time_calls times there)."""
+    device = torch.device("cuda" if requested == "auto" and torch.cuda.is_available() else ("cpu" if requested == "auto" else requested))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    flush = "L2 flushed before every timed call (256 MiB zeroed)" if device.type == "cuda" else "no cache flush on CPU"
+    return device, name, flush
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory
 

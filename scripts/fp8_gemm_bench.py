@@ -28,47 +28,30 @@ import torch
 
 from dsbench.kernels import fp8_gemm as fg
 from dsbench.kernels import fp8_quant as fq
-from dsbench.measure import StepTimer, summarize
+from dsbench.measure import bench_device, time_calls
 
 # DeepSeek-V3 (hidden 7168, MoE expert width 2048, dense FFN width 18432, q LoRA rank 1536) at 4096 tokens
 GPU_SIZES = [(4096, 7168, 16384), (4096, 7168, 18432), (4096, 18432, 7168), (4096, 24576, 1536),
              (4096, 2048, 7168), (4096, 4096, 4096), (4095, 7167, 2049)]
 CPU_SIZES = [(256, 256, 256), (2048, 704, 256), (2048, 256, 704), (1000, 1000, 1000)]
-L2_FLUSH_BYTES = 256 << 20  # more than any GPU's L2 (H100: 50 MiB, B200: 126 MiB)
-
-
-def timed(fn, device: torch.device, reps: int, warmup: int = 3) -> dict:
-    """Median/p10/p90/n seconds of fn(); on CUDA the L2 is flushed before each timed call."""
-    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device) if device.type == "cuda" else None
-    for _ in range(warmup):
-        fn()
-    timer = StepTimer(device)
-    for _ in range(reps):
-        if flush is not None:
-            flush.zero_()
-        with timer.step():
-            fn()
-    return summarize(timer.samples_s())
-
-
 def bench_size(M: int, N: int, K: int, device: torch.device, reps: int) -> list[dict]:
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(M, K, device=device, generator=g, dtype=torch.float32).bfloat16()
     b = (torch.randn(N, K, device=device, generator=g, dtype=torch.float32) * 0.02).bfloat16()
     flops = 2 * M * N * K
     emulated = not fg._has_fp8_tensor_cores(device)
-    rows = [_row("bf16", (M, N, K), flops, timed(lambda: a @ b.T, device, reps), None, None, False)]
+    rows = [_row("bf16", (M, N, K), flops, time_calls(lambda: a @ b.T, device, reps), None, None, False)]
 
     (aq, a_s), (bq, b_s) = fq.act_quant(a, check_finite=False), fq.weight_quant(b, check_finite=False)
-    gemm = timed(lambda: fg.fp8_gemm(aq, a_s, bq, b_s, b_group=128, out_dtype=torch.bfloat16), device, reps)
-    quant_a = timed(lambda: fq.act_quant(a, check_finite=False), device, reps)
-    quant_b = timed(lambda: fq.weight_quant(b, check_finite=False), device, reps)
+    gemm = time_calls(lambda: fg.fp8_gemm(aq, a_s, bq, b_s, b_group=128, out_dtype=torch.bfloat16), device, reps)
+    quant_a = time_calls(lambda: fq.act_quant(a, check_finite=False), device, reps)
+    quant_b = time_calls(lambda: fq.weight_quant(b, check_finite=False), device, reps)
     rows.append(_row("fp8", (M, N, K), flops, gemm, quant_a, quant_b, emulated))
 
     (tq, t_s), (uq, u_s) = fq.tensor_quant(a, check_finite=False), fq.tensor_quant(b, check_finite=False)
-    gemm = timed(lambda: fg.tensorwise_gemm(tq, t_s, uq, u_s, out_dtype=torch.bfloat16), device, reps)
-    quant_a = timed(lambda: fq.tensor_quant(a, check_finite=False), device, reps)
-    quant_b = timed(lambda: fq.tensor_quant(b, check_finite=False), device, reps)
+    gemm = time_calls(lambda: fg.tensorwise_gemm(tq, t_s, uq, u_s, out_dtype=torch.bfloat16), device, reps)
+    quant_a = time_calls(lambda: fq.tensor_quant(a, check_finite=False), device, reps)
+    quant_b = time_calls(lambda: fq.tensor_quant(b, check_finite=False), device, reps)
     rows.append(_row("fp8-tensorwise", (M, N, K), flops, gemm, quant_a, quant_b, emulated))
     return rows
 
@@ -105,11 +88,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device, name, flush = bench_device(args.device)
     sizes = [tuple(int(v) for v in s.split(",")) for s in args.size] or (GPU_SIZES if device.type == "cuda" else CPU_SIZES)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    flush = "L2 flushed before every timed call (256 MiB zeroed)" if device.type == "cuda" else "no cache flush on CPU"
     print(f"device: {name}; {flush}; TFLOP/s = 2·M·N·K / median time; emulated rows: speed means nothing\n")
     rows = [row for shape in sizes for row in bench_size(*shape, device, args.reps)]
     print_table(rows)

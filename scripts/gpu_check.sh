@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# The first look at a CUDA machine, in one script (under 8 minutes on one H200):
+#   1. the environment (nvidia-smi, torch/triton/CUDA, dsbench's probe with calibrated peaks);
+#   2. dsbench installed into a venv that sees the machine's own torch (nothing is downloaded
+#      when torch, triton, pandas, pyarrow, matplotlib, typer, rich and pytest are already there);
+#   3. the `gpu`-marked tests and the kernel tests (FP8 GEMM/quant and MLA decode against their
+#      references) on the GPU;
+#   4. a short `gpu-small` sweep (bf16 train, prefill, decode of the medium model) and its report;
+#   5. the FP8 GEMM and MLA-decode kernel benchmarks (CUDA events per call, L2 flushed before
+#      each: dsbench.measure.time_calls);
+#   6. one profiled GPU cell (time per part, roofline, memory, a Perfetto trace);
+#   7. with 2+ GPUs, the expert-parallel preset ep-gpu (NCCL), where this checkout has it.
+# Everything lands under $OUT (default ./gpu-check): summary.md (each step's status, time and
+# the benchmarks' tables), environment.json, and gpu_check.tar.gz with every log, results
+# folder, report and trace. A step that fails is recorded and the next one runs; the exit code
+# is the number of failed steps (0: all passed). Each step has its own time limit.
+#
+#   OUT=/tmp/gpu-check scripts/gpu_check.sh            # PYTHON=... to pick the interpreter
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu-check}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+WORK="$(mktemp -d)"
+PY="${PYTHON:-python3}"
+SUMMARY="$OUT/summary.md"
+failed=0
+export PYTHONUNBUFFERED=1
+
+say() { echo "[gpu_check $(date -u +%T)] $*" >&2; }
+
+# step NAME LIMIT_S COMMAND...: run with a time limit, log to $WORK/logs/NAME.log, add a summary row.
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS rc=0
+    say "$name (limit ${limit} s)"
+    timeout --kill-after=10 "$limit" "$@" > "$WORK/logs/$name.log" 2>&1 || rc=$?
+    local took=$((SECONDS - start)) status=ok
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then status="timed out after ${limit} s"; elif [ "$rc" -ne 0 ]; then status="failed (rc $rc)"; fi
+    [ "$status" = ok ] || failed=$((failed + 1))
+    local last
+    last="$(grep -v '^\s*$' "$WORK/logs/$name.log" | tail -n 1 | cut -c1-200 | tr '|' '/')"
+    echo "| $name | $status | $took | ${last} |" >> "$SUMMARY"
+    say "$name: $status in ${took} s"
+}
+
+finish() {
+    {
+        echo
+        for table in fp8_gemm_bench mla_decode_bench; do
+            if [ -s "$WORK/logs/$table.log" ]; then
+                echo "## $table"
+                echo
+                grep -E '^(device:|\|)' "$WORK/logs/$table.log"
+                echo
+            fi
+        done
+        if [ -s "$WORK/logs/gpu_tests.log" ]; then
+            echo "## gpu tests"
+            echo
+            tail -n 5 "$WORK/logs/gpu_tests.log" | sed 's/^/    /'
+        fi
+    } >> "$SUMMARY"
+    tar -C "$WORK" --exclude=./venv --exclude="*/weights" -czf "$OUT/gpu_check.tar.gz" . 2>/dev/null || say "could not write the archive"
+    say "done: $failed step(s) failed; $SUMMARY, $OUT/gpu_check.tar.gz"
+}
+trap finish EXIT
+
+mkdir -p "$WORK/logs" "$WORK/results"
+{
+    echo "# dsbench GPU check"
+    echo
+    echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (uncommitted changes)'), $(date -u +%FT%TZ)"
+    echo
+    echo "| step | status | seconds | last line of its log |"
+    echo "|---|---|---|---|"
+} > "$SUMMARY"
+
+if ! command -v nvidia-smi > /dev/null 2>&1 || ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "| cuda | no CUDA device visible to $PY (nvidia-smi or torch.cuda.is_available() missing) | 0 | |" >> "$SUMMARY"
+    say "no CUDA device: nothing to check"
+    failed=1
+    exit 1
+fi
+N_GPUS="$(nvidia-smi -L | grep -c '^GPU')"
+
+# --- 1. environment
+step nvidia_smi 30 nvidia-smi -q
+step versions 60 "$PY" -c "import torch, triton, platform; print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'device', torch.cuda.get_device_name(0), 'capability', torch.cuda.get_device_capability(0))"
+
+# --- 2. install: a venv over the machine's own packages; only dsbench itself goes in.
+install() {
+    "$PY" -m venv --system-site-packages "$WORK/venv" || return 1
+    # shellcheck disable=SC1091
+    . "$WORK/venv/bin/activate"
+    pip install --quiet --no-deps --no-build-isolation -e . 2>&1 || pip install --quiet -e ".[test]" || return 1
+    python -c "import dsbench, dsbench.variants, dsbench.kernels; print('dsbench', dsbench.__version__, 'from', dsbench.__file__)"
+}
+step install 240 install
+# shellcheck disable=SC1091
+[ -f "$WORK/venv/bin/activate" ] && . "$WORK/venv/bin/activate"
+if ! python -c "import dsbench" 2>/dev/null; then
+    say "dsbench could not be installed; see the install log"
+    exit 1
+fi
+step probe 120 bash -c "python -m dsbench.probe cuda bf16,fp8 1 > '$OUT/environment.json'"
+
+# --- 3. tests on the GPU
+step gpu_tests 150 python -m pytest -q -m gpu -p no:cacheprovider
+step kernel_tests 150 python -m pytest -q -p no:cacheprovider tests/test_mla_kernel.py tests/test_fp8.py
+
+# --- 4. a short sweep and its report
+step gpu_small_sweep 200 dsbench run sweep --preset gpu-small --out "$WORK/results/gpu-small"
+step gpu_small_report 60 dsbench report "$WORK/results/gpu-small" --out "$WORK/results/gpu-small-report"
+
+# --- 5. kernel benchmarks
+step fp8_gemm_bench 120 python scripts/fp8_gemm_bench.py --device cuda --reps 20 --json "$WORK/results/fp8_gemm_bench.json"
+step mla_decode_bench 90 python scripts/mla_decode_bench.py --device cuda --reps 20 --json "$WORK/results/mla_decode_bench.json"
+
+# --- 6. one profiled GPU cell: DeepSeekMoE + MLA in bf16, training
+step profile_cell 120 dsbench profile --workload train --ffn deepseekmoe --attention mla --precision bf16 --size medium \
+    --batch-size 8 --seq-len 1024 --steps 8 --warmup 3 --device cuda --out "$WORK/results/profile"
+
+# --- 7. expert parallelism across GPUs
+if [ "$N_GPUS" -ge 2 ] && [ -f dsbench/presets/ep-gpu.toml ]; then
+    step ep_sweep 180 dsbench run sweep --preset ep-gpu --out "$WORK/results/ep-gpu"
+else
+    echo "| ep_sweep | skipped: $N_GPUS GPU(s)$([ -f dsbench/presets/ep-gpu.toml ] || echo ', no ep-gpu preset in this checkout') | 0 | |" >> "$SUMMARY"
+fi
+exit "$failed"
