@@ -73,8 +73,13 @@ class CheckResult:
         return [r for r in self.rows if r.fails]
 
     @property
+    def compared(self) -> int:
+        """Rows that compared a value of both runs (not notes, failures, new or missing cells)."""
+        return sum(r.verdict in COMPARED for r in self.rows)
+
+    @property
     def exit_code(self) -> int:
-        return 1 if self.failures else 0
+        return 1 if self.failures or not self.compared else 0  # a gate that compared nothing has not passed
 
     def counts(self) -> dict[str, int]:
         return pd.Series([r.verdict for r in self.rows], dtype=object).value_counts().to_dict()
@@ -467,6 +472,9 @@ def md_escape(text) -> str:
     return s
 
 
+COMPARED = ("ok", "regression", "improved", "reference")  # verdicts of a value compared between the runs
+
+
 def fmt_value(value) -> str:
     if not _present(value):
         return "–"
@@ -490,7 +498,7 @@ def md_table(rows: list[CheckRow]) -> list[str]:
 def render_markdown(result: CheckResult) -> str:
     failures = result.failures
     counts = result.counts()
-    head = "FAIL" if failures else "PASS"
+    head = "FAIL" if failures else ("PASS" if result.compared else "NOTHING COMPARED")
     lines = [f"## dsbench check: {head}", ""]
     lines.append(f"baseline `{md_escape(result.baseline)}` · current `{md_escape(result.current)}` · policy `{md_escape(result.policy.source)}`")
     lines.append("")

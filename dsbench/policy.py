@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from dsbench.metrics import default_check_rules
+from dsbench.metrics import default_check_rules, metric_of, timing_columns
 from dsbench.validate import check_choice
 from dsbench.errors import PolicyError
 
@@ -137,7 +137,16 @@ def _metric_rule(name: str, spec) -> MetricRule:
     if rule in ("relative", "absolute") and "tolerance" not in spec:
         raise PolicyError(f"policy.{key}.tolerance: missing; a {rule} rule needs a tolerance ≥ 0")
     tolerance = _number(f"{key}.tolerance", spec.get("tolerance", 0.0), 0.0)
+    if metric_of(name) is None or ("." in name and not _dotted_field_exists(name)):  # a typo would check nothing and pass
+        raise PolicyError(f"policy.{key}: {name!r} is not a result column (dsbench/metrics.py lists them; a plug-in "
+                          "registers its own there)")
     return MetricRule(rule, tolerance, _choice(f"{key}.worse", spec.get("worse", "both"), DIRECTIONS))
+
+
+def _dotted_field_exists(name: str) -> bool:
+    from dsbench.spec import dotted_field_exists  # the spec knows its sections (and imports the registry)
+
+    return dotted_field_exists(name)
 
 
 def _timing_rule(t: dict) -> TimingRule:
@@ -147,6 +156,11 @@ def _timing_rule(t: dict) -> TimingRule:
     for key in ("metric", "reference", "samples_metric"):
         if not isinstance(t.get(key, "x"), str) or not t.get(key, "x"):
             raise PolicyError(f"policy.timing.{key}: expected a non-empty string, got {t.get(key)!r}")
+    for key in ("metric", "samples_metric"):  # a column no cell has would time nothing and pass
+        if key in t and t[key] not in timing_columns():
+            raise PolicyError(f"policy.timing.{key}: {t[key]!r} is not a timing column; allowed: {', '.join(timing_columns())}")
+    if "min_processes" in t and (isinstance(t["min_processes"], bool) or not isinstance(t["min_processes"], int)):
+        raise PolicyError(f"policy.timing.min_processes: expected a whole number ≥ 2, got {t['min_processes']!r}")
     return TimingRule(
         enabled=t.get("enabled", True),
         confirm_absolute=t.get("confirm_absolute", True),

@@ -237,6 +237,17 @@ def _points(raw: dict, plugins: tuple[str, ...], inherited: dict | None = None) 
     return points
 
 
+def dotted_field_exists(key: str) -> bool:
+    """Whether "section.field" names a field some cell can have (a part variant's, the model's
+    or a workload's setting)."""
+    section, _, name = key.partition(".")
+    if section in PART_SECTIONS:
+        return bool(registry.readers(section, name))
+    if section == "model":
+        return name in MODEL_KEYS
+    return section in SECTIONS and name in SECTIONS[section].__dataclass_fields__
+
+
 def _check_dotted(dotted: dict, raw: dict) -> dict[str, list]:
     for key, value in dotted.items():
         section, name = key.split(".", 1)
