@@ -10,25 +10,22 @@ import contextlib
 import dataclasses
 import inspect
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from dsbench import spec as spec_lib
 from dsbench.errors import UsageError, UserError
+from dsbench.terminal import stderr_console, stdout_console, styled
 from dsbench.variants import registry
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Measure what each DeepSeek architecture choice buys.")
 run_app = typer.Typer(no_args_is_help=True, help="Run a sweep of cells, or one cell.")
 app.add_typer(run_app, name="run")
-# Off a terminal (pipes, CI logs) rich would wrap tables at 80 columns; give them room.
-out_console = Console(width=None if sys.stdout.isatty() else 200)
-err_console = Console(stderr=True)
+out_console = stdout_console()  # markup off: user text prints as text (dsbench/terminal.py)
+err_console = stderr_console()
 
 
 @contextlib.contextmanager
@@ -37,7 +34,7 @@ def user_errors():
     try:
         yield
     except UserError as e:
-        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        err_console.print(styled(("error:", "red"), f" {e}"), highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -320,7 +317,7 @@ def claims_cmd(
         return
     out_console.print(claims_table(rows, claims_lib.HEADER, claims_lib.table_rows(rows)))
     for r in rows:
-        out_console.print(f"[bold]{escape(r.claim.id)}[/bold]: {escape(r.evidence.detail)}", highlight=False, soft_wrap=True)
+        out_console.print(styled((r.claim.id, "bold"), f": {r.evidence.detail}"), highlight=False, soft_wrap=True)
 
 
 # --- rendering helpers ---
@@ -355,7 +352,7 @@ def claims_table(rows, header, cells) -> Table:
     style = {"reproduced": "green", "not reproduced": "red", "direction only": "yellow"}
     table = Table(*header, title=f"{len(rows)} claims")
     for row in cells:
-        table.add_row(*map(escape, row[:-1]), f"[{style.get(row[-1], 'dim')}]{row[-1]}[/]")
+        table.add_row(*row[:-1], styled((row[-1], style.get(row[-1], "dim"))))
     return table
 
 
@@ -420,9 +417,9 @@ def finish(outcome) -> None:
     out_console.print(f"results: {outcome.out}  ({outcome.ran} ran, {outcome.skipped} already recorded, {outcome.failed} failed)")
     warnings = measurement_warnings(results.cells)
     if warnings:
-        err_console.print(f"[yellow]{len(warnings)} measurement(s) contended or noisy; compare their timings with care:[/yellow]")
+        err_console.print(styled((f"{len(warnings)} measurement(s) contended or noisy; compare their timings with care:", "yellow")))
         for line in warnings:
-            err_console.print(f"  [yellow]{line}[/yellow]")
+            err_console.print(styled("  ", (line, "yellow")))
     if outcome.interrupted:
         err_console.print(f"interrupted: finished cells are kept; continue with --out {outcome.out} --resume")
         raise typer.Exit(130)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from dsbench import __version__
@@ -28,6 +29,7 @@ from dsbench.accounting import static_row
 from dsbench.errors import SpecError, UsageError
 from dsbench.results import SCHEMA_VERSION, ResultStore
 from dsbench.spec import Cell, SweepSpec, expand
+from dsbench.terminal import stderr_console, styled
 from dsbench.task import CellResult, CellTask, ProfileOptions, ProfileRequest, Runtime, TaskFormatError
 from dsbench.workloads import WORKLOADS
 
@@ -197,7 +199,7 @@ def run_sweep(
 
     only: run just these cell ids. profile: also profile each cell after measuring it.
     """
-    console = console or Console(stderr=True)
+    console = console or stderr_console()
     sweep_start = time.perf_counter()
     device = resolve_device(device or spec.device)
     spec = dataclasses.replace(spec, device=device)
@@ -257,7 +259,7 @@ def _interrupt_flag():
 
 def _run_cells(cells: list[Cell], order: dict[str, int], store: ResultStore, info: dict, spec: SweepSpec, console: Console,
                outcome: SweepOutcome, profile: ProfileOptions | None = None, interrupted: threading.Event | None = None) -> None:
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("starting", total=len(cells))
         for cell in cells:
@@ -282,11 +284,12 @@ def cell_runtime(info: dict, cell: Cell, spec: SweepSpec) -> Runtime:
     return Runtime(peak.get("peak_flops_per_s"), peak.get("peak_source", "unknown"), peak.get("calibration"), spec.measure.threads)
 
 
-def _cell_line(row: dict) -> str:
+def _cell_line(row: dict) -> Text:
+    """A finished cell's line; its label and error are the user's text, printed as text."""
     if row["status"] != "ok":
-        return f"[red]{row['status']:>8}[/red] {row['cell_id']} {row['label']}: {row['error']}"
-    return (f"[green]{'ok':>8}[/green] {row['cell_id']} {row['label']}: {row['tokens_per_s_median']:,.0f} tok/s, "
-            f"step {row['step_time_ms_median']:.2f} ms (p10 {row['step_time_ms_p10']:.2f}, p90 {row['step_time_ms_p90']:.2f}, n={row['step_time_n']})")
+        return styled((f"{row['status']:>8}", "red"), f" {row['cell_id']} {row['label']}: {row['error']}")
+    return styled((f"{'ok':>8}", "green"), f" {row['cell_id']} {row['label']}: {row['tokens_per_s_median']:,.0f} tok/s, "
+                  f"step {row['step_time_ms_median']:.2f} ms (p10 {row['step_time_ms_p10']:.2f}, p90 {row['step_time_ms_p90']:.2f}, n={row['step_time_n']})")
 
 
 def _now() -> str:
