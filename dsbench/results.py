@@ -56,7 +56,11 @@ class ResultStore:
     def read_run_info(self) -> dict | None:
         if not self.run_json.exists():
             return None
-        return json.loads(self.run_json.read_text())
+        info = _read_json(self.run_json, self.root)
+        if not isinstance(info, dict) or not isinstance(info.get("run_id"), str):
+            raise ResultsError(f"results: {_where(self.run_json, self.root)} is not a dsbench run.json (no run_id); "
+                               "it cannot be rebuilt: rerun the sweep into a new --out")
+        return info
 
     def write_run_info(self, info: dict) -> None:
         write_atomic(self.run_json, json.dumps(info, indent=2, default=str).encode())
@@ -66,10 +70,7 @@ class ResultStore:
         """cell_id → status of every cell already written."""
         if not self.cells_dir.exists():
             return {}
-        out = {}
-        for path in sorted(self.cells_dir.glob("*.json")):
-            out[path.stem] = json.loads(path.read_text())["row"]["status"]
-        return out
+        return {f["row"]["cell_id"]: f["row"]["status"] for f in self.fragments()}
 
     def write_cell(self, row: dict, series: list) -> None:
         """One finished cell, atomically: a killed sweep never leaves half a fragment."""
@@ -77,18 +78,63 @@ class ResultStore:
         write_atomic(self.cells_dir / f"{row['cell_id']}.json", payload)
 
     def fragments(self) -> list[dict]:
-        return [json.loads(p.read_text()) for p in sorted(self.cells_dir.glob("*.json"))]
+        """Every cell fragment, each checked: a corrupt one is named in one line (delete it and
+        `--resume` runs that cell again)."""
+        if not self.cells_dir.exists():
+            return []
+        return [_checked_fragment(path, self.root) for path in sorted(self.cells_dir.glob("*.json"))]
 
     # --- consolidation ---
-    def consolidate(self) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """Rebuild cells.parquet and series.parquet from the fragments (idempotent)."""
+    def rebuild(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """The cells and series tables from the fragments, in memory."""
         fragments = self.fragments()
         run_id = (self.read_run_info() or {}).get("run_id")
-        cells = cells_frame([f["row"] for f in fragments], run_id)
-        series = series_frame(fragments, run_id)
-        for name, frame in (("cells.parquet", cells), ("series.parquet", series)):
-            write_atomic(self.root / name, frame.to_parquet(index=False))
+        return cells_frame([f["row"] for f in fragments], run_id), series_frame(fragments, run_id)
+
+    def consolidate(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Rebuild cells.parquet and series.parquet from the fragments (idempotent)."""
+        cells, series = self.rebuild()
+        self.write_tables(cells, series)
         return cells, series
+
+    def write_tables(self, cells: pd.DataFrame, series: pd.DataFrame) -> None:
+        for name, frame in (("cells.parquet", cells), ("series.parquet", series)):
+            try:
+                data = frame.to_parquet(index=False)
+            except (ValueError, TypeError, OverflowError, ImportError) as e:  # pyarrow's ArrowInvalid is a ValueError
+                raise ResultsError(f"results: the cells of {str(self.root)!r} cannot be written as {name} "
+                                   f"({type(e).__name__}: {_first_line(e)}); the fragments under cells/ are kept") from None
+            try:
+                write_atomic(self.root / name, data)
+            except OSError as e:
+                raise ResultsError(f"results: cannot write {name} in {str(self.root)!r} ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def _where(path: Path, root: Path) -> str:
+    """A file of a results folder, as messages name it: 'cells/abc.json' in '/the/folder'."""
+    return f"{str(path.relative_to(root))!r} in {str(root)!r}"
+
+
+def _read_json(path: Path, root: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ResultsError(f"results: {_where(path, root)} is unreadable or not JSON ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _checked_fragment(path: Path, root: Path) -> dict:
+    fragment = _read_json(path, root)
+    row = fragment.get("row") if isinstance(fragment, dict) else None
+    ok = (isinstance(row, dict) and isinstance(row.get("cell_id"), str) and isinstance(row.get("status"), str)
+          and isinstance(fragment.get("series"), list) and all(isinstance(e, list) for e in fragment["series"]))
+    if not ok:
+        raise ResultsError(f"results: {_where(path, root)} is not a cell fragment (it needs row.cell_id, row.status and a "
+                           "series list); delete it and --resume runs that cell again")
+    return fragment
 
 
 def cells_frame(rows: list[dict], run_id: str | None) -> pd.DataFrame:
@@ -154,20 +200,49 @@ def load_results(path: str | Path) -> Results:
     if version != SCHEMA_VERSION:
         raise ResultsError(f"results: {str(path)!r} has schema_version {version!r}; this dsbench reads {SCHEMA_VERSION}")
     _import_plugins(info)
-    cells_path, series_path = store.root / "cells.parquet", store.root / "series.parquet"
-    if not cells_path.exists() or _fragments_differ(store, cells_path):
-        cells, series = store.consolidate()
-    else:
-        cells, series = pd.read_parquet(cells_path), pd.read_parquet(series_path)
-    return Results(store.root, info, cells, series)
+    tables = _read_tables(store)
+    if tables is None or _fragments_differ(store, tables[0]):
+        if not store.fragments() and tables is None:
+            _no_tables(store)
+        tables = store.rebuild()
+        try:  # best effort: a reader needs the tables in memory, not on disk (a read-only folder still reads)
+            store.write_tables(*tables)
+        except ResultsError:
+            pass
+    return Results(store.root, info, *tables)
 
 
-def _fragments_differ(store: ResultStore, cells_path: Path) -> bool:
+def _read_tables(store: ResultStore) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """cells.parquet and series.parquet, or None where either is missing, unreadable or lacks
+    its key columns (then the fragments rebuild them)."""
+    try:
+        cells, series = pd.read_parquet(store.root / "cells.parquet"), pd.read_parquet(store.root / "series.parquet")
+    except Exception:  # noqa: BLE001 — any unreadable table (ArrowInvalid, OSError, …) is rebuilt from the fragments
+        return None
+    lacking = ((len(cells) and not {"cell_id", "status", "label"} <= set(cells.columns))
+               or (len(series) and not {"cell_id", "step", "metric", "value"} <= set(series.columns)))
+    if lacking:  # an empty table is an empty run's, whatever its columns
+        return None
+    return cells, series
+
+
+def _no_tables(store: ResultStore) -> None:
+    """Neither readable tables nor fragments: say which file is wrong, in one line."""
+    for name in ("cells.parquet", "series.parquet"):
+        path = store.root / name
+        if not path.exists():
+            raise ResultsError(f"results: {str(store.root)!r} has no {name} and no cell fragments under cells/ to rebuild it from")
+    raise ResultsError(f"results: cells.parquet or series.parquet in {str(store.root)!r} is unreadable or lacks its columns, "
+                       "and there are no cell fragments under cells/ to rebuild them from")
+
+
+def _fragments_differ(store: ResultStore, cells: pd.DataFrame) -> bool:
     """Do the fragments hold cells, or outcomes, the tables do not (a sweep cut short, a cell
     re-run)? Compared by content: file times say nothing in a fresh clone, where checkout
     order decides them."""
     if not store.cells_dir.exists():
         return False
-    recorded = pd.read_parquet(cells_path, columns=["cell_id", "status"])
-    tables = set(zip(recorded["cell_id"], recorded["status"]))
+    if "cell_id" not in cells:  # an empty table without columns
+        return bool(store.fragments())
+    tables = set(zip(cells["cell_id"], cells["status"]))
     return {(f["row"]["cell_id"], f["row"]["status"]) for f in store.fragments()} != tables
