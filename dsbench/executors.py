@@ -33,7 +33,9 @@ from dsbench.validate import check_section
 KINDS = ("local", "slurm")
 JOB_MARGIN_MIN = 5  # Slurm's limit = the cell's own timeout + this: interpreter, imports and the result's write
 POLL_S = 0.5  # how often the parent looks at its jobs (Slurm states come from submitit's rate-limited sacct)
-PREEMPTED_GRACE_S = 120.0  # PREEMPTED may precede REQUEUED; only a job that stays PREEMPTED this long has ended
+# A state that may not be final yet, and how long a job stays in it before its cell is recorded:
+# PREEMPTED may precede REQUEUED; COMPLETED's result may not be visible yet on a shared filesystem.
+GRACE_S = {"PREEMPTED": 120.0, "COMPLETED": 60.0}
 QUEUED_STATES = ("PENDING", "REQUEUED", "CONFIGURING", "RESIZING", "SUSPENDED", "REQUEUE_HOLD", "REQUEUE_FED")
 RUNNING_STATES = ("RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING")
 # Slurm's job states (sacct) and submitit's local ones → dsbench statuses, for a job that left no result.
@@ -191,7 +193,7 @@ class _Flight:
     cell: Cell
     job: object  # a submitit Job
     submitted_at: float
-    preempted_since: float | None = None
+    state_since: tuple[str, float] | None = None  # a GRACE_S state, and when it was first seen
 
 
 class SlurmExecutor:
@@ -281,10 +283,11 @@ class SlurmExecutor:
         if job.paths.result_pickle.exists():
             return _job_result(job)
         state = str(job.state).split()[0].upper()  # sacct's "CANCELLED by 1234" → CANCELLED
-        if state == "PREEMPTED":
-            flight.preempted_since = flight.preempted_since or time.time()
-            if time.time() - flight.preempted_since < PREEMPTED_GRACE_S:
-                self._states["PENDING"] += 1
+        if state in GRACE_S:
+            if flight.state_since is None or flight.state_since[0] != state:
+                flight.state_since = (state, time.time())
+            if time.time() - flight.state_since[1] < GRACE_S[state]:
+                self._states["PENDING" if state == "PREEMPTED" else "RUNNING"] += 1
                 return None
         elif not job.done():
             self._states[state] += 1

@@ -3,6 +3,7 @@ apart from the sbatch call), Slurm's own failures as statuses, resume, Ctrl-C, [
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -71,8 +72,8 @@ class FakeJob:
 
 def _outcome(job, since=None):
     executor = executors.SlurmExecutor.__new__(executors.SlurmExecutor)
-    executor._states = __import__("collections").Counter()
-    flight = executors._Flight(cell=None, job=job, submitted_at=0.0, preempted_since=since)
+    executor._states = collections.Counter()
+    flight = executors._Flight(cell=None, job=job, submitted_at=0.0, state_since=since)
     return executor._outcome(flight), executor._states
 
 
@@ -81,8 +82,16 @@ def test_preempted_ends_the_cell_only_once_it_stays_preempted(tmp_path):
     job = FakeJob(tmp_path, "PREEMPTED", done=False)
     result, states = _outcome(job)
     assert result is None and states["PENDING"] == 1
-    result, _ = _outcome(job, since=time.time() - executors.PREEMPTED_GRACE_S - 1)
+    result, _ = _outcome(job, since=("PREEMPTED", time.time() - executors.GRACE_S["PREEMPTED"] - 1))
     assert result.status == "preempted" and "ended PREEMPTED" in result.error
+
+
+def test_completed_waits_for_its_result_on_a_slow_shared_filesystem(tmp_path):
+    job = FakeJob(tmp_path, "COMPLETED", done=True)
+    result, states = _outcome(job)
+    assert result is None and states == {"RUNNING": 1}
+    result, _ = _outcome(job, since=("COMPLETED", time.time() - executors.GRACE_S["COMPLETED"] - 1))
+    assert result.status == "error" and "ended COMPLETED without a result" in result.error
 
 
 def test_sacct_states_with_detail_and_running_jobs(tmp_path):
