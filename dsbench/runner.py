@@ -23,9 +23,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from dsbench import __version__
+from dsbench import __version__, executors
 from dsbench.accounting import static_row
-from dsbench import executors
 from dsbench.errors import SpecError, UsageError
 from dsbench.results import SCHEMA_VERSION, ResultStore
 from dsbench.spec import Cell, SweepSpec, expand
