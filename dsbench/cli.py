@@ -59,6 +59,15 @@ def run_sweep_cmd(
     dry_run: Annotated[bool, typer.Option(help="List the cells and their accounting; run nothing.")] = False,
     profile: Annotated[bool, typer.Option(help="Also profile each cell after measuring it (see `dsbench profile`); the report links the profiles.")] = False,
     profile_steps: Annotated[int, typer.Option(help="With --profile: steps to profile (≥ 1).")] = 3,
+    executor: Annotated[Optional[str], typer.Option(help="local (one cell at a time here; default) | slurm (submitit jobs); overrides [executor] kind.")] = None,
+    partition: Annotated[Optional[str], typer.Option(help="Slurm partition ([executor] partition).")] = None,
+    account: Annotated[Optional[str], typer.Option(help="Slurm account ([executor] account).")] = None,
+    time_min: Annotated[Optional[int], typer.Option(help="Slurm time limit per cell, minutes; default measure.timeout_s + 5.")] = None,
+    gpus_per_cell: Annotated[Optional[int], typer.Option(help="GPUs per cell's job; default 1 on cuda, 0 on cpu.")] = None,
+    cpus_per_cell: Annotated[Optional[int], typer.Option(help="CPUs per cell's job.")] = None,
+    mem_gb: Annotated[Optional[float], typer.Option(help="Memory per cell's job, GB.")] = None,
+    array_parallelism: Annotated[Optional[int], typer.Option(help="Jobs in flight at once; default 256 (1 on submitit's local backend).")] = None,
+    sbatch: Annotated[Optional[list[str]], typer.Option(help="An extra #SBATCH parameter KEY=VALUE (repeatable), added to [executor] sbatch.")] = None,
 ) -> None:
     """Run every cell of a sweep, each in a fresh process; write results tables."""
     from dsbench import runner
@@ -66,6 +75,9 @@ def run_sweep_cmd(
     with user_errors():
         spec, source = load_sweep_spec(spec_file, preset)
         spec = apply_overrides(spec, device=device, data=data)
+        spec = apply_executor_flags(spec, kind=executor, partition=partition, account=account, time_min=time_min,
+                                    gpus_per_cell=gpus_per_cell, cpus_per_cell=cpus_per_cell, mem_gb=mem_gb,
+                                    array_parallelism=array_parallelism, sbatch=sbatch)
         if dry_run:
             cells = spec_lib.expand(spec, runner.resolve_device(spec.device))
             out_console.print(cells_table(cells, title=f"{spec.name}: {len(cells)} cells"))
@@ -332,6 +344,19 @@ def apply_overrides(spec: spec_lib.SweepSpec, device: str | None, data: str | No
     if data is not None:
         spec = dataclasses.replace(spec, data=data)
     return spec
+
+
+def apply_executor_flags(spec: spec_lib.SweepSpec, sbatch: list[str] | None, **flags) -> spec_lib.SweepSpec:
+    from dsbench.executors import with_overrides
+
+    extra = None
+    if sbatch:
+        pairs = [item.partition("=") for item in sbatch]
+        bad = next((item for item, (key, eq, _) in zip(sbatch, pairs) if not key or not eq), None)
+        if bad is not None:
+            raise UsageError(f"--sbatch: {bad!r} is not KEY=VALUE; give one #SBATCH parameter, e.g. --sbatch qos=high")
+        extra = {**spec.executor.sbatch, **{key: value for key, _, value in pairs}}
+    return dataclasses.replace(spec, executor=with_overrides(spec.executor, **flags, sbatch=extra))
 
 
 def cells_table(cells, title: str) -> Table:

@@ -18,7 +18,6 @@ from pathlib import Path
 import pandas as pd
 
 SCHEMA_VERSION = 1
-STATUSES = ("ok", "oom", "error", "timeout", "diverged")
 FIRST_COLUMNS = ("run_id", "cell_id", "status", "error", "label", "workload", "ffn", "attention", "precision", "balance")
 SERIES_COLUMNS = ("run_id", "cell_id", "step", "metric", "value", "layer", "index", "domain")
 

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from dsbench import __version__
+from dsbench import __version__, executors
 from dsbench.accounting import static_row
 from dsbench.errors import SpecError, UsageError
 from dsbench.results import SCHEMA_VERSION, ResultStore
@@ -34,6 +34,7 @@ from dsbench.task import CellResult, CellTask, ProfileOptions, ProfileRequest, R
 from dsbench.workloads import WORKLOADS
 
 PROBE_TIMEOUT_S = 300
+CLUSTER_FAILURES = ("preempted", "cancelled", "node_fail")  # statuses the cluster gave a cell, not the cell itself
 PROFILE_TIMEOUT_FACTOR = 2  # a profiled cell runs its workload twice (measured, then profiled)
 
 
@@ -171,13 +172,22 @@ def prepare_out(spec: SweepSpec, out: Path, resume: bool, spec_dict: dict) -> tu
     info = store.read_run_info()
     if info is not None and not resume:
         raise UsageError(f"--out: {str(out)!r} already holds run {info.get('run_id')!r}; pass --resume to continue it or choose another --out")
-    if info is not None and info.get("spec") != spec_dict:
-        changed = next(k for k in set(spec_dict) | set(info.get("spec", {})) if spec_dict.get(k) != info.get("spec", {}).get(k))
+    recorded = _without_executor(info.get("spec", {})) if info is not None else None
+    if info is not None and recorded != _without_executor(spec_dict):
+        changed = next(k for k in set(spec_dict) | set(recorded) if _without_executor(spec_dict).get(k) != recorded.get(k))
         raise UsageError(f"--resume: the spec's {changed!r} differs from the run recorded in {str(out)!r}; use a new --out")
     if out.exists() and info is None and any(out.iterdir()):
         raise UsageError(f"--out: {str(out)!r} exists and is not a dsbench results folder; choose an empty or new folder")
     store.create()
     return store, info
+
+
+def _without_executor(spec_dict: dict) -> dict:
+    """The spec as --resume compares it: where cells run may change between invocations."""
+    kept = {k: v for k, v in spec_dict.items() if k != "executor"}
+    if isinstance(kept.get("source"), dict):
+        kept["source"] = {k: v for k, v in kept["source"].items() if k != "executor"}
+    return kept
 
 
 def default_out(spec: SweepSpec) -> Path:
@@ -201,7 +211,8 @@ def run_sweep(
     """
     console = console or stderr_console()
     sweep_start = time.perf_counter()
-    device = resolve_device(device or spec.device)
+    executors.check_available(spec.executor)
+    device = executors.resolve_device(spec.executor, device or spec.device, resolve_device)
     spec = dataclasses.replace(spec, device=device)
     cells = [c for c in expand(spec, device) if only is None or c.cell_id in only]
     out = Path(out) if out else default_out(spec)
@@ -210,22 +221,26 @@ def run_sweep(
     if info is None:
         info = new_run_info(spec, spec_dict, out, spec_source, len(cells))
         store.write_run_info(info)
+    timeout_s = spec.measure.timeout_s * (PROFILE_TIMEOUT_FACTOR if profile else 1)
+    executor = executors.make_executor(spec.executor, store, run_cell_process, probe, timeout_s, profile, device, spec.name)
     if "probe" not in info:
         precisions = sorted({c.model.precision for c in cells})
         probe_start = time.perf_counter()
-        info["probe"] = probe(device, precisions, spec.measure.calibrate)
+        info["probe"] = executor.probe(device, precisions, spec.measure.calibrate)
         info["probe_s"] = time.perf_counter() - probe_start
         info["environment"] = info["probe"].pop("environment")
         store.write_run_info(info)
     recorded = store.recorded()
-    skip = {cid for cid, status in recorded.items() if status == "ok" or not rerun_failed}
+    # The cluster's failures (preempted, cancelled, node_fail) were no fault of the cell: a plain
+    # --resume runs those cells again; its own failures only with --rerun-failed.
+    skip = {cid for cid, status in recorded.items() if status == "ok" or not (rerun_failed or status in CLUSTER_FAILURES)}
     todo = [c for c in cells if c.cell_id not in skip]
     outcome = SweepOutcome(out, info["run_id"], len(cells), 0, len(cells) - len(todo), 0)
     info["status"] = "running"
     store.write_run_info(info)
     try:
         with _interrupt_flag() as interrupted:
-            _run_cells(todo, {c.cell_id: i for i, c in enumerate(cells)}, store, info, spec, console, outcome, profile, interrupted)
+            _run_cells(todo, {c.cell_id: i for i, c in enumerate(cells)}, store, info, spec, console, outcome, executor, interrupted)
     except KeyboardInterrupt:
         outcome.interrupted = True
     # Summed over resumed invocations: the sweep's own wall time, probe and cells included.
@@ -258,24 +273,31 @@ def _interrupt_flag():
 
 
 def _run_cells(cells: list[Cell], order: dict[str, int], store: ResultStore, info: dict, spec: SweepSpec, console: Console,
-               outcome: SweepOutcome, profile: ProfileOptions | None = None, interrupted: threading.Event | None = None) -> None:
+               outcome: SweepOutcome, executor, interrupted: threading.Event | None = None) -> None:
+    """Hand every cell to the executor, then write each result as it comes back: the only place
+    a row is written, once per finished cell. Ctrl-C cancels what the executor still holds."""
     columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("starting", total=len(cells))
         for cell in cells:
-            if interrupted is not None and interrupted.is_set():
-                raise KeyboardInterrupt
-            progress.update(task, description=cell.label())
-            timeout_s = spec.measure.timeout_s * (PROFILE_TIMEOUT_FACTOR if profile else 1)
-            runtime = dataclasses.replace(cell_runtime(info, cell, spec), weights_dir=str(store.weights_dir))
-            result = run_cell_process(cell, store, runtime, timeout_s, profile)
-            row = {"run_id": info["run_id"], "status": result.status, "error": result.error, **static_row(cell), **result.row}
-            row["cell_index"] = order[cell.cell_id]
-            store.write_cell(row, result.series)
-            outcome.ran += 1
-            outcome.failed += result.status != "ok"
-            progress.console.print(_cell_line(row))
-            progress.advance(task)
+            executor.submit(cell, dataclasses.replace(cell_runtime(info, cell, spec), weights_dir=str(store.weights_dir)))
+        try:
+            while executor.pending():
+                if interrupted is not None and interrupted.is_set():
+                    raise KeyboardInterrupt
+                progress.update(task, description=executor.describe())
+                for cell, result in executor.wait():
+                    row = {"run_id": info["run_id"], "status": result.status, "error": result.error, **static_row(cell), **result.row}
+                    row["cell_index"] = order[cell.cell_id]
+                    store.write_cell(row, result.series)
+                    outcome.ran += 1
+                    outcome.failed += result.status != "ok"
+                    progress.console.print(_cell_line(row))
+                    progress.advance(task)
+            progress.update(task, description=executor.describe())
+        except BaseException:
+            executor.cancel_all()
+            raise
 
 
 def cell_runtime(info: dict, cell: Cell, spec: SweepSpec) -> Runtime:

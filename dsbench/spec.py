@@ -18,6 +18,7 @@ from pathlib import Path
 
 from dsbench.cell import AXES, PART_SECTIONS, Cell
 from dsbench.errors import SpecError
+from dsbench.executors import ExecutorSettings
 from dsbench.validate import as_table, check_choice, check_float, check_int, check_section, check_str, check_value, reject_unknown  # noqa: F401
 from dsbench.workloads import WORKLOADS, DecodeSettings, PrefillSettings, SpeculativeSettings, TrainSettings, max_batch  # noqa: F401 (importable from here)
 from dsbench.variants import mtp, registry
@@ -52,7 +53,7 @@ AXIS_FIELDS = {("attention", "kind"): "attention", ("attention", "mla_impl"): "a
 MODEL_KEYS = ("size", "d_model", "n_layers", "vocab_size", "max_seq_len", "norm_eps", "tie_embeddings", "init_std", "mtp")
 # What a [[sweep]] block may set: its own overrides and axes, merged over the top level's.
 SWEEP_KEYS = ("model", *PART_SECTIONS, "axes", *SECTIONS)
-TOP_KEYS = ("name", "description", "device", "seed", "data", "plugins", "sweep", *SWEEP_KEYS)
+TOP_KEYS = ("name", "description", "device", "seed", "data", "plugins", "executor", "sweep", *SWEEP_KEYS)
 # Sections whose fields can be swept as dotted-key axes ("ffn.n_experts" = [8, 64]).
 DOTTED_SECTIONS = ("model", *PART_SECTIONS, *(k for k in SECTIONS if k != "measure"))
 
@@ -75,6 +76,7 @@ class SweepSpec:
     speculative: SpeculativeSettings = field(default_factory=SpeculativeSettings)
     measure: MeasureSettings = field(default_factory=MeasureSettings)
     plugins: tuple[str, ...] = ()  # modules imported first: they register their own variants
+    executor: ExecutorSettings = field(default_factory=ExecutorSettings)  # where cells run (not identity; may change on --resume)
     dotted: dict = field(default_factory=dict)  # dotted-key axes and their values over all points
     # Every plain sweep this spec runs: (dotted-axis values, spec without dotted axes or blocks).
     # Empty for a plain spec, which is its own one point.
@@ -91,6 +93,11 @@ class SweepSpec:
         for key in ("points", "dotted", "source"):
             recorded.pop(key)
         recorded["axes"] = {**recorded["axes"], **{k: list(v) for k, v in self.dotted.items()}}
+        # Only the executor settings given: a local run records the spec it recorded before executors existed.
+        default = dataclasses.asdict(ExecutorSettings())
+        executor = {k: v for k, v in recorded.pop("executor").items() if v != default[k]}
+        if executor:
+            recorded["executor"] = executor
         if self.points:
             recorded["source"] = self.source
         return recorded
@@ -293,6 +300,7 @@ def _parse_plain(raw: dict, plugins: tuple[str, ...], inherited: dict | None = N
         **{s: _check_part_overrides(s, table, axes[s], optional=(inherited or {}).get(s, set())) for s, table in parts.items()},
         axes=axes,
         plugins=plugins,
+        executor=check_section("executor", as_table("executor", raw.get("executor", {})), ExecutorSettings),
         **{key: check_section(key, as_table(key, raw.get(key, {})), cls) for key, cls in SECTIONS.items()},
     )
     _check_combinations(spec)

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 from dsbench.cell import Cell
 
-STATUSES = ("ok", "oom", "error", "timeout", "diverged")
+# The cell's own outcomes, then a cluster's failures of the job that ran it (dsbench/executors.py).
+STATUSES = ("ok", "oom", "error", "timeout", "diverged", "preempted", "cancelled", "node_fail")
 
 
 class TaskFormatError(ValueError):

@@ -77,6 +77,12 @@ def check_value(key: str, value, annotation, metadata) -> object:
         if "choices" in metadata:  # a str field with a fixed set of values (field metadata)
             return check_choice(key, value, tuple(metadata["choices"]))
         return check_str(key, value)
+    if annotation is dict:  # a table of scalars passed on as they are (e.g. [executor] sbatch)
+        table = as_table(key, value)
+        for name, item in table.items():
+            if not isinstance(item, (str, int, float, bool)):
+                raise SpecError(f"{key}.{name}: expected a string, number or true/false, got {item!r}")
+        return dict(table)
     if origin is tuple:
         items = value if isinstance(value, list) else [value]
         if not items:

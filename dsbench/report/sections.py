@@ -108,7 +108,8 @@ def failures_section(data: ReportData, tables: Path) -> Section:
     if failures.empty:
         return s.text("Every cell finished ok.")
     s.text(f"{len(failures)} cell(s) did not finish ok: oom (out of memory), error (an exception; its last line), "
-           "timeout (killed after measure.timeout_s), diverged (NaN/inf loss or logits). Full logs: <results>/logs/<cell_id>.log.")
+           "timeout (killed after measure.timeout_s), diverged (NaN/inf loss or logits); on Slurm also preempted, cancelled "
+           "and node_fail (the job ended without a result). Full logs: <results>/logs/<cell_id>.log.")
     header, rows = frame_rows(failures if len(data.runs) > 1 else failures.drop(columns="run"))
     return s.table(header, rows, ["failed"] * len(rows))
 
