@@ -10,19 +10,52 @@ import contextlib
 import dataclasses
 import inspect
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
+from typer.core import TyperGroup
+
+try:  # typer ≥ 0.2x carries its own click
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+    from typer.exceptions import Abort
+except ImportError:  # older typer runs on click
+    import click.exceptions
+
+    from click.exceptions import Abort, ClickException
+    NoArgsIsHelpError = getattr(click.exceptions, "NoArgsIsHelpError", ())  # () catches nothing
 
 from dsbench import spec as spec_lib
 from dsbench.errors import UsageError, UserError
 from dsbench.terminal import stderr_console, stdout_console, styled
 from dsbench.variants import registry
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Measure what each DeepSeek architecture choice buys.")
-run_app = typer.Typer(no_args_is_help=True, help="Run a sweep of cells, or one cell.")
+class OneLineErrors(TyperGroup):
+    """Typer's own usage errors (an unknown flag, a value of the wrong type, a missing argument)
+    as every other bad input: one line naming the flag, exit 2, instead of a boxed panel."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except NoArgsIsHelpError as e:  # a bare group: its help, as before
+            e.show()
+            sys.exit(e.exit_code)
+        except ClickException as e:
+            where = f"{e.ctx.command_path}: " if getattr(e, "ctx", None) is not None else ""
+            hint = f" (see {e.ctx.command_path} --help)" if getattr(e, "ctx", None) is not None else ""
+            err_console.print(styled(("error:", "red"), f" {where}{' '.join(e.format_message().split())}{hint}"), highlight=False, soft_wrap=True)
+            sys.exit(e.exit_code)
+        except Abort:
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(cls=OneLineErrors, no_args_is_help=True, add_completion=False, help="Measure what each DeepSeek architecture choice buys.")
+run_app = typer.Typer(cls=OneLineErrors, no_args_is_help=True, help="Run a sweep of cells, or one cell.")
 app.add_typer(run_app, name="run")
 out_console = stdout_console()  # markup off: user text prints as text (dsbench/terminal.py)
 err_console = stderr_console()

@@ -138,3 +138,31 @@ def test_the_cli_turns_any_user_error_into_exit_2_and_lets_bugs_through():
     assert exit_info.value.exit_code == 2
     with pytest.raises(KeyError), cli.user_errors():  # not bad input: a bug keeps its traceback
         raise KeyError("ffn")
+
+
+@pytest.mark.parametrize("args, names", [
+    (["run", "sweep", "--preset", "smoke", "--bogus"], "--bogus"),
+    (["run", "cell", "--steps", "x"], "--steps"),
+    (["run", "cell", "--batch-size", "1.5"], "--batch-size"),
+    (["run", "cell", "--steps"], "--steps"),
+    (["report"], "RESULTS"),
+    (["check", "--baseline"], "--baseline"),
+    (["claims", "--nope"], "--nope"),
+    (["profile", "--profile-steps", "many"], "--profile-steps"),
+    (["ab", "--rounds", "two"], "--rounds"),
+    (["presets", "extra"], "extra"),
+    (["nosuchcommand"], "nosuchcommand"),
+    (["run", "nosuch"], "nosuch"),
+])
+def test_typers_own_usage_errors_are_one_line_exit_2(args, names):
+    """Unknown flags, wrong types, missing values and arguments: one line naming them, exit 2,
+    no boxed panel (issue 19, class 6)."""
+    from typer.testing import CliRunner
+
+    from dsbench.cli import app
+
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0], result.output
+    assert "╭" not in result.output and "Traceback" not in result.output
