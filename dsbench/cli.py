@@ -1,7 +1,8 @@
 """The `dsbench` command: a thin Typer layer over the library (spec, runner, results, hardware).
 
 Exit codes: 0 success; 1 a cell failed (the sweep still recorded every cell); 2 bad input
-(one line on stderr, nothing run); 130 interrupted (finished cells kept; rerun with --resume).
+(one line on stderr, nothing run); 130 interrupted by Ctrl-C, 143 by SIGTERM (finished cells kept,
+consolidated; rerun with --resume).
 """
 
 from __future__ import annotations
@@ -479,8 +480,8 @@ def finish(outcome) -> None:
         for line in warnings:
             err_console.print(styled("  ", (line, "yellow")))
     if outcome.interrupted:
-        err_console.print(f"interrupted: finished cells are kept; continue with --out {outcome.out} --resume")
-        raise typer.Exit(130)
+        err_console.print(f"interrupted ({outcome.signal_name}): finished cells are kept; continue with --out {outcome.out} --resume")
+        raise typer.Exit(143 if outcome.signal_name == "SIGTERM" else 130)
     if outcome.failed:
         raise typer.Exit(1)
 

@@ -83,7 +83,7 @@ _ENTRIES = (
     _m("cell_id", "identity", "", "hash of the resolved config (stable across runs)", fmt="text"),
     _m("cell_index", "identity", "", "position in the sweep's order", fmt="int"),
     _m("label", "identity", "", "workload/ffn/attention/precision[/balance] shape", fmt="text"),
-    _m("status", "identity", "", "ok | oom | error | timeout | diverged | preempted | cancelled | node_fail", fmt="text"),
+    _m("status", "identity", "", "ok | oom | error | timeout | diverged | killed (SIGKILL, not known to be the OOM killer) | preempted | cancelled | node_fail", fmt="text"),
     _m("error", "identity", "", "the error's last line (failed cells)", fmt="text"),
     *(_cell(a, "", f"axis: {a}", group="axis", fmt="text") for a in ("workload", "ffn", "attention", "precision", "balance")),
     _cell("device", "", "axis: cpu | cuda", group="axis", fmt="text"),

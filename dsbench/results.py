@@ -28,11 +28,15 @@ from dsbench.errors import ResultsError  # noqa: E402,F401 (kept importable from
 def write_atomic(path: Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, then rename over the target."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # disk full, a kill: no stale temp file, the old file (if any) intact
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class ResultStore:
@@ -62,7 +66,14 @@ class ResultStore:
         return info
 
     def write_run_info(self, info: dict) -> None:
-        write_atomic(self.run_json, json.dumps(info, indent=2, default=str).encode())
+        self._write(self.run_json, json.dumps(info, indent=2, default=str).encode())
+
+    def _write(self, path: Path, data: bytes) -> None:
+        try:
+            write_atomic(path, data)
+        except OSError as e:  # disk full, a read-only mount: one line; what was written before stays
+            raise ResultsError(f"results: cannot write {_where(path, self.root)} ({e.strerror or type(e).__name__}); "
+                               "the cells already recorded are kept: free space and --resume") from None
 
     # --- cell fragments ---
     def recorded(self) -> dict[str, str]:
@@ -74,7 +85,7 @@ class ResultStore:
     def write_cell(self, row: dict, series: list) -> None:
         """One finished cell, atomically: a killed sweep never leaves half a fragment."""
         payload = json.dumps({"row": row, "series": series}, default=str).encode()
-        write_atomic(self.cells_dir / f"{row['cell_id']}.json", payload)
+        self._write(self.cells_dir / f"{row['cell_id']}.json", payload)
 
     def fragments(self) -> list[dict]:
         """Every cell fragment, each checked: a corrupt one is named in one line (delete it and

@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from dsbench import __version__, executors
 from dsbench.accounting import static_row
-from dsbench.errors import SpecError, UsageError
+from dsbench.errors import ResultsError, SpecError, UsageError
 from dsbench.results import SCHEMA_VERSION, ResultStore
 from dsbench.spec import Cell, SweepSpec, expand
 from dsbench.terminal import stderr_console, styled
@@ -47,6 +47,7 @@ class SweepOutcome:
     skipped: int
     failed: int
     interrupted: bool = False
+    signal_name: str = "SIGINT"  # what interrupted it: Ctrl-C (SIGINT, exit 130) or SIGTERM (a scheduler, CI; exit 143)
 
 
 # --- device and environment probe ---
@@ -99,6 +100,7 @@ def run_cell_process(cell: Cell, store: ResultStore, runtime: Runtime, timeout_s
     task = CellTask(cell, dataclasses.replace(runtime, spawn_time=time.time()), request)
     task_path.write_text(task.to_json())
     log_path = store.logs_dir / f"{cell.cell_id}.log"
+    kills_before = oom_kills()
     start = time.perf_counter()
     with open(log_path, "w") as log:
         # A new session: Ctrl-C reaches only the parent, which then ends the cell itself.
@@ -122,7 +124,7 @@ def run_cell_process(cell: Cell, store: ResultStore, runtime: Runtime, timeout_s
             return _failure("error", f"worker wrote a result this runner cannot read: {e}", start)
         result.row["cell_wall_s"] = time.perf_counter() - start
         return result
-    return _failure(*_death_status(returncode, log_path), start)
+    return _failure(*_death_status(returncode, log_path, kills_before), start)
 
 
 def worker_command(cell: Cell, task_path: Path, result_path: Path) -> list[str]:
@@ -148,14 +150,27 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _death_status(returncode: int, log_path: Path) -> tuple[str, str]:
+def oom_kills() -> int | None:
+    """The kernel's OOM kills in this process's cgroup so far (cgroup v2 memory.events), or None
+    where it cannot be read."""
+    try:
+        group = Path("/proc/self/cgroup").read_text().splitlines()[0].split("::", 1)[1]
+        events = (Path("/sys/fs/cgroup") / group.lstrip("/") / "memory.events").read_text().split()
+        return int(events[events.index("oom_kill") + 1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _death_status(returncode: int, log_path: Path, oom_kills_before: int | None = None) -> tuple[str, str]:
     """Status for a worker that exited without writing its result."""
     last = next((line for line in reversed(log_path.read_text(errors="replace").splitlines()) if line.strip()), "")
     tail = f"; last log line: {last[:300]}" if last else ""
     if returncode < 0:
         name = signal.Signals(-returncode).name
         if name == "SIGKILL":  # nothing in dsbench sends it except on timeout, handled above
-            return "oom", f"worker killed by SIGKILL (most likely the kernel's OOM killer){tail}"
+            if oom_kills_before is not None and (oom_kills() or 0) > oom_kills_before:
+                return "oom", f"worker killed by SIGKILL: the kernel's OOM killer (the cgroup's oom_kill count rose){tail}"
+            return "killed", f"worker killed (SIGKILL; the kernel OOM killer or another process){tail}"
         return "error", f"worker died from {name}{tail}"
     return "error", f"worker exited with code {returncode} before writing a result{tail}"
 
@@ -167,19 +182,65 @@ def _failure(status: str, message: str, start: float) -> CellResult:
 # --- the sweep ---
 
 
-def prepare_out(spec: SweepSpec, out: Path, resume: bool, spec_dict: dict) -> tuple[ResultStore, dict | None]:
-    store = ResultStore(out)
-    info = store.read_run_info()
-    if info is not None and not resume:
-        raise UsageError(f"--out: {str(out)!r} already holds run {info.get('run_id')!r}; pass --resume to continue it or choose another --out")
-    recorded = _without_executor(info.get("spec", {})) if info is not None else None
-    if info is not None and recorded != _without_executor(spec_dict):
-        changed = next(k for k in set(spec_dict) | set(recorded) if _without_executor(spec_dict).get(k) != recorded.get(k))
-        raise UsageError(f"--resume: the spec's {changed!r} differs from the run recorded in {str(out)!r}; use a new --out")
-    if out.exists() and info is None and any(out.iterdir()):
-        raise UsageError(f"--out: {str(out)!r} exists and is not a dsbench results folder; choose an empty or new folder")
-    store.create()
-    return store, info
+LOCK_NAME = ".dsbench.lock"
+SCAFFOLD = ("cells", "logs", ".work")  # what a run's folder holds besides run.json and its tables
+
+
+def prepare_out(spec: SweepSpec, out: Path, resume: bool, spec_dict: dict) -> tuple[ResultStore, dict | None, object]:
+    """The results folder, created or checked for --resume, and locked for this process: (store,
+    the recorded run info or None, the lock to close when the sweep ends)."""
+    try:
+        if str(out).strip() in ("", ".") and not (out / "run.json").exists():  # Typer reads --out "" as "."
+            raise UsageError(f"--out: {str(out)!r} is empty or the current folder; give a folder for this run (its name is the run id)")
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out: {str(out)!r} is a file; give a folder (new, empty, or a run's to --resume)")
+        out.mkdir(parents=True, exist_ok=True)
+        lock = _lock(out)
+    except OSError as e:
+        raise UsageError(f"--out: cannot create or write {str(out)!r} ({e.strerror or type(e).__name__}); choose a writable folder") from None
+    try:
+        store = ResultStore(out)
+        info = store.read_run_info()
+        if info is not None and not resume:
+            raise UsageError(f"--out: {str(out)!r} already holds run {info.get('run_id')!r}; pass --resume to continue it or choose another --out")
+        recorded = _without_executor(info.get("spec", {})) if info is not None else None
+        if info is not None and recorded != _without_executor(spec_dict):
+            changed = next(k for k in set(spec_dict) | set(recorded) if _without_executor(spec_dict).get(k) != recorded.get(k))
+            raise UsageError(f"--resume: the spec's {changed!r} differs from the run recorded in {str(out)!r}; use a new --out")
+        if info is None and _foreign(out):
+            raise UsageError(f"--out: {str(out)!r} exists and is not a dsbench results folder; choose an empty or new folder")
+    except BaseException:
+        lock.close()
+        raise
+    return store, info, lock
+
+
+def _foreign(out: Path) -> list[Path]:
+    """What a folder without run.json holds besides the lock and a run's empty scaffolding (a
+    sweep killed before it wrote run.json leaves just that: it starts afresh)."""
+    return [p for p in out.iterdir()
+            if p.name != LOCK_NAME and not (p.name in SCAFFOLD and p.is_dir() and not any(p.iterdir()))]
+
+
+def _lock(out: Path):
+    """An exclusive lock on the folder for as long as the sweep runs (the kernel drops it if the
+    process dies): a second sweep or --resume on it is refused in one line."""
+    import fcntl
+
+    handle = open(out / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UsageError(f"--out: {str(out)!r} is being written by another dsbench sweep ({holder}); "
+                         "wait for it to end or choose another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}, since {_now()}")
+    handle.flush()
+    return handle
 
 
 def _without_executor(spec_dict: dict) -> dict:
@@ -217,10 +278,18 @@ def run_sweep(
     cells = [c for c in expand(spec, device) if only is None or c.cell_id in only]
     out = Path(out) if out else default_out(spec)
     spec_dict = json.loads(json.dumps(spec.to_dict()))
-    store, info = prepare_out(spec, out, resume, spec_dict)
-    if info is None:
+    store, info, lock = prepare_out(spec, out, resume, spec_dict)
+    try:
+        return _sweep(spec, cells, store, info, spec_dict, out, spec_source, rerun_failed, profile, device, console, sweep_start)
+    finally:
+        lock.close()
+
+
+def _sweep(spec, cells, store, info, spec_dict, out, spec_source, rerun_failed, profile, device, console, sweep_start) -> SweepOutcome:
+    if info is None:  # run.json first: a folder killed now still reads as this run's
         info = new_run_info(spec, spec_dict, out, spec_source, len(cells))
         store.write_run_info(info)
+    store.create()
     timeout_s = spec.measure.timeout_s * (PROFILE_TIMEOUT_FACTOR if profile else 1)
     executor = executors.make_executor(spec.executor, store, run_cell_process, probe, timeout_s, profile, device, spec.name)
     if "probe" not in info:
@@ -238,16 +307,23 @@ def run_sweep(
     outcome = SweepOutcome(out, info["run_id"], len(cells), 0, len(cells) - len(todo), 0)
     info["status"] = "running"
     store.write_run_info(info)
+    interrupted = None
     try:
         with _interrupt_flag() as interrupted:
             _run_cells(todo, {c.cell_id: i for i, c in enumerate(cells)}, store, info, spec, console, outcome, executor, interrupted)
     except KeyboardInterrupt:
         outcome.interrupted = True
+        outcome.signal_name = getattr(interrupted, "signal_name", "SIGINT")
     # Summed over resumed invocations: the sweep's own wall time, probe and cells included.
     info["sweep_wall_s"] = info.get("sweep_wall_s", 0.0) + time.perf_counter() - sweep_start
+    try:  # the tables first: run.json says complete only once they are written
+        store.consolidate()
+    except ResultsError:
+        info.update(status="tables unwritten", finished_at=_now())
+        store.write_run_info(info)
+        raise
     info.update(status="interrupted" if outcome.interrupted else "complete", finished_at=_now())
     store.write_run_info(info)
-    store.consolidate()
     return outcome
 
 
@@ -262,14 +338,18 @@ def _interrupt_flag():
         return
 
     def handler(signum, frame):
+        flag.signal_name = signal.Signals(signum).name
         flag.set()
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, handler)
+    flag.signal_name = "SIGINT"
+    # SIGTERM (what CI runners, schedulers and `kill` send) ends the sweep as Ctrl-C does.
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _run_cells(cells: list[Cell], order: dict[str, int], store: ResultStore, info: dict, spec: SweepSpec, console: Console,
@@ -321,7 +401,7 @@ def _now() -> str:
 def new_run_info(spec: SweepSpec, spec_dict: dict, out: Path, spec_source: str, n_cells: int) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
-        "run_id": out.name,
+        "run_id": out.resolve().name,
         "name": spec.name,
         "created_at": _now(),
         "finished_at": None,

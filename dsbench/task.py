@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from dsbench.cell import Cell
 
 # The cell's own outcomes, then a cluster's failures of the job that ran it (dsbench/executors.py).
-STATUSES = ("ok", "oom", "error", "timeout", "diverged", "preempted", "cancelled", "node_fail")
+STATUSES = ("ok", "oom", "error", "timeout", "diverged", "killed", "preempted", "cancelled", "node_fail")
 
 
 class TaskFormatError(ValueError):
