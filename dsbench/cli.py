@@ -357,6 +357,8 @@ def claims_cmd(
     from dsbench.check import load_checked
 
     with user_errors():
+        if as_json and as_markdown:
+            raise UsageError("--json and --markdown: give one; each prints the claims in its own format")
         rows = claims_lib.evaluate([load_checked(p, "claims") for p in results or []])
     if as_json or as_markdown:
         typer.echo(claims_lib.to_json(rows) if as_json else claims_lib.markdown(rows))

@@ -153,6 +153,7 @@ def test_the_cli_turns_any_user_error_into_exit_2_and_lets_bugs_through():
     (["presets", "extra"], "extra"),
     (["nosuchcommand"], "nosuchcommand"),
     (["run", "nosuch"], "nosuch"),
+    (["claims", "--json", "--markdown"], "--json and --markdown: give one"),
 ])
 def test_typers_own_usage_errors_are_one_line_exit_2(args, names):
     """Unknown flags, wrong types, missing values and arguments: one line naming them, exit 2,
