@@ -1,0 +1,150 @@
+"""A cell that spans several processes (`[parallel] ep = R`): the ranks' side of it.
+
+The runner launches the worker under torchrun (`torch.distributed.run`), one process per rank;
+each rank joins the process group (gloo on CPU, NCCL on CUDA), builds the same full model from
+the cell's seed, keeps its block of routed experts (variants/expert_parallel.py) and trains or
+runs on its own slice of a global batch of R × batch_size rows. Replicated parameters get their
+gradients averaged over the ranks; the experts' gradients already hold every rank's tokens.
+Rank 0 gathers what each rank measured and writes the cell's result.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime as dt
+import math
+import os
+import signal
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from dsbench.variants import expert_parallel
+
+# A collective that waits longer than this has lost a rank: fail rather than hang (the runner's
+# own timeout kills everything anyway; this only makes a crash surface sooner).
+COLLECTIVE_TIMEOUT_S = 300
+
+
+@dataclass
+class Ranks:
+    rank: int
+    world: int
+    local_rank: int
+    group: object = None  # None: the default (world) group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def expert_parallel_size(cell) -> int:
+    return int(cell.parallel.get("ep", 1))
+
+
+def join(cell) -> Ranks | None:
+    """Join the cell's process group (None for a one-process cell)."""
+    if expert_parallel_size(cell) == 1:
+        return None
+    die_with_parent()
+    ranks = Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+    if ranks.world != expert_parallel_size(cell):
+        raise RuntimeError(f"parallel.ep = {expert_parallel_size(cell)} but WORLD_SIZE = {ranks.world}")
+    if cell.device == "cuda":
+        torch.cuda.set_device(ranks.local_rank)
+    backend = "nccl" if cell.device == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=dt.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    return ranks
+
+
+def leave(ranks: Ranks | None) -> None:
+    if ranks is not None and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def die_with_parent() -> None:
+    """torchrun starts each rank in its own session, so the runner's killpg on a timeout reaches
+    torchrun only: a rank must die with it (Linux PR_SET_PDEATHSIG), or it would hang on."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # torchrun already died before the line above
+        os._exit(1)
+
+
+def threads_per_rank(chosen: int, ranks: Ranks | None) -> int:
+    """The cores a one-process cell would take, shared out among the ranks."""
+    return chosen if ranks is None else max(1, chosen // ranks.world)
+
+
+class RankSlice:
+    """A dataset whose batch(step, B, T) is this rank's B rows of the global R·B-row batch, so the
+    ranks together see exactly what one process with batch R·B would."""
+
+    def __init__(self, data, ranks: Ranks):
+        self.data, self.ranks = data, ranks
+
+    def __getattr__(self, name):
+        return getattr(self.data, name)
+
+    def batch(self, step: int, batch_size: int, seq_len: int, split: str = "train"):
+        full = self.data.batch(step, batch_size * self.ranks.world, seq_len, split)
+        rows = slice(self.ranks.rank * batch_size, (self.ranks.rank + 1) * batch_size)
+        return type(full)(full.inputs[rows], full.targets[rows], full.domains[rows])
+
+
+def shard(model: torch.nn.Module, ranks: Ranks | None) -> list:
+    if ranks is None:
+        return []
+    return expert_parallel.shard_model(model, ranks.group, ranks.rank, ranks.world)
+
+
+@torch.no_grad()
+def sync_gradients(model: torch.nn.Module, ranks: Ranks | None) -> None:
+    """Data-parallel gradients: each rank's loss is the mean over its own rows, so the global
+    batch's gradient is the mean over ranks. Replicated parameters: all_reduce, ÷ R (one flat
+    buffer). Sharded experts already received every rank's gradient through the all-to-all's
+    backward (a sum over ranks): ÷ R."""
+    if ranks is None:
+        return
+    sharded = expert_parallel.sharded_parameters(model)
+    replicated = [p for p in model.parameters() if p.grad is not None and id(p) not in sharded]
+    if replicated:
+        flat = torch.cat([p.grad.flatten() for p in replicated])
+        dist.all_reduce(flat, group=ranks.group)
+        flat /= ranks.world
+        for p, g in zip(replicated, flat.split([p.numel() for p in replicated])):
+            p.grad.copy_(g.view_as(p.grad))
+    for p in model.parameters():
+        if id(p) in sharded and p.grad is not None:
+            p.grad /= ranks.world
+
+
+@torch.no_grad()
+def clip_grad_norm(model: torch.nn.Module, max_norm: float, ranks: Ranks | None) -> torch.Tensor:
+    """torch's clip_grad_norm_, with the norm over the whole model: the replicated gradients
+    (equal on every rank after sync_gradients) once, plus every rank's expert gradients."""
+    if ranks is None:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    sharded = expert_parallel.sharded_parameters(model)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    own = [g for p in model.parameters() if p.grad is not None and id(p) in sharded for g in [p.grad]]
+    total_sq = sum((g.float().pow(2).sum() for g in grads), torch.zeros((), device=grads[0].device))
+    own_sq = sum((g.float().pow(2).sum() for g in own), torch.zeros((), device=grads[0].device))
+    shared_sq = total_sq - own_sq
+    dist.all_reduce(own_sq, group=ranks.group)
+    norm = (shared_sq + own_sq).sqrt()
+    if math.isfinite(max_norm):
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+    return norm
+
+
+def gather(obj, ranks: Ranks) -> list:
+    """Every rank's obj, in rank order (on each rank)."""
+    out = [None] * ranks.world
+    dist.all_gather_object(out, obj, group=ranks.group)
+    return out
