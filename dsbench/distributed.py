@@ -15,11 +15,13 @@ import datetime as dt
 import math
 import os
 import signal
+import statistics
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from dsbench.contention import usable_cores
 from dsbench.variants import expert_parallel
 
 # A collective that waits longer than this has lost a rank: fail rather than hang (the runner's
@@ -74,9 +76,14 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def threads_per_rank(chosen: int, ranks: Ranks | None) -> int:
-    """The cores a one-process cell would take, shared out among the ranks."""
-    return chosen if ranks is None else max(1, chosen // ranks.world)
+def threads_per_rank(requested: int, ranks: Ranks) -> tuple[int, str]:
+    """(threads, why) for one rank: measure.threads, else this machine's cores ÷ ranks. Not
+    OMP_NUM_THREADS: torchrun sets it to 1 for every multi-process launch, and the free cores
+    cannot be sampled while the other ranks start up beside this one."""
+    if requested > 0:
+        return requested, "measure.threads"
+    cores = usable_cores()
+    return max(1, cores // ranks.world), f"cores ÷ ranks: {cores} ÷ {ranks.world}"
 
 
 class RankSlice:
@@ -148,3 +155,54 @@ def gather(obj, ranks: Ranks) -> list:
     out = [None] * ranks.world
     dist.all_gather_object(out, obj, group=ranks.group)
     return out
+
+
+# --- what the ranks measured ---
+
+
+def rank_traffic(shards: list, n_timed: int, warmup: int, training: bool) -> dict:
+    """This rank's all-to-all traffic over the timed steps: each layer keeps one record per
+    forward; the timed ones are the forwards of the timed pass (train: training forwards;
+    prefill: inference forwards) after the warm-up ones."""
+    per_layer = [[r for r in s.records if r.training == training][warmup:warmup + n_timed] for s in shards]
+    steps = max(1, n_timed)
+    tokens = sum(r.tokens for r in per_layer[0]) if per_layer else 0
+    return {
+        "dispatch_s": sum(r.dispatch_s for layer in per_layer for r in layer) / steps,
+        "combine_s": sum(r.combine_s for layer in per_layer for r in layer) / steps,
+        "bytes_per_token": sum(r.bytes_sent for layer in per_layer for r in layer) / max(1, tokens),
+        "rows_received_L": [sum(r.rows_received for r in layer) for layer in per_layer],
+        "ranks_reached": sum(r.ranks_reached for layer in per_layer for r in layer),
+        "tokens_routed": sum(r.tokens for layer in per_layer for r in layer),
+    }
+
+
+def ep_columns(shards: list, ranks: Ranks, run, warmup: int, training: bool) -> dict:
+    """The cell's expert-parallel columns from every rank's traffic and step times (a collective:
+    every rank calls it; each gets the same columns)."""
+    own = rank_traffic(shards, len(run.step_times_s), warmup, training)
+    own["step_s"] = sum(run.step_times_s) / max(1, len(run.step_times_s))
+    own["tokens_per_s"] = run.tokens_per_step / statistics.median(run.step_times_s)
+    every = gather(own, ranks)
+    mean = lambda key: sum(r[key] for r in every) / len(every)  # noqa: E731
+    a2a_s = mean("dispatch_s") + mean("combine_s")
+    return {
+        "a2a_dispatch_ms": 1e3 * mean("dispatch_s"),
+        "a2a_combine_ms": 1e3 * mean("combine_s"),
+        "a2a_share": a2a_s / mean("step_s"),
+        "a2a_bytes_per_token": mean("bytes_per_token"),
+        "ep_straggler_factor": straggler_factor([r["rows_received_L"] for r in every]),
+        "ranks_per_token": sum(r["ranks_reached"] for r in every) / max(1, sum(r["tokens_routed"] for r in every)),
+        "tokens_per_s_per_rank": mean("tokens_per_s"),
+    }
+
+
+def straggler_factor(rows_RL: list[list[int]]) -> float | None:
+    """Max ÷ mean over ranks of the rows each rank's experts received, per layer (summed over the
+    timed steps), averaged over the layers: 1 = every rank equally loaded."""
+    factors = []
+    for layer in zip(*rows_RL):
+        mean = sum(layer) / len(layer)
+        if mean > 0:
+            factors.append(max(layer) / mean)
+    return sum(factors) / len(factors) if factors else None

@@ -123,8 +123,15 @@ def run_cell_process(cell: Cell, store: ResultStore, runtime: Runtime, timeout_s
 
 
 def worker_command(cell: Cell, task_path: Path, result_path: Path) -> list[str]:
-    """The command line that runs one cell's worker (every executor runs this same command)."""
-    return [sys.executable, "-m", "dsbench.worker", str(task_path), str(result_path)]
+    """The command line that runs one cell's worker (every executor runs this same command).
+
+    A cell over R processes (parallel.ep = R) runs its worker under torchrun, one process per
+    rank on this node; torchrun picks a free port (--standalone) and ends every rank when one fails.
+    """
+    worker = ["-m", "dsbench.worker", str(task_path), str(result_path)]
+    if cell.ep == 1:
+        return [sys.executable, *worker]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cell.ep}", *worker]
 
 
 def _die_with_parent() -> None:

@@ -4,6 +4,7 @@ against one process with the same weights and the same global batch."""
 from __future__ import annotations
 
 import json
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,89 @@ def test_device_limited_routing_reaches_at_most_topk_group_ranks(tmp_path):
     ranks = run_ranks(case, tmp_path)
     assert_matches_single_process(case, ranks)
     assert all(v == 1.0 for r in ranks for v in r["ranks_per_token"])
+
+
+# --- the [parallel] section, cell identity, and cells run under torchrun ---
+
+from dsbench import spec as spec_lib  # noqa: E402
+from dsbench.errors import SpecError  # noqa: E402
+from dsbench.results import load_results  # noqa: E402
+from dsbench.runner import run_sweep, worker_command  # noqa: E402
+
+EP_SPEC = {
+    "name": "ep", "device": "cpu", "model": {"size": "debug", "n_layers": 1},
+    "axes": {"workload": ["train", "prefill"], "ffn": ["dense", "moe"]},
+    "train": {"steps": 4, "batch_size": 2, "seq_len": 16, "eval_batches": 1},
+    "prefill": {"batch_size": 2, "seq_lens": [16]},
+    "measure": {"warmup": 1, "repeats": 2, "calibrate": False, "timeout_s": 90},
+}
+
+
+def ep_spec(**changes) -> spec_lib.SweepSpec:
+    return spec_lib.parse_spec({**EP_SPEC, **changes})
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"parallel": {"ep": 3}}, ["parallel.ep", "3", "16 routed experts", "moe"]),
+    ({"parallel": {"ep": 0}}, ["parallel.ep", "0"]),
+    ({"parallel": {"ep": 2}, "axes": {"ffn": ["dense"]}}, ["parallel.ep", "routed FFN", "axes.ffn = dense"]),
+    ({"parallel": {"redundant_experts": 2}}, ["parallel.redundant_experts", "parallel.ep > 1"]),
+    ({"parallel": {"ep": 2}, "ffn": {"aux_device_alpha": 0.01}, "axes": {"ffn": ["moe"], "balance": ["aux"]}},
+     ["ffn.n_devices", "1", "parallel.ep = 2", "set ffn.n_devices = 2"]),
+    ({"parallel": {"gpus": 2}}, ["parallel.gpus", "unknown"]),
+])
+def test_bad_parallel_settings_are_one_line_naming_the_key(changes, words):
+    with pytest.raises(SpecError) as e:
+        ep_spec(**changes)
+    assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_one_process_cells_keep_their_ids_and_ep_applies_to_routed_cells_only():
+    plain = {c.label(): c.cell_id for c in spec_lib.expand(ep_spec(), "cpu")}
+    assert {c.label(): c.cell_id for c in spec_lib.expand(ep_spec(parallel={"ep": 1}), "cpu")} == plain
+    cells = spec_lib.expand(ep_spec(axes={**EP_SPEC["axes"], "parallel.ep": [1, 2]}), "cpu")
+    by_ep = {}
+    for c in cells:
+        by_ep.setdefault(c.ep, []).append(c)
+    assert sorted(c.axes["ffn"] for c in by_ep[2]) == ["moe", "moe"]  # dense cells: n/a, run once
+    assert {c.cell_id for c in by_ep[1]} == set(plain.values())
+    assert not {c.cell_id for c in by_ep[2]} & set(plain.values())
+    ep2 = by_ep[2][0]
+    assert worker_command(ep2, Path("t.json"), Path("r.json"))[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert worker_command(by_ep[1][0], Path("t.json"), Path("r.json"))[1:3] == ["-m", "dsbench.worker"]
+
+
+def test_a_sweep_runs_ep_cells_under_torchrun_and_a_crashing_rank_fails_its_cell(tmp_path, monkeypatch):
+    spec = ep_spec(parallel={"ep": 2}, axes={**EP_SPEC["axes"], "ffn": ["moe"]})
+    monkeypatch.setenv("DSBENCH_INJECT_FAULT", "raise@prefill/moe@rank=1")
+    outcome = run_sweep(spec, out=tmp_path / "run")
+    cells = load_results(tmp_path / "run").cells.set_index("workload")
+    assert outcome.ran == 2 and outcome.failed == 1
+    crashed = cells.loc["prefill"]
+    assert crashed["status"] == "error" and crashed["error"].startswith("rank 1: RuntimeError: injected fault")
+    train = cells.loc["train"]
+    assert train["status"] == "ok" and train["ep"] == 2 and "ep=2" in train["label"], train["error"]
+    assert 0 < train["a2a_share"] < 1 and train["a2a_dispatch_ms"] > 0 and train["a2a_combine_ms"] > 0
+    assert 1 <= train["ranks_per_token"] <= 2 and 1 <= train["ep_straggler_factor"] <= 2
+    assert train["a2a_bytes_per_token"] > 0
+    # The cell's throughput counts both ranks' batches; per rank, one's own.
+    assert train["tokens_per_s_median"] == pytest.approx(2 * train["tokens_per_step"] / (train["step_time_ms_median"] / 1e3))
+
+
+def test_a_hanging_rank_times_out_and_no_rank_outlives_the_cell(tmp_path, monkeypatch):
+    spec = ep_spec(parallel={"ep": 2}, axes={"workload": ["prefill"], "ffn": ["moe"]},
+                   measure={**EP_SPEC["measure"], "timeout_s": 10})
+    monkeypatch.setenv("DSBENCH_INJECT_FAULT", "hang@prefill/moe@rank=1")
+    run_sweep(spec, out=tmp_path / "run")
+    row = load_results(tmp_path / "run").cells.iloc[0]
+    assert row["status"] == "timeout"
+    time.sleep(1)  # PR_SET_PDEATHSIG: the ranks get SIGKILL as torchrun dies
+    survivors = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline_mentions(p, str(tmp_path))]
+    assert not survivors
+
+
+def _cmdline_mentions(proc: Path, text: str) -> bool:
+    try:
+        return text in (proc / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False

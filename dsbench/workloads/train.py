@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsbench import distributed
 from dsbench.errors import SpecError
 from dsbench.measure import StepTimer
 from dsbench.variants import decoder, mtp
@@ -101,8 +102,9 @@ class Train(WholeSequences):
                         total = out.total(loss_weights(settings))
                 with part("autograd"):
                     total.backward()
+                    distributed.sync_gradients(model, ctx.ranks)  # data parallel over the ranks (none: a no-op)
                 with part("grad_clip"):
-                    grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip).detach())
+                    grad_norms.append(distributed.clip_grad_norm(model, clip, ctx.ranks).detach())
                 with part("optimizer"):
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
