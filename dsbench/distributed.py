@@ -150,6 +150,12 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float, ranks: Ranks | None)
     return norm
 
 
+def all_rows(t: torch.Tensor, ranks: Ranks | None, dim: int = 0) -> torch.Tensor:
+    """Every rank's rows of a (small, CPU) per-row tensor, concatenated in rank order along dim:
+    with RankSlice's batches, the global batch's rows in their order."""
+    return t if ranks is None else torch.cat(gather(t, ranks), dim=dim)
+
+
 def gather(obj, ranks: Ranks) -> list:
     """Every rank's obj, in rank order (on each rank)."""
     out = [None] * ranks.world

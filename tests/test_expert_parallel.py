@@ -167,3 +167,18 @@ def _cmdline_mentions(proc: Path, text: str) -> bool:
         return text in (proc / "cmdline").read_bytes().decode(errors="replace")
     except OSError:
         return False
+
+
+def test_an_ep_train_cell_trains_as_one_process_on_the_global_batch(tmp_path):
+    """2 ranks × batch 2 = one process × batch 4, step for step: losses, held-out loss and balance
+    (bias balancing: the bias update sees both ranks' loads), through AdamW and global clipping."""
+    spec = spec_lib.parse_spec({
+        **EP_SPEC, "axes": {"workload": ["train"], "ffn": ["deepseekmoe"], "balance": ["bias"]},
+        "ffn": {"n_shared": 2}, "train": {**EP_SPEC["train"], "grad_clip": 0.05},
+        "sweep": [{"train": {"batch_size": 2}, "parallel": {"ep": 2}}, {"train": {"batch_size": 4}}],
+    })
+    run_sweep(spec, out=tmp_path / "run")
+    cells = load_results(tmp_path / "run").cells.set_index("ep")
+    assert (cells["status"] == "ok").all(), cells["error"].tolist()
+    for column in ("first_loss", "final_loss", "eval_loss", "maxvio_batch_mean", "maxvio_global"):
+        assert cells.loc[2, column] == pytest.approx(cells.loc[1, column], rel=1e-5), column

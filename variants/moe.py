@@ -490,6 +490,8 @@ class MoEFeedForward(FeedForward):
                 update_bias(self.router.expert_bias_E, load_E, self.ffn_cfg.bias_update_rate, self.ffn_cfg.bias_zero_mean)
 
     def metrics(self, layer: int) -> tuple[list[dict], dict]:
+        if self.shard is not None:  # a collective: every rank reads its metrics at the end of the cell
+            self.stats.sum_loads(lambda load: expert_parallel.all_reduce_sum(load, self.shard))
         bias = self.router.expert_bias_E if self.balance == "bias" else None
         return self.stats.layer_metrics(layer, bias)
 

@@ -113,7 +113,9 @@ class Train(WholeSequences):
             row_losses.append(out.lm_loss_per_row.detach())
             named_losses.append({**{name: loss.detach() for name, loss in out.losses.items()}, **out.observed})
             domain_labels.append(domains)
-        losses = torch.stack(row_losses).float().cpu()  # (steps, B)
+        # (steps, B); a multi-process cell's every rank's rows, so losses are the global batch's
+        losses = distributed.all_rows(torch.stack(row_losses).float().cpu(), ctx.ranks, dim=1)
+        domain_labels = list(distributed.all_rows(torch.stack(domain_labels).cpu(), ctx.ranks, dim=1))
         run = WorkloadRun(timer.samples_s(), self.tokens_per_step(settings), self.mean_context_len(settings))
         check_finite(losses.mean(dim=1), "train loss")
         run.series += _loss_series(losses, torch.stack(domain_labels), ctx.data.domains)
@@ -228,7 +230,7 @@ def _evaluate(ctx: Context, settings: dict, series: list) -> dict:
         per_row.append(out.lm_loss_per_row.float().cpu())
         depth_losses.append([float(v) for v in out.observed.values()])
         labels.append(domains)
-    losses, labels = torch.cat(per_row), torch.cat(labels)
+    losses, labels = (distributed.all_rows(torch.cat(t), ctx.ranks) for t in (per_row, labels))
     step = settings["steps"]
     summary = {"eval_loss": float(losses.mean())}
     if ctx.model.cfg.mtp:  # each depth on the same held-out batches (equal-size batches: a mean of means)
