@@ -59,8 +59,9 @@ class Cell:
         if a["balance"] != "n/a":
             parts.append(a["balance"])
         parts += [f"{k}={v}" for k, v in a.items() if k not in AXES and v != "n/a"]
-        if self.ep > 1 and "parallel.ep" not in a:
-            parts.append(f"ep={self.ep}")
+        for key, value in self.parallel.items():  # what a dotted axis does not already show
+            if f"parallel.{key}" not in a:
+                parts.append(f"{key}={value}")
         shape = WORKLOADS[a["workload"]].shape_label(self.workload)
         replicate = self.measure.get("replicate", 0)
         return "/".join(parts) + " " + shape + (f" #{replicate}" if replicate else "")

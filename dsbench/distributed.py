@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from dsbench.contention import usable_cores
-from dsbench.variants import expert_parallel
+from dsbench.variants import eplb, expert_parallel
+from dsbench.variants.balance import RoutingStats
 
 # A collective that waits longer than this has lost a rank: fail rather than hang (the runner's
 # own timeout kills everything anyway; this only makes a crash surface sooner).
@@ -102,10 +103,39 @@ class RankSlice:
         return type(full)(full.inputs[rows], full.targets[rows], full.domains[rows])
 
 
-def shard(model: torch.nn.Module, ranks: Ranks | None) -> list:
+def shard(model: torch.nn.Module, ranks: Ranks | None, placements: list | None = None) -> list:
     if ranks is None:
         return []
-    return expert_parallel.shard_model(model, ranks.group, ranks.rank, ranks.world)
+    return expert_parallel.shard_model(model, ranks.group, ranks.rank, ranks.world, placements)
+
+
+@torch.no_grad()
+def eplb_placements(model: torch.nn.Module, ranks: Ranks, inputs_BT: torch.Tensor, redundant: int) -> list:
+    """Redundant experts (DeepSeek-V3 §3.4.1) placed by EPLB (variants/eplb.py) from the expert
+    load every routed layer sees on a calibration batch (this rank's rows of it, summed over the
+    ranks), run through the full model before it is sharded. One placement per routed layer."""
+    layers = expert_parallel.routed_layers(model)
+    loads = [torch.zeros(p.lay.n_routed, dtype=torch.int64, device=inputs_BT.device) for p in layers]
+
+    def count(i):
+        def hook(module, args, routing) -> None:  # returning None leaves the router's output alone
+            loads[i].add_(torch.bincount(routing.expert_ids_NK.flatten(), minlength=loads[i].numel()))
+        return hook
+
+    hooks = [p.router.register_forward_hook(count(i)) for i, p in enumerate(layers)]
+    try:
+        model.eval()
+        model(inputs_BT)
+    finally:
+        for h in hooks:
+            h.remove()
+    for p in layers:  # the calibration forward is not one of the cell's own
+        p.stats = RoutingStats(p.lay.n_routed)
+    load_LE = torch.stack(loads)
+    dist.all_reduce(load_LE, group=ranks.group)
+    E, n_group = load_LE.shape[1], model.cfg.ffn.n_group
+    phy2log, log2phy, logcnt = eplb.rebalance_experts(load_LE, E + redundant, n_group, 1, ranks.world)
+    return [expert_parallel.Placement(phy2log[i], log2phy[i], logcnt[i]) for i in range(len(layers))]
 
 
 @torch.no_grad()
@@ -178,6 +208,7 @@ def rank_traffic(shards: list, n_timed: int, warmup: int, training: bool) -> dic
         "combine_s": sum(r.combine_s for layer in per_layer for r in layer) / steps,
         "bytes_per_token": sum(r.bytes_sent for layer in per_layer for r in layer) / max(1, tokens),
         "rows_received_L": [sum(r.rows_received for r in layer) for layer in per_layer],
+        "load_LE": [sum(r.load_E for r in layer).tolist() for layer in per_layer if layer],
         "ranks_reached": sum(r.ranks_reached for layer in per_layer for r in layer),
         "tokens_routed": sum(r.tokens for layer in per_layer for r in layer),
     }
@@ -192,15 +223,27 @@ def ep_columns(shards: list, ranks: Ranks, run, warmup: int, training: bool) -> 
     every = gather(own, ranks)
     mean = lambda key: sum(r[key] for r in every) / len(every)  # noqa: E731
     a2a_s = mean("dispatch_s") + mean("combine_s")
+    measured = straggler_factor([r["rows_received_L"] for r in every])
+    placed = any(s.placement is not None for s in shards)
     return {
         "a2a_dispatch_ms": 1e3 * mean("dispatch_s"),
         "a2a_combine_ms": 1e3 * mean("combine_s"),
         "a2a_share": a2a_s / mean("step_s"),
         "a2a_bytes_per_token": mean("bytes_per_token"),
-        "ep_straggler_factor": straggler_factor([r["rows_received_L"] for r in every]),
+        # With redundant experts: what contiguous blocks would have given the same routing, beside the measured
+        "ep_straggler_factor": contiguous_straggler_factor(every, ranks.world) if placed else measured,
+        "ep_straggler_factor_eplb": measured if placed else None,
         "ranks_per_token": sum(r["ranks_reached"] for r in every) / max(1, sum(r["tokens_routed"] for r in every)),
         "tokens_per_s_per_rank": mean("tokens_per_s"),
     }
+
+
+def contiguous_straggler_factor(every: list[dict], world: int) -> float | None:
+    """straggler_factor of the timed steps' global expert loads had rank r held experts
+    r·E/R … (r+1)·E/R − 1 (the placement without redundant experts)."""
+    load_LE = torch.tensor([r["load_LE"] for r in every]).sum(dim=0)  # (L, E) over ranks
+    per_rank_LR = load_LE.view(load_LE.shape[0], world, -1).sum(dim=-1)
+    return straggler_factor(per_rank_LR.T.tolist())
 
 
 def straggler_factor(rows_RL: list[list[int]]) -> float | None:

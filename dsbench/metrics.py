@@ -190,6 +190,9 @@ _ENTRIES = (
        better="lower"),
     _m("ep_straggler_factor", "balance", "1", "ep > 1: max ÷ mean over ranks of the rows their experts received over the "
        "timed steps, per MoE layer, mean over layers (1: balanced ranks)", better="lower"),
+    _m("ep_straggler_factor_eplb", "balance", "1", "parallel.redundant_experts > 0: ep_straggler_factor measured with the "
+       "EPLB placement (replicas of hot experts, each sender splitting an expert's rows evenly over them); "
+       "ep_straggler_factor is then what contiguous blocks would have given the same timed forwards", better="lower"),
     _m("ranks_per_token", "balance", "ranks", "ep > 1: distinct ranks a token's routed experts sit on, mean over tokens "
        "(device-limited routing: ≤ topk_group when n_group = ep)", better="lower"),
     # Peak memory moves ~1.5% between processes on one machine; only growth fails.

@@ -51,7 +51,9 @@ class ParallelSettings:
     prefill workloads only; elsewhere the section collapses to one process (n/a)."""
 
     ep: int = field(default=1, metadata={"min": 1})  # expert-parallel ranks: routed experts split across them
-    redundant_experts: int = field(default=0, metadata={"min": 0})  # EPLB replicas placed from the measured load
+    # EPLB (V3 §3.4.1, inference): redundant expert replicas per MoE layer, placed from the load a calibration
+    # batch measured; prefill cells only (training would have to keep replicas' weights in step)
+    redundant_experts: int = field(default=0, metadata={"min": 0})
 
 
 PARALLEL_WORKLOADS = ("train", "prefill")  # the workloads whose cells run expert-parallel
@@ -385,11 +387,17 @@ def _check_parallel(spec: SweepSpec, configs: list) -> None:
     if not taking:
         raise SpecError(f"parallel.ep: {p.ep} applies to routed FFN cells of the {' and '.join(PARALLEL_WORKLOADS)} workloads only; "
                         f"this sweep has none (axes.ffn = {', '.join(spec.axes['ffn'])}, axes.workload = {', '.join(spec.axes['workload'])})")
+    if p.redundant_experts and not any(axes["workload"] == "prefill" for axes, _ in taking):
+        raise SpecError(f"parallel.redundant_experts: {p.redundant_experts} applies to prefill cells only (V3 deploys "
+                        f"redundant experts for inference, §3.4.1); add prefill to [axes] workload or drop the key")
     for axes, cfg in taking:
         n_routed = cfg.ffn.layout().n_routed
         if n_routed % p.ep:
             raise SpecError(f"parallel.ep: {p.ep} does not divide the {n_routed} routed experts of ffn = {axes['ffn']}; "
                             f"use an ep that divides it (or change ffn.n_experts / granularity / n_shared)")
+        if axes["workload"] == "prefill" and (n_routed + p.redundant_experts) % p.ep:
+            raise SpecError(f"parallel.redundant_experts: {p.redundant_experts} + the {n_routed} routed experts of ffn = "
+                            f"{axes['ffn']} do not split over parallel.ep = {p.ep} ranks; use a multiple of {p.ep}")
         if cfg.ffn.aux_device_alpha and cfg.ffn.n_devices != p.ep:
             raise SpecError(f"ffn.n_devices: {cfg.ffn.n_devices} with parallel.ep = {p.ep}: the device-level balance loss "
                             f"(aux_device_alpha) must group the experts by the ranks that hold them; set ffn.n_devices = {p.ep}")
@@ -405,7 +413,8 @@ def parallel_of(spec: SweepSpec, axes: dict) -> dict:
     p = spec.parallel
     if p.ep == 1 or not parallel_applies(axes):
         return {}
-    return {"ep": p.ep, **({"redundant_experts": p.redundant_experts} if p.redundant_experts else {})}
+    redundant = p.redundant_experts if axes["workload"] == "prefill" else 0
+    return {"ep": p.ep, **({"redundant_experts": redundant} if redundant else {})}
 
 
 def _check_distinct_variants(spec: SweepSpec) -> None:

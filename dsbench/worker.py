@@ -98,7 +98,11 @@ def measure_cell(cell: Cell, runtime: Runtime, profile: ProfileRequest | None = 
     model = build_model(cell.model).to(device)
     if not (workload.trains or workload.trains_first):
         model = model.to(precision.inference_dtype)
-    shards = distributed.shard(model, ranks)
+    placements = None
+    if ranks is not None and cell.parallel.get("redundant_experts"):  # prefill cells only (spec.parallel_of)
+        calibration = data.batch(1, cell.workload["batch_size"], cell.workload["seq_len"])  # the timed steps use batch 0
+        placements = distributed.eplb_placements(model, ranks, calibration.inputs.to(device), cell.parallel["redundant_experts"])
+    shards = distributed.shard(model, ranks, placements)
     inject_fault(cell, model, 0 if ranks is None else ranks.rank)
     weights = WeightCache(runtime.weights_dir, cell.seed, cell.data) if runtime.weights_dir and ranks is None else None
     ctx = Context(model, data, device, precision, cell.measure["warmup"], cell.measure["repeats"], weights=weights, ranks=ranks)

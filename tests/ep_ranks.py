@@ -19,9 +19,13 @@ def main(config_json: str, out_dir: str) -> None:
     ranks = distributed.Ranks(*[int(__import__("os").environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")])
     torch.distributed.init_process_group("gloo")
     model = build(case)
-    shards = distributed.shard(model, ranks)
     inputs, targets = batch(case)
     rows = slice(ranks.rank * case["batch"], (ranks.rank + 1) * case["batch"])
+    placements = None
+    if case.get("redundant"):  # EPLB from this very batch's load
+        placements = distributed.eplb_placements(model, ranks, inputs[rows], case["redundant"])
+        model.train()
+    shards = distributed.shard(model, ranks, placements)
     out = model.forward_losses(inputs[rows], targets[rows])
     out.total().backward()
     distributed.sync_gradients(model, ranks)
@@ -31,6 +35,7 @@ def main(config_json: str, out_dir: str) -> None:
         "ranks_per_token": [s.records[-1].ranks_reached / s.records[-1].tokens for s in shards],
         "rows_received": [s.records[-1].rows_received for s in shards],
         "bytes_sent": [s.records[-1].bytes_sent for s in shards],
+        "phy2log": [None if p is None else p.phy2log_P for p in (placements or [None] * len(shards))],
     }
     torch.save(record, f"{out_dir}/rank{ranks.rank}.pt")
     torch.distributed.destroy_process_group()

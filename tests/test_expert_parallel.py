@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -43,8 +44,11 @@ def assert_matches_single_process(case: dict, ranks: list[dict]) -> None:
     R = case["ranks"]
     assert abs(float(sum(r["loss"] for r in ranks)) / R - float(loss)) < 1e-5 * abs(float(loss))
     for name, grad in grads.items():
-        if ".experts." in name:  # rank r holds the r-th contiguous block of experts
+        if ".experts." in name:  # rank r holds the r-th contiguous block of experts (or slots of a placement)
             got = torch.cat([r["grads"][name] for r in ranks])
+            phy2log = ranks[0]["phy2log"][int(name.split(".")[1])]
+            if phy2log is not None:  # a replicated expert's gradient is the sum of its replicas'
+                got = torch.zeros_like(grad).index_add_(0, phy2log, got)
         else:
             got = ranks[0]["grads"][name]
             assert torch.equal(got, ranks[1]["grads"][name]), f"{name}: replicated gradients differ between ranks"
@@ -74,6 +78,24 @@ def test_an_idle_expert_and_every_token_on_one_rank(tmp_path):
     for layer in (0, 1):
         assert not ranks[0]["grads"][f"blocks.{layer}.ffn.experts.w1_ECF"][0].any()  # expert 0 saw no token
         assert ranks[0]["grads"][f"blocks.{layer}.ffn.experts.w1_ECF"][1].any()
+
+
+def test_redundant_experts_placed_by_eplb_leave_outputs_and_gradients_unchanged(tmp_path):
+    """Expert 0 hot (bias +1): EPLB gives it replicas on both ranks; outputs are those of one
+    process, the replicas' gradients sum to its gradient, and the ranks' load evens out."""
+    case = {**MOE, "overrides": {"balance": "bias"}, "bias": {0: 1.0, 1: 1.0}, "redundant": 2}
+    ranks = run_ranks(case, tmp_path)
+    assert_matches_single_process(case, ranks)
+    for layer in (0, 1):
+        phy2log = ranks[0]["phy2log"][layer]
+        assert phy2log.numel() == 18 and set(phy2log.tolist()) == set(range(16))
+        hot = phy2log.view(2, 9)  # rank r holds slots 9r … 9r + 8
+        assert (hot == 0).any(dim=1).all() and (hot == 1).any(dim=1).all()  # the hot experts on both ranks
+    received = [r["rows_received"] for r in ranks]
+    plain = run_ranks({**case, "redundant": 0}, tmp_path)
+    plain_received = [r["rows_received"] for r in plain]
+    spread = lambda rows: max(max(layer) / (sum(layer) / 2) for layer in zip(*rows))  # noqa: E731
+    assert spread(received) < spread(plain_received)
 
 
 def test_device_limited_routing_reaches_at_most_topk_group_ranks(tmp_path):
@@ -111,6 +133,9 @@ def ep_spec(**changes) -> spec_lib.SweepSpec:
     ({"parallel": {"ep": 2}, "ffn": {"aux_device_alpha": 0.01}, "axes": {"ffn": ["moe"], "balance": ["aux"]}},
      ["ffn.n_devices", "1", "parallel.ep = 2", "set ffn.n_devices = 2"]),
     ({"parallel": {"gpus": 2}}, ["parallel.gpus", "unknown"]),
+    ({"parallel": {"ep": 2, "redundant_experts": 2}, "axes": {"workload": ["train"], "ffn": ["moe"]}},
+     ["parallel.redundant_experts", "prefill cells only"]),
+    ({"parallel": {"ep": 2, "redundant_experts": 1}}, ["parallel.redundant_experts", "1", "16 routed experts", "multiple of 2"]),
 ])
 def test_bad_parallel_settings_are_one_line_naming_the_key(changes, words):
     with pytest.raises(SpecError) as e:
@@ -134,20 +159,21 @@ def test_one_process_cells_keep_their_ids_and_ep_applies_to_routed_cells_only():
 
 
 def test_a_sweep_runs_ep_cells_under_torchrun_and_a_crashing_rank_fails_its_cell(tmp_path, monkeypatch):
-    spec = ep_spec(parallel={"ep": 2}, axes={**EP_SPEC["axes"], "ffn": ["moe"]})
-    monkeypatch.setenv("DSBENCH_INJECT_FAULT", "raise@prefill/moe@rank=1")
+    spec = ep_spec(parallel={"ep": 2, "redundant_experts": 2}, axes={**EP_SPEC["axes"], "ffn": ["moe"]})
+    monkeypatch.setenv("DSBENCH_INJECT_FAULT", "raise@train/moe@rank=1")
     outcome = run_sweep(spec, out=tmp_path / "run")
     cells = load_results(tmp_path / "run").cells.set_index("workload")
     assert outcome.ran == 2 and outcome.failed == 1
-    crashed = cells.loc["prefill"]
+    crashed = cells.loc["train"]
     assert crashed["status"] == "error" and crashed["error"].startswith("rank 1: RuntimeError: injected fault")
-    train = cells.loc["train"]
-    assert train["status"] == "ok" and train["ep"] == 2 and "ep=2" in train["label"], train["error"]
-    assert 0 < train["a2a_share"] < 1 and train["a2a_dispatch_ms"] > 0 and train["a2a_combine_ms"] > 0
-    assert 1 <= train["ranks_per_token"] <= 2 and 1 <= train["ep_straggler_factor"] <= 2
-    assert train["a2a_bytes_per_token"] > 0
+    prefill = cells.loc["prefill"]  # redundant experts: prefill cells only
+    assert prefill["status"] == "ok" and prefill["ep"] == 2 and prefill["redundant_experts"] == 2, prefill["error"]
+    assert crashed["redundant_experts"] == 0 and "ep=2" in prefill["label"]
+    assert 0 < prefill["a2a_share"] < 1 and prefill["a2a_dispatch_ms"] > 0 and prefill["a2a_combine_ms"] > 0
+    assert 1 <= prefill["ranks_per_token"] <= 2 and prefill["a2a_bytes_per_token"] > 0
+    assert 1 <= prefill["ep_straggler_factor"] <= 2 and 1 <= prefill["ep_straggler_factor_eplb"] <= 2
     # The cell's throughput counts both ranks' batches; per rank, one's own.
-    assert train["tokens_per_s_median"] == pytest.approx(2 * train["tokens_per_step"] / (train["step_time_ms_median"] / 1e3))
+    assert prefill["tokens_per_s_median"] == pytest.approx(2 * prefill["tokens_per_step"] / (prefill["step_time_ms_median"] / 1e3))
 
 
 def test_a_hanging_rank_times_out_and_no_rank_outlives_the_cell(tmp_path, monkeypatch):
@@ -182,3 +208,7 @@ def test_an_ep_train_cell_trains_as_one_process_on_the_global_batch(tmp_path):
     assert (cells["status"] == "ok").all(), cells["error"].tolist()
     for column in ("first_loss", "final_loss", "eval_loss", "maxvio_batch_mean", "maxvio_global"):
         assert cells.loc[2, column] == pytest.approx(cells.loc[1, column], rel=1e-5), column
+    ep2 = cells.loc[2]
+    assert 0 < ep2["a2a_share"] < 1 and ep2["a2a_dispatch_ms"] > 0 and ep2["a2a_combine_ms"] > 0
+    assert 1 <= ep2["ranks_per_token"] <= 2 and 1 <= ep2["ep_straggler_factor"] <= 2
+    assert ep2["a2a_bytes_per_token"] > 0 and pd.isna(ep2["ep_straggler_factor_eplb"])
