@@ -14,6 +14,7 @@ import ctypes
 import datetime as dt
 import math
 import os
+import re
 import signal
 import statistics
 from dataclasses import dataclass
@@ -64,6 +65,14 @@ def join(cell) -> Ranks | None:
 def leave(ranks: Ranks | None) -> None:
     if ranks is not None and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def failure_message(message: str) -> str:
+    """A failed rank's one-line error, naming the rank. gloo opens its errors with a source
+    location, "[/path/pair.cc:553] ", that says nothing to a reader (and that a rich console
+    would read as a markup tag); the rest says what happened (a peer that died: "Connection
+    closed by peer … typically caused by a remote worker crashing")."""
+    return f"rank {os.environ.get('RANK', '?')}: " + re.sub(r"\[/[^\]]*\]\s*", "", message)
 
 
 def die_with_parent() -> None:

@@ -129,7 +129,7 @@ def measure_cell(cell: Cell, runtime: Runtime, profile: ProfileRequest | None = 
     row["emulated"] = precision.emulated_on(device)
     row["speed_note"] = precision.speed_note(device)
     series = [point(s, "step_time_ms", 1e3 * t) for s, t in enumerate(run.step_times_s)] + run.series
-    if profile is not None:
+    if profile is not None and ranks is None:  # a multi-process cell is measured, not profiled
         row.update(profile_columns(ctx, cell, runtime, profile, row["step_time_ms_median"] / 1e3))
     return row, series
 
@@ -184,16 +184,14 @@ def mfu_columns(cell: Cell, tokens_per_s: float, runtime: Runtime, devices: int 
 
 def run_task(task: CellTask) -> CellResult:
     startup_s = time.time() - task.runtime.spawn_time if task.runtime.spawn_time is not None else None
-    ranks = None
     try:
-        ranks = distributed.join(task.cell)
-        row, series = measure_cell(task.cell, task.runtime, task.profile, ranks)
+        row, series = measure_cell(task.cell, task.runtime, task.profile, distributed.join(task.cell))
         return CellResult("ok", None, {"worker_startup_s": startup_s, **row}, series)
     except Exception as exc:  # noqa: BLE001 — every failure becomes a recorded status
         traceback.print_exc()  # the whole trace goes to the cell's log; the row keeps the last line
         status, message = classify(exc)
         if task.cell.ep > 1:
-            message = f"rank {os.environ.get('RANK', '?')}: {message}"
+            message = distributed.failure_message(message)
         return CellResult(status, message, {"worker_startup_s": startup_s}, [])
 
 

@@ -176,6 +176,17 @@ def test_a_sweep_runs_ep_cells_under_torchrun_and_a_crashing_rank_fails_its_cell
     assert prefill["tokens_per_s_median"] == pytest.approx(2 * prefill["tokens_per_step"] / (prefill["step_time_ms_median"] / 1e3))
 
 
+def test_a_rank_that_dies_without_a_word_fails_its_cell_through_the_survivor(tmp_path, monkeypatch):
+    """os._exit on rank 1: rank 0's collective loses its peer and its error (gloo's source-location
+    prefix stripped: the sweep's console would read it as markup) becomes the cell's."""
+    spec = ep_spec(parallel={"ep": 2}, axes={"workload": ["prefill"], "ffn": ["moe"]})
+    monkeypatch.setenv("DSBENCH_INJECT_FAULT", "exit@prefill/moe@rank=1")
+    run_sweep(spec, out=tmp_path / "run")
+    row = load_results(tmp_path / "run").cells.iloc[0]
+    assert row["status"] == "error" and row["error"].startswith("rank 0: ") and "peer" in row["error"], row["error"]
+    assert "[/" not in row["error"] and "\n" not in row["error"]
+
+
 def test_a_hanging_rank_times_out_and_no_rank_outlives_the_cell(tmp_path, monkeypatch):
     spec = ep_spec(parallel={"ep": 2}, axes={"workload": ["prefill"], "ffn": ["moe"]},
                    measure={**EP_SPEC["measure"], "timeout_s": 10})
