@@ -6,6 +6,7 @@ rank's slice of the test batch (ep_case.batch), syncs gradients and saves what t
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -16,7 +17,7 @@ from ep_case import batch, build
 
 def main(config_json: str, out_dir: str) -> None:
     case = json.loads(config_json)
-    ranks = distributed.Ranks(*[int(__import__("os").environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")])
+    ranks = distributed.Ranks(*[int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")])
     torch.distributed.init_process_group("gloo")
     model = build(case)
     inputs, targets = batch(case)

@@ -4,15 +4,20 @@ against one process with the same weights and the same global batch."""
 from __future__ import annotations
 
 import json
-import time
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
+from dsbench import spec as spec_lib
+from dsbench.errors import SpecError
+from dsbench.results import load_results
+from dsbench.runner import run_sweep, worker_command
 from ep_case import batch, build
 
 HERE = Path(__file__).parent
@@ -22,7 +27,7 @@ RMS_TOL = 1e-5  # fp32: the EP path sums the same products in another order (ind
 def run_ranks(case: dict, out: Path) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={case['ranks']}",
            str(HERE / "ep_ranks.py"), json.dumps(case), str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(case["ranks"])]
 
@@ -107,10 +112,6 @@ def test_device_limited_routing_reaches_at_most_topk_group_ranks(tmp_path):
 
 # --- the [parallel] section, cell identity, and cells run under torchrun ---
 
-from dsbench import spec as spec_lib  # noqa: E402
-from dsbench.errors import SpecError  # noqa: E402
-from dsbench.results import load_results  # noqa: E402
-from dsbench.runner import run_sweep, worker_command  # noqa: E402
 
 EP_SPEC = {
     "name": "ep", "device": "cpu", "model": {"size": "debug", "n_layers": 1},
