@@ -50,6 +50,7 @@ def static_row(cell: Cell) -> dict:
     row.update({k: cell.workload.get(k) for k in ("batch_size", "seq_len", "context_len", "new_tokens", "steps", "lr",
                                                   "mtp_lambda", "train_steps")})
     row["mtp"] = cfg.mtp
+    row.update(ep=cell.ep, redundant_experts=cell.parallel.get("redundant_experts", 0))
     row.update(warmup_steps=cell.measure["warmup"], repeats=cell.measure["repeats"], replicate=cell.measure.get("replicate", 0))
     row.update(seed=cell.seed, data=cell.data)
     row.update(accounting(cell))

@@ -103,6 +103,8 @@ _ENTRIES = (
     _cell("warmup_steps", "1", "measure.warmup: untimed steps first", fmt="int"),
     _cell("repeats", "1", "measure.repeats: timed steps (prefill/decode)", fmt="int"),
     _cell("replicate", "1", "which process of a cell run in several (measure.replicates)", fmt="int"),
+    _cell("ep", "1", "parallel.ep: expert-parallel ranks the cell ran on (1: one process)", fmt="int"),
+    _cell("redundant_experts", "1", "parallel.redundant_experts: EPLB replicas placed from the measured load (0: none)", fmt="int"),
     _cell("seed", "1", "the cell's seed", fmt="int"),
     _cell("data", "", "corpus: synthetic or a path", fmt="text"),
     _cell("mtp", "1", "multi-token-prediction modules D (V3 §2.2; 0: none)", fmt="int"),
@@ -173,7 +175,28 @@ _ENTRIES = (
     _host("model_flops_per_s", "speed", "FLOP/s", "flops_per_token × tokens/s", better="higher"),
     _host("peak_flops_per_s", "speed", "FLOP/s", "peak of the arithmetic in use (peak_source)"),
     _host("peak_source", "speed", "", "datasheet or this machine's calibrated matmul", fmt="text"),
-    _host("mfu", "speed", "1", "model_flops_per_s ÷ peak_flops_per_s", fmt="pct", better="higher", short="MFU"),
+    _host("mfu", "speed", "1", "model_flops_per_s ÷ peak_flops_per_s (ep > 1: ÷ ep peaks, one per rank)", fmt="pct",
+          better="higher", short="MFU"),
+    # Expert parallelism (dsbench/distributed.py): tokens_per_s_median of an ep cell counts every rank's batch.
+    _host("a2a_dispatch_ms", "speed", "ms", "ep > 1: per timed step, summed over MoE layers, the token counts' and rows' "
+          "all_to_all_single out to the experts' ranks (train: and its backward); perf_counter around each collective "
+          "(CUDA: synchronized before and after), so waiting for the slowest rank is in it; mean over ranks", better="lower"),
+    _host("a2a_combine_ms", "speed", "ms", "ep > 1: as a2a_dispatch_ms, the expert outputs' all_to_all_single back "
+          "(train: and its backward)", better="lower"),
+    _host("a2a_share", "speed", "1", "ep > 1: (a2a_dispatch_ms + a2a_combine_ms) ÷ the mean timed step (means over ranks); "
+          "on a CPU gloo moves the rows through shared memory, not a network", fmt="pct", better="lower"),
+    _host("tokens_per_s_per_rank", "speed", "tokens/s", "ep > 1: a rank's batch_size × seq_len ÷ its median step, mean over ranks",
+          fmt="int", better="higher"),
+    _m("a2a_bytes_per_token", "balance", "bytes/token", "ep > 1: row bytes a rank sends to other ranks per token it routes "
+       "(dispatch and combine, train: forward and backward; its rows to itself and the counts not included), mean over ranks",
+       better="lower"),
+    _m("ep_straggler_factor", "balance", "1", "ep > 1: max ÷ mean over ranks of the rows their experts received over the "
+       "timed steps, per MoE layer, mean over layers (1: balanced ranks)", better="lower"),
+    _m("ep_straggler_factor_eplb", "balance", "1", "parallel.redundant_experts > 0: ep_straggler_factor measured with the "
+       "EPLB placement (replicas of hot experts, each sender splitting an expert's rows evenly over them); "
+       "ep_straggler_factor is then what contiguous blocks would have given the same timed forwards", better="lower"),
+    _m("ranks_per_token", "balance", "ranks", "ep > 1: distinct ranks a token's routed experts sit on, mean over tokens "
+       "(device-limited routing: ≤ topk_group when n_group = ep)", better="lower"),
     # Peak memory moves ~1.5% between processes on one machine; only growth fails.
     _host("peak_mem_bytes", "memory", "bytes", "CUDA max allocated on a GPU, peak RSS on a CPU", fmt="mib", better="lower",
           check="relative", tolerance=0.15, worse="higher", short="peak MiB"),
@@ -289,7 +312,7 @@ for _entry in _ENTRIES:
 
 
 # spec.DOTTED_SECTIONS (tests/test_metrics.py holds them equal; importing spec here would load torch)
-DOTTED_SECTIONS = ("model", "attention", "ffn", "train", "prefill", "decode", "speculative")
+DOTTED_SECTIONS = ("model", "attention", "ffn", "train", "prefill", "decode", "speculative", "parallel")
 
 
 def dotted_axis(name: str) -> Metric | None:

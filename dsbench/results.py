@@ -152,9 +152,20 @@ def cells_frame(rows: list[dict], run_id: str | None) -> pd.DataFrame:
     for row in rows:
         columns += [k for k in row if k not in columns]
     frame = pd.DataFrame([{**row, "run_id": run_id} for row in rows], columns=columns)
+    for column in frame.columns[frame.dtypes == object]:
+        frame[column] = _uniform_axis_values(frame[column])
     if "cell_index" in frame:  # the sweep's expansion order, not the order files were listed
         frame = frame.sort_values("cell_index", kind="stable").reset_index(drop=True)
     return frame
+
+
+def _uniform_axis_values(values: pd.Series) -> pd.Series:
+    """A dotted axis of numbers is "n/a" on the cells it does not apply to ("parallel.ep" = [1, 2]
+    on a dense cell): parquet holds one type a column, so such a column is written as text."""
+    kinds = {type(v) for v in values if v is not None and v == v}  # v == v: not NaN
+    if str in kinds and len(kinds) > 1:
+        return values.map(lambda v: v if v is None or v != v else str(v))
+    return values
 
 
 def _series_entry(entry: list) -> list:

@@ -12,6 +12,7 @@ import dataclasses
 import datetime as dt
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -128,8 +129,15 @@ def run_cell_process(cell: Cell, store: ResultStore, runtime: Runtime, timeout_s
 
 
 def worker_command(cell: Cell, task_path: Path, result_path: Path) -> list[str]:
-    """The command line that runs one cell's worker (every executor runs this same command)."""
-    return [sys.executable, "-m", "dsbench.worker", str(task_path), str(result_path)]
+    """The command line that runs one cell's worker (every executor runs this same command).
+
+    A cell over R processes (parallel.ep = R) runs its worker under torchrun, one process per
+    rank on this node; torchrun picks a free port (--standalone) and ends every rank when one fails.
+    """
+    worker = ["-m", "dsbench.worker", str(task_path), str(result_path)]
+    if cell.ep == 1:
+        return [sys.executable, *worker]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cell.ep}", *worker]
 
 
 def _die_with_parent() -> None:
@@ -161,9 +169,17 @@ def oom_kills() -> int | None:
         return None
 
 
+TORCHRUN_ROOT_CAUSE = re.compile(r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)
+
+
 def _death_status(returncode: int, log_path: Path, oom_kills_before: int | None = None) -> tuple[str, str]:
     """Status for a worker that exited without writing its result."""
-    last = next((line for line in reversed(log_path.read_text(errors="replace").splitlines()) if line.strip()), "")
+    text = log_path.read_text(errors="replace")
+    if cause := TORCHRUN_ROOT_CAUSE.search(text):  # a multi-process cell: torchrun names the rank that failed first
+        rank, code = cause.groups()
+        how = f"died from {signal.Signals(-int(code)).name}" if int(code) < 0 else f"exited with code {code}"
+        return "error", f"rank {rank} {how} before the cell's result was written (torchrun's first observed failure)"
+    last = next((line for line in reversed(text.splitlines()) if line.strip()), "")
     tail = f"; last log line: {last[:300]}" if last else ""
     if returncode < 0:
         name = signal.Signals(-returncode).name

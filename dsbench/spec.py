@@ -46,7 +46,19 @@ class MeasureSettings:
     threads: int = field(default=0, metadata={"min": 0})  # torch threads per cell; 0 = the cores free when the cell starts, or OMP_NUM_THREADS (contention.py)
 
 
-SECTIONS = {**{name: w.Settings for name, w in WORKLOADS.items()}, "measure": MeasureSettings}
+@dataclass(frozen=True)
+class ParallelSettings:
+    """A cell over several processes (dsbench/distributed.py): routed FFN cells of the train and
+    prefill workloads only; elsewhere the section collapses to one process (n/a)."""
+
+    ep: int = field(default=1, metadata={"min": 1})  # expert-parallel ranks: routed experts split across them
+    # EPLB (V3 §3.4.1, inference): redundant expert replicas per MoE layer, placed from the load a calibration
+    # batch measured; prefill cells only (training would have to keep replicas' weights in step)
+    redundant_experts: int = field(default=0, metadata={"min": 0})
+
+
+PARALLEL_WORKLOADS = ("train", "prefill")  # the workloads whose cells run expert-parallel
+SECTIONS = {**{name: w.Settings for name, w in WORKLOADS.items()}, "measure": MeasureSettings, "parallel": ParallelSettings}
 # Fields the axes set; a section may not set them directly.
 AXIS_FIELDS = {("attention", "kind"): "attention", ("attention", "mla_impl"): "attention", ("ffn", "kind"): "ffn",
                ("ffn", "balance"): "balance", ("model", "precision"): "precision"}
@@ -75,6 +87,7 @@ class SweepSpec:
     decode: DecodeSettings = field(default_factory=DecodeSettings)
     speculative: SpeculativeSettings = field(default_factory=SpeculativeSettings)
     measure: MeasureSettings = field(default_factory=MeasureSettings)
+    parallel: ParallelSettings = field(default_factory=ParallelSettings)
     plugins: tuple[str, ...] = ()  # modules imported first: they register their own variants
     executor: ExecutorSettings = field(default_factory=ExecutorSettings)  # where cells run (not identity; may change on --resume)
     dotted: dict = field(default_factory=dict)  # dotted-key axes and their values over all points
@@ -92,6 +105,8 @@ class SweepSpec:
         recorded = dataclasses.asdict(dataclasses.replace(self, points=(), dotted={}, source={}))
         for key in ("points", "dotted", "source"):
             recorded.pop(key)
+        if self.parallel == ParallelSettings():  # specs without it record what they recorded before it existed
+            recorded.pop("parallel")
         recorded["axes"] = {**recorded["axes"], **{k: list(v) for k, v in self.dotted.items()}}
         # Only the executor settings given: a local run records the spec it recorded before executors existed.
         default = dataclasses.asdict(ExecutorSettings())
@@ -377,6 +392,48 @@ def _check_combinations(spec: SweepSpec) -> None:
                 raise SpecError(problem)
     _check_distinct_variants(spec)
     _check_workloads(spec)
+    _check_parallel(spec, configs)
+
+
+def _check_parallel(spec: SweepSpec, configs: list) -> None:
+    """ep must split every expert-parallel cell's routed experts evenly, and some cell must take it."""
+    p = spec.parallel
+    if p.ep == 1:
+        if p.redundant_experts:
+            raise SpecError(f"parallel.redundant_experts: {p.redundant_experts} needs parallel.ep > 1 (replicas are placed on ranks)")
+        return
+    taking = [(axes, cfg) for axes, cfg in configs if parallel_applies(axes)]
+    if not taking:
+        raise SpecError(f"parallel.ep: {p.ep} applies to routed FFN cells of the {' and '.join(PARALLEL_WORKLOADS)} workloads only; "
+                        f"this sweep has none (axes.ffn = {', '.join(spec.axes['ffn'])}, axes.workload = {', '.join(spec.axes['workload'])})")
+    if p.redundant_experts and not any(axes["workload"] == "prefill" for axes, _ in taking):
+        raise SpecError(f"parallel.redundant_experts: {p.redundant_experts} applies to prefill cells only (V3 deploys "
+                        f"redundant experts for inference, §3.4.1); add prefill to [axes] workload or drop the key")
+    for axes, cfg in taking:
+        n_routed = cfg.ffn.layout().n_routed
+        if n_routed % p.ep:
+            raise SpecError(f"parallel.ep: {p.ep} does not divide the {n_routed} routed experts of ffn = {axes['ffn']}; "
+                            f"use an ep that divides it (or change ffn.n_experts / granularity / n_shared)")
+        if axes["workload"] == "prefill" and (n_routed + p.redundant_experts) % p.ep:
+            raise SpecError(f"parallel.redundant_experts: {p.redundant_experts} + the {n_routed} routed experts of ffn = "
+                            f"{axes['ffn']} do not split over parallel.ep = {p.ep} ranks; use a multiple of {p.ep}")
+        if cfg.ffn.aux_device_alpha and cfg.ffn.n_devices != p.ep:
+            raise SpecError(f"ffn.n_devices: {cfg.ffn.n_devices} with parallel.ep = {p.ep}: the device-level balance loss "
+                            f"(aux_device_alpha) must group the experts by the ranks that hold them; set ffn.n_devices = {p.ep}")
+
+
+def parallel_applies(axes: dict) -> bool:
+    """Does [parallel] change this cell? Routed FFN cells of the expert-parallel workloads."""
+    return registry.FFN[axes["ffn"]].routed and axes["workload"] in PARALLEL_WORKLOADS
+
+
+def parallel_of(spec: SweepSpec, axes: dict) -> dict:
+    """A cell's parallel settings; empty for one process, so every one-process cell keeps its id."""
+    p = spec.parallel
+    if p.ep == 1 or not parallel_applies(axes):
+        return {}
+    redundant = p.redundant_experts if axes["workload"] == "prefill" else 0
+    return {"ep": p.ep, **({"redundant_experts": redundant} if redundant else {})}
 
 
 def _check_distinct_variants(spec: SweepSpec) -> None:
@@ -445,7 +502,7 @@ def expand(spec: SweepSpec, device: str) -> list[Cell]:
             workload = WORKLOADS[axes["workload"]]
             for settings in workload.cells_for(point, cfg):
                 for replica in replicas:
-                    cell = Cell(axes, cfg, settings, replica, spec.seed, spec.data, device, spec.plugins)
+                    cell = Cell(axes, cfg, settings, replica, spec.seed, spec.data, device, spec.plugins, parallel_of(point, axes))
                     cells.setdefault(cell.cell_id, cell)
     return list(cells.values())
 
@@ -456,4 +513,6 @@ def _applies(key: str, axes: dict) -> bool:
     section, name = key.split(".", 1)
     if section in PART_SECTIONS:
         return bool(registry.readers(section, name, (axes[section],)))
+    if section == "parallel":
+        return parallel_applies(axes)
     return section == "model" or section == axes["workload"]

@@ -5,7 +5,13 @@ CUDA state inside the cell. The runner reads RESULT.json; if the process dies be
 it (segfault, os._exit, SIGKILL), the runner records that itself.
 
 Fault injection for the harness's own tests: DSBENCH_INJECT_FAULT="KIND@SELECTOR" makes cells
-whose id or label contains SELECTOR fail with KIND (raise, oom, hang, nan, segfault, exit).
+whose id or label contains SELECTOR fail with KIND (raise, oom, hang, nan, segfault, exit);
+"KIND@SELECTOR@rank=R" only on rank R of a multi-process cell.
+
+A multi-process cell (parallel.ep = R, dsbench/distributed.py) runs this module on every rank
+under torchrun: rank 0 writes RESULT.json with what every rank measured; a rank that fails
+writes its error there first (the first failing rank wins) and exits non-zero, so torchrun
+ends the other ranks and the cell gets that rank's error, not a hang.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import traceback
 
 import torch
 
-from dsbench import accounting
+from dsbench import accounting, distributed
 from dsbench.contention import ContentionMeter, choose_threads
 from dsbench.data import load_dataset
 from dsbench.measure import NvmlSampler, current_rss_bytes, peak_memory, reset_peak_memory, summarize
@@ -43,10 +49,13 @@ def classify(exc: BaseException) -> tuple[str, str]:
     return "error", last_line
 
 
-def inject_fault(cell: Cell, model: torch.nn.Module) -> None:
-    """Apply the first DSBENCH_INJECT_FAULT entry ("KIND@SELECTOR", comma-separated) that matches."""
+def inject_fault(cell: Cell, model: torch.nn.Module, rank: int = 0) -> None:
+    """Apply the first DSBENCH_INJECT_FAULT entry ("KIND@SELECTOR[@rank=R]", comma-separated) that matches."""
     for entry in filter(None, os.environ.get("DSBENCH_INJECT_FAULT", "").split(",")):
         kind, _, selector = entry.partition("@")
+        selector, _, on_rank = selector.partition("@rank=")
+        if on_rank and int(on_rank) != rank:
+            continue
         if selector in cell.cell_id or selector in cell.label():
             _apply_fault(kind, cell, model)
             return
@@ -69,26 +78,34 @@ def _apply_fault(kind: str, cell: Cell, model: torch.nn.Module) -> None:
         os._exit(3)
 
 
-def measure_cell(cell: Cell, runtime: Runtime, profile: ProfileRequest | None = None) -> tuple[dict, list]:
+def measure_cell(cell: Cell, runtime: Runtime, profile: ProfileRequest | None = None,
+                 ranks: distributed.Ranks | None = None) -> tuple[dict, list]:
     """Build the model, run the workload, and return (metrics row, series rows).
 
-    profile: afterwards, profile the cell (dsbench/profile.py).
+    profile: afterwards, profile the cell (dsbench/profile.py). ranks: this process is one rank
+    of a multi-process cell (dsbench/distributed.py), whose process group it has joined.
     """
     device = torch.device(cell.device)
     precision = PRECISIONS[cell.model.precision]
     workload = workload_of(cell)
-    threads, threads_source = choose_threads(runtime.threads)
+    threads, threads_source = choose_threads(runtime.threads) if ranks is None else distributed.threads_per_rank(runtime.threads, ranks)
     torch.set_num_threads(threads)
     setup_start = time.perf_counter()
     data = load_dataset(cell.data, cell.seed)
     data.check_vocab(cell.model.vocab_size)
+    data = data if ranks is None else distributed.RankSlice(data, ranks)
     torch.manual_seed(cell.seed)
     model = build_model(cell.model).to(device)
     if not (workload.trains or workload.trains_first):
         model = model.to(precision.inference_dtype)
-    inject_fault(cell, model)
-    weights = WeightCache(runtime.weights_dir, cell.seed, cell.data) if runtime.weights_dir else None
-    ctx = Context(model, data, device, precision, cell.measure["warmup"], cell.measure["repeats"], weights=weights)
+    placements = None
+    if ranks is not None and cell.parallel.get("redundant_experts"):  # prefill cells only (spec.parallel_of)
+        calibration = data.batch(1, cell.workload["batch_size"], cell.workload["seq_len"])  # the timed steps use batch 0
+        placements = distributed.eplb_placements(model, ranks, calibration.inputs.to(device), cell.parallel["redundant_experts"])
+    shards = distributed.shard(model, ranks, placements)
+    inject_fault(cell, model, 0 if ranks is None else ranks.rank)
+    weights = WeightCache(runtime.weights_dir, cell.seed, cell.data) if runtime.weights_dir and ranks is None else None
+    ctx = Context(model, data, device, precision, cell.measure["warmup"], cell.measure["repeats"], weights=weights, ranks=ranks)
     setup_s = time.perf_counter() - setup_start
     rss_before = current_rss_bytes()
     reset_peak_memory(device)
@@ -96,18 +113,23 @@ def measure_cell(cell: Cell, runtime: Runtime, profile: ProfileRequest | None = 
     with NvmlSampler(device) as nvml, ContentionMeter(threads) as contention:
         run = workload.run(ctx, cell.workload)
     workload_s = time.perf_counter() - workload_start
+    ep_row = {}
+    if ranks is not None:
+        ep_row = distributed.ep_columns(shards, ranks, run, ctx.warmup, workload.trains)
+        run.tokens_per_step *= ranks.world  # the cell's step: every rank's batch (timed on rank 0)
     row = {"setup_s": setup_s, "workload_wall_s": workload_s, "rss_before_workload_bytes": rss_before,
            "torch_num_threads": threads, "threads_source": threads_source}
     row.update(timing_columns(run))
+    row.update(ep_row)
     row.update(contention.columns())
     row.update(peak_memory(device))
     row.update(energy_columns(nvml.summary(), run))
-    row.update(mfu_columns(cell, row["tokens_per_s_median"], runtime))
+    row.update(mfu_columns(cell, row["tokens_per_s_median"], runtime, 1 if ranks is None else ranks.world))
     row.update(run.summary)
     row["emulated"] = precision.emulated_on(device)
     row["speed_note"] = precision.speed_note(device)
     series = [point(s, "step_time_ms", 1e3 * t) for s, t in enumerate(run.step_times_s)] + run.series
-    if profile is not None:
+    if profile is not None and ranks is None:  # a multi-process cell is measured, not profiled
         row.update(profile_columns(ctx, cell, runtime, profile, row["step_time_ms_median"] / 1e3))
     return row, series
 
@@ -148,9 +170,10 @@ def energy_columns(nvml: dict, run: WorkloadRun) -> dict:
     return {**nvml, "energy_j_per_token": None if energy is None else energy / tokens}
 
 
-def mfu_columns(cell: Cell, tokens_per_s: float, runtime: Runtime) -> dict:
+def mfu_columns(cell: Cell, tokens_per_s: float, runtime: Runtime, devices: int = 1) -> dict:
+    """MFU against the peak of the devices the cell ran on (a multi-process cell: one per rank)."""
     achieved = accounting.flops_per_token(cell) * tokens_per_s
-    peak = runtime.peak_flops_per_s
+    peak = runtime.peak_flops_per_s * devices if runtime.peak_flops_per_s else None
     return {
         "model_flops_per_s": achieved,
         "peak_flops_per_s": peak,
@@ -162,11 +185,13 @@ def mfu_columns(cell: Cell, tokens_per_s: float, runtime: Runtime) -> dict:
 def run_task(task: CellTask) -> CellResult:
     startup_s = time.time() - task.runtime.spawn_time if task.runtime.spawn_time is not None else None
     try:
-        row, series = measure_cell(task.cell, task.runtime, task.profile)
+        row, series = measure_cell(task.cell, task.runtime, task.profile, distributed.join(task.cell))
         return CellResult("ok", None, {"worker_startup_s": startup_s, **row}, series)
     except Exception as exc:  # noqa: BLE001 — every failure becomes a recorded status
         traceback.print_exc()  # the whole trace goes to the cell's log; the row keeps the last line
         status, message = classify(exc)
+        if task.cell.ep > 1:
+            message = distributed.failure_message(message)
         return CellResult(status, message, {"worker_startup_s": startup_s}, [])
 
 
@@ -179,11 +204,31 @@ def write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_first(path: str, text: str) -> None:
+    """Write path unless it exists (the first failing rank's error is the cell's)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    try:
+        os.link(tmp, path)  # atomic, and fails if another rank got there first
+    except FileExistsError:
+        pass
+    os.unlink(tmp)
+
+
 def main(argv: list[str]) -> int:
     task_path, result_path = argv
     with open(task_path) as f:
         task = CellTask.from_json(f.read())
-    write_atomic(result_path, run_task(task).to_json())
+    result = run_task(task)
+    if task.cell.ep == 1:
+        write_atomic(result_path, result.to_json())
+        return 0
+    if result.status != "ok":  # non-zero: torchrun then ends the other ranks
+        write_first(result_path, result.to_json())
+        return 1
+    if os.environ.get("RANK") == "0":
+        write_atomic(result_path, result.to_json())
     return 0
 
 

@@ -143,3 +143,26 @@ def test_a_sweep_whose_tables_cannot_be_written_keeps_its_cells_and_does_not_say
     assert fragments(out) == 1
     monkeypatch.undo()
     assert len(load_results(out).cells) == 1  # rebuilt from the fragment
+
+
+def test_a_multi_process_cell_names_the_rank_torchrun_saw_fail_first(tmp_path):
+    log = tmp_path / "cell.log"
+    log.write_text("""rank 0 starting
+============================================================
+dsbench.worker FAILED
+------------------------------------------------------------
+Failures:
+  <NO_OTHER_FAILURES>
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-12-03_15:00:00
+  host      : box
+  rank      : 1 (local_rank: 1)
+  exitcode  : -11 (pid: 4242)
+  error_file: <N/A>
+  traceback : Signal 11 (SIGSEGV) received by PID 4242
+============================================================
+""")
+    status, message = runner._death_status(1, log)
+    assert (status, message) == ("error", "rank 1 died from SIGSEGV before the cell's result was written (torchrun's first observed failure)")

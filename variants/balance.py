@@ -111,6 +111,16 @@ class RoutingStats:
         rows = domains_N.repeat_interleave(K)
         self.domain_load_DE.index_put_((rows, expert_ids_NK.flatten()), torch.ones_like(rows, dtype=torch.float), accumulate=True)
 
+    def sum_loads(self, reduce) -> None:
+        """Replace the loads by reduce(load): an expert-parallel layer's, summed over its ranks, so
+        the balance metrics describe the global batch, not one rank's share."""
+        if self.train_load_SE:
+            self.train_load_SE = list(reduce(torch.stack(self.train_load_SE)).unbind(0))
+        if self.eval_load_E is not None:
+            self.eval_load_E = reduce(self.eval_load_E)
+        if self.domain_load_DE is not None:
+            self.domain_load_DE = reduce(self.domain_load_DE)
+
     def take_pending_load(self) -> torch.Tensor | None:
         load, self.pending_load_E = self.pending_load_E, None
         return load

@@ -33,6 +33,7 @@ from .balance import (
     sequence_balance_loss,
     update_bias,
 )
+from . import expert_parallel
 from .base import FeedForward, PartConfig, PartCost, PassShape, add_cost, at_least, choices
 from .ffn import DenseFFN, DenseFFNConfig, swiglu_costs
 from .fp8 import fp8_grouped_mm
@@ -350,6 +351,7 @@ class MoEFeedForward(FeedForward):
         self.stats = RoutingStats(lay.n_routed)
         self.aux_loss: torch.Tensor | None = None
         self.token_domains: tuple[torch.Tensor, tuple[str, ...]] | None = None  # set by the decoder
+        self.shard: expert_parallel.ExpertShard | None = None  # set by shard_experts: experts on several ranks
 
     @classmethod
     def build(cls, cfg: ModelConfig, layer_idx: int) -> nn.Module:
@@ -424,9 +426,7 @@ class MoEFeedForward(FeedForward):
                 routing.weights_NK = self.router.gate_weights(routing.scores_NE, routing.expert_ids_NK)
         with part("dispatch", self):
             plan = plan_dispatch(routing.expert_ids_NK, routing.weights_NK, self.lay.n_routed, self.capacity(B * T))
-            x_MC = x_NC[plan.token_M]
-        with part("experts", self):
-            expert_out_MC = self.experts(x_MC, plan.ends_E)
+        expert_out_MC = self.run_experts(x_NC, plan, routing)
         shared_NC = self.shared(x_NC) if self.shared is not None else None
         with part("dispatch", self):
             out_NC = combine(expert_out_MC, plan, B * T)
@@ -437,6 +437,21 @@ class MoEFeedForward(FeedForward):
         with part("routing_stats", self):
             self._observe(routing, plan, B, T)
         return out_NC.view(B, T, C)
+
+    def run_experts(self, x_NC: torch.Tensor, plan: Dispatch, routing: Routing) -> torch.Tensor:
+        """Each assignment row's expert output, in plan order: here, or on the ranks holding them."""
+        if self.shard is not None:
+            return expert_parallel.run_experts(x_NC, plan.token_M, plan.ends_E, self.experts, self.shard,
+                                               routing.expert_ids_NK, self.training, self)
+        with part("dispatch", self):
+            x_MC = x_NC[plan.token_M]
+        with part("experts", self):
+            return self.experts(x_MC, plan.ends_E)
+
+    def shard_experts(self, shard: expert_parallel.ExpertShard) -> None:
+        """Keep only this rank's block of routed experts; the rest of the layer stays replicated."""
+        expert_parallel.keep_local_experts(self.experts, shard)
+        self.shard = shard
 
     def capacity(self, n_tokens: int) -> int | None:
         """GShard's expert capacity: capacity_factor × the balanced share N·K/E (None: dropless)."""
@@ -469,10 +484,14 @@ class MoEFeedForward(FeedForward):
     def after_optimizer_step(self) -> None:
         load_E = self.stats.take_pending_load()
         if self.balance == "bias" and load_E is not None:
+            if self.shard is not None:  # every rank's tokens, so the replicated bias stays identical
+                load_E = expert_parallel.all_reduce_sum(load_E, self.shard)
             with part("balance", self):
                 update_bias(self.router.expert_bias_E, load_E, self.ffn_cfg.bias_update_rate, self.ffn_cfg.bias_zero_mean)
 
     def metrics(self, layer: int) -> tuple[list[dict], dict]:
+        if self.shard is not None:  # a collective: every rank reads its metrics at the end of the cell
+            self.stats.sum_loads(lambda load: expert_parallel.all_reduce_sum(load, self.shard))
         bias = self.router.expert_bias_E if self.balance == "bias" else None
         return self.stats.layer_metrics(layer, bias)
 

@@ -61,6 +61,7 @@ class Context:
     repeats: int
     observe: bool = True  # False (a profiled pass): only the steps, no metrics, no probes
     weights: object = None  # a dsbench.checkpoints.WeightCache: trained weights to save and reuse; None: none
+    ranks: object = None  # a dsbench.distributed.Ranks: this process is one rank of a multi-process cell; None: the only one
 
 
 class Workload(ABC):

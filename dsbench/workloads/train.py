@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsbench import distributed
 from dsbench.errors import SpecError
 from dsbench.measure import StepTimer
 from dsbench.variants import decoder, mtp, registry
@@ -106,8 +107,9 @@ class Train(WholeSequences):
                         total = out.total(loss_weights(settings))
                 with part("autograd"):
                     total.backward()
+                    distributed.sync_gradients(model, ctx.ranks)  # data parallel over the ranks (none: a no-op)
                 with part("grad_clip"):
-                    grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip).detach())
+                    grad_norms.append(distributed.clip_grad_norm(model, clip, ctx.ranks).detach())
                 with part("optimizer"):
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -116,7 +118,9 @@ class Train(WholeSequences):
             row_losses.append(out.lm_loss_per_row.detach())
             named_losses.append({**{name: loss.detach() for name, loss in out.losses.items()}, **out.observed})
             domain_labels.append(domains)
-        losses = torch.stack(row_losses).float().cpu()  # (steps, B)
+        # (steps, B); a multi-process cell's every rank's rows, so losses are the global batch's
+        losses = distributed.all_rows(torch.stack(row_losses).float().cpu(), ctx.ranks, dim=1)
+        domain_labels = list(distributed.all_rows(torch.stack(domain_labels).cpu(), ctx.ranks, dim=1))
         run = WorkloadRun(timer.samples_s(), self.tokens_per_step(settings), self.mean_context_len(settings))
         check_finite(losses.mean(dim=1), "train loss")
         run.series += _loss_series(losses, torch.stack(domain_labels), ctx.data.domains)
@@ -233,7 +237,7 @@ def _evaluate(ctx: Context, settings: dict, series: list) -> dict:
         per_row.append(out.lm_loss_per_row.float().cpu())
         depth_losses.append([float(v) for v in out.observed.values()])
         labels.append(domains)
-    losses, labels = torch.cat(per_row), torch.cat(labels)
+    losses, labels = (distributed.all_rows(torch.cat(t), ctx.ranks) for t in (per_row, labels))
     step = settings["steps"]
     summary = {"eval_loss": float(losses.mean())}
     if ctx.model.cfg.mtp:  # each depth on the same held-out batches (equal-size batches: a mean of means)
