@@ -64,11 +64,11 @@ class Headline:
         return float(np.median(self.ratios)) if self.ratios else float("nan")
 
     def spread(self) -> str:
-        """'×0.952 [0.94–0.97]', '×0.250' (all pairs equal) or '–'."""
+        """'×0.952 [0.940–0.970]', '×0.250' (every pair the same to 3 digits) or '–'."""
         if not self.ratios:
             return "–"
-        lo, hi = min(self.ratios), max(self.ratios)
-        return f"×{self.median:.3f}" + ("" if np.isclose(lo, hi, rtol=1e-9) else f" [{lo:.3f}–{hi:.3f}]")
+        lo, hi = f"{min(self.ratios):.3f}", f"{max(self.ratios):.3f}"
+        return f"×{self.median:.3f}" + ("" if lo == hi else f" [{lo}–{hi}]")
 
     def excluded(self) -> str:
         """'12 numerics-only, 12 emulated' or ''."""
