@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from fixture_results import make_cell, rich_cells, write_results
-from test_report import CHROMIUM, FLAGS, EVIL
+from test_report import CHROMIUM, FLAGS, rich, rich_report  # noqa: F401 (fixtures)
 
 from dsbench.report import build_report, prepare
 from dsbench.report.cards import by_comparison, cards
@@ -19,13 +19,8 @@ from dsbench.results import load_results
 
 
 @pytest.fixture(scope="module")
-def rich(tmp_path_factory) -> Path:
-    return write_results(tmp_path_factory.mktemp("res") / "rich", rich_cells(), name=EVIL)
-
-
-@pytest.fixture(scope="module")
-def report(rich, tmp_path_factory) -> Path:
-    return build_report([rich], out=tmp_path_factory.mktemp("rep") / "rich")
+def report(rich_report) -> Path:
+    return rich_report
 
 
 def card_of(found, title: str):
