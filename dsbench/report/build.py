@@ -6,6 +6,7 @@ from pathlib import Path
 
 from dsbench.check import load_checked
 from dsbench.report.data import prepare, safe_name
+from dsbench.report.first_screen import cards_section
 from dsbench.report.mtp import mtp_section
 from dsbench.report.profiles import profiles_section
 from dsbench.report.render import render_html, render_md
@@ -26,20 +27,19 @@ def build_report(results: list, out: str | Path | None = None, baseline: str | P
         d.mkdir(parents=True, exist_ok=True)
         for old in [*d.glob("*.png"), *d.glob("*.csv")]:  # a re-render leaves no stale figure behind
             old.unlink()
-    sections = [overview_section(data, tables_dir), failures_section(data, tables_dir), cells_section(data, tables_dir),
-                ablation_section(data, tables_dir)]
-    mtp = mtp_section(data, tables_dir)  # only when some cell trained with MTP or decoded speculatively
-    if mtp is not None:
-        sections.append(mtp)
+    # First the cards (every comparison's answer), then the figures; the rest below, collapsed.
+    sections = [cards_section(data, figures_dir, tables_dir), figures_section(data, figures_dir)]
     if baseline is not None:
         sections.append(baseline_section(data, Path(baseline), tables_dir))
     claims = claims_section(runs, tables_dir)  # only when the runs hold evidence for an empirical claim
-    if claims is not None:
-        sections.append(claims)
-    profiles = profiles_section(data, out, tables_dir)  # only when cells were profiled
-    if profiles is not None:
-        sections.append(profiles)
-    sections.append(figures_section(data, figures_dir))
+    details = [cells_section(data, tables_dir), ablation_section(data, tables_dir)]
+    details.append(mtp_section(data, tables_dir))  # only when some cell trained with MTP or decoded speculatively
+    details.append(profiles_section(data, out, tables_dir))  # only when cells were profiled
+    details += [failures_section(data, tables_dir), overview_section(data, tables_dir)]
+    for s in details:
+        if s is not None:
+            s.collapsed = True
+    sections += [s for s in (claims, *details) if s is not None]
     title = f"dsbench report: {', '.join(data.keys)}"
     (out / "index.html").write_text(render_html(title, sections), encoding="utf-8")
     (out / "index.md").write_text(render_md(title, sections, out), encoding="utf-8")

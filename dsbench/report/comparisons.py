@@ -30,11 +30,15 @@ def _two_panels(width: float = 11) -> tuple[Figure, list]:
     return fig, axes
 
 
-def _finish(axes: list) -> None:
+def _finish(fig: Figure, axes: list) -> None:
+    """Grids, and one legend for both panels (the left one's lines; the colours match) below them,
+    the figure grown to hold it: a legend never covers data."""
     for ax in axes:
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.set_figheight(fig.get_figheight() + 0.16 * -(-len(handles) // 2))
+        fig.legend(handles, labels, fontsize=7, loc="outside lower center", ncols=2, frameon=False)
 
 
 @figure("kv_context", "KV cache and decode speed vs context length", "Left: KV-cache bytes one sequence holds at that "
@@ -54,7 +58,7 @@ def draw_kv_context(data: ReportData):
         right.plot(g["context_len"], g["tokens_per_s_median"], marker="o", label=label + (" (emulated)" if emulated else ""), **style)
     left.set(xlabel="context length (tokens)", ylabel="KV cache per sequence (MiB)")
     right.set(xlabel="context length (tokens)", ylabel="decode tokens/s")
-    _finish([left, right])
+    _finish(fig, [left, right])
     return [("kv_context", fig)]
 
 
@@ -81,7 +85,7 @@ def draw_fp8_gap(data: ReportData):
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set(xlabel="training step", ylabel="loss gap fp8 − bf16 (nats/token)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    fig.legend(fontsize=7, loc="outside lower center", ncols=2, frameon=False)  # below the axes: never on a line
     return [("fp8_loss_gap", fig)]
 
 
@@ -135,5 +139,5 @@ def draw_scaling(data: ReportData):
         ax.axhline(1, color="black", linewidth=0.8)
         ax.set_xscale("log")
         ax.set(xlabel="model size: activated parameters of A (log scale)", ylabel=f"{what}, B ÷ A")
-    _finish([left, right])
+    _finish(fig, [left, right])
     return [("scaling", fig)]

@@ -121,8 +121,8 @@ def cells_section(data: ReportData, tables: Path) -> Section:
     header, rows, classes = cells_table(data)
     s = Section("Cells")
     s.text("Medians over the timed steps (warm-up excluded). Grey rows: emulated (speed means nothing); "
-           "blue rows: numerics only on this device.")
-    s.table(header, rows, classes)
+           "blue rows: numerics only on this device. Click a header to sort.")
+    s.table(header, rows, classes, sortable=True)
     notes = [str(n) for n in data.cells.get("speed_note", pd.Series(dtype=object)).dropna().unique() if n]
     for note in notes:
         s.text(f"Note: {note}")
