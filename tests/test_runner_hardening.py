@@ -82,7 +82,7 @@ def test_sigterm_ends_the_sweep_like_ctrl_c_and_exits_143(tiny_spec_file, tmp_pa
 
 
 def test_a_second_sweep_on_a_folder_in_use_is_refused(tiny_spec_file, tmp_path):
-    spec_path = tiny_spec_file(seq_lens=(8, 12, 16), context_lens=(8, 12, 16))
+    spec_path = tiny_spec_file(seq_lens=(8, 12), context_lens=(8,))
     out = tmp_path / "run"
     first = subprocess.Popen(sweep_command(spec_path, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
