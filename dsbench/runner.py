@@ -288,6 +288,10 @@ def run_sweep(
     """
     console = console or stderr_console()
     sweep_start = time.perf_counter()
+    if faults := os.environ.get("DSBENCH_INJECT_FAULT"):  # the harness's own tests: a typo would inject nothing
+        from dsbench.worker import check_faults  # on use: it imports the model code
+
+        check_faults(faults)
     executors.check_available(spec.executor)
     device = executors.resolve_device(spec.executor, device or spec.device, resolve_device)
     spec = dataclasses.replace(spec, device=device)

@@ -487,12 +487,19 @@ def _cell_configs(spec: SweepSpec):
         yield axes, part_configs(spec, axes, axes["balance"], axes["precision"])
 
 
+MAX_CELLS = 100_000  # a spec that expands further is a typo (replicates = 10000000), not a sweep
+
+
 def expand(spec: SweepSpec, device: str) -> list[Cell]:
     """The product of the axes, for each sweep point; balance and dotted axes collapse to n/a
     where they do not apply; duplicates run once."""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"expand() needs a resolved device (cpu or cuda), got {device!r}")
     cells: dict[str, Cell] = {}
+    for _, point in spec.each_point():
+        if point.measure.replicates > MAX_CELLS:
+            raise SpecError(f"measure.replicates: {point.measure.replicates} would expand to more than {MAX_CELLS:,} cells; "
+                            f"allowed: up to {MAX_CELLS:,}")
     for dotted, point in spec.each_point():
         measure = {"warmup": point.measure.warmup, "repeats": point.measure.repeats}
         # Replicate 0 is the plain cell, so its id matches an unreplicated run of the same spec.
@@ -504,6 +511,9 @@ def expand(spec: SweepSpec, device: str) -> list[Cell]:
                 for replica in replicas:
                     cell = Cell(axes, cfg, settings, replica, spec.seed, spec.data, device, spec.plugins, parallel_of(point, axes))
                     cells.setdefault(cell.cell_id, cell)
+                    if len(cells) > MAX_CELLS:
+                        raise SpecError(f"spec: {spec.name!r} expands to more than {MAX_CELLS:,} cells; allowed: up to {MAX_CELLS:,} "
+                                        "(split it, or sweep fewer values)")
     return list(cells.values())
 
 

@@ -38,10 +38,15 @@ def check_choice(key: str, value, allowed: tuple, error: type[ValueError] = Spec
     return value
 
 
+INT_MAX = 2**63 - 1  # what the results tables (parquet int64) can hold: a spec accepts no more
+
+
 def check_int(key: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         what = "a positive integer" if minimum == 1 else f"an integer ≥ {minimum}"
         raise SpecError(f"{key}: expected {what}, got {value!r}")
+    if value > INT_MAX:
+        raise SpecError(f"{key}: {value} is more than the results tables hold; allowed: up to 2**63 − 1")
     return value
 
 
@@ -87,6 +92,9 @@ def check_value(key: str, value, annotation, metadata) -> object:
         items = value if isinstance(value, list) else [value]
         if not items:
             raise SpecError(f"{key}: expected a non-empty list, got []")
+        for item in items:  # as the axes do: a repeated value would be one cell, silently
+            if items.count(item) > 1:
+                raise SpecError(f"{key}: {item!r} is listed twice; list each value once")
         return tuple(check_value(f"{key}", item, args[0], metadata) for item in items)
     raise TypeError(f"no checker for {annotation!r}")  # a programming error, not a user one
 

@@ -25,6 +25,7 @@ import traceback
 import torch
 
 from dsbench import accounting, distributed
+from dsbench.errors import UsageError
 from dsbench.contention import ContentionMeter, choose_threads
 from dsbench.data import load_dataset
 from dsbench.measure import NvmlSampler, current_rss_bytes, peak_memory, reset_peak_memory, summarize
@@ -59,6 +60,19 @@ def inject_fault(cell: Cell, model: torch.nn.Module, rank: int = 0) -> None:
         if selector in cell.cell_id or selector in cell.label():
             _apply_fault(kind, cell, model)
             return
+
+
+FAULT_KINDS = ("raise", "oom", "hang", "nan", "segfault", "exit")
+
+
+def check_faults(value: str) -> None:
+    """DSBENCH_INJECT_FAULT, checked before a sweep starts: an entry the worker would silently
+    ignore (an unknown kind, no selector, a rank that is not a number) is one line instead."""
+    for entry in filter(None, value.split(",")):
+        kind, at, selector = entry.partition("@")
+        selector, has_rank, on_rank = selector.partition("@rank=")
+        if kind not in FAULT_KINDS or not at or not selector or (has_rank and not on_rank.isdigit()):
+            raise UsageError(f"DSBENCH_INJECT_FAULT: {entry!r} is not KIND@SELECTOR[@rank=R]; KIND one of {', '.join(FAULT_KINDS)}")
 
 
 def _apply_fault(kind: str, cell: Cell, model: torch.nn.Module) -> None:

@@ -384,8 +384,11 @@ def test_expansion_product_size():
     assert [c.axes["workload"] for c in cells[:2]] == ["train", "train"]
 
 
-def test_duplicate_list_entries_run_once():
-    spec = parse_spec(_spec(axes={"workload": "prefill"}, prefill={"seq_lens": [128, 64, 128]}))
+def test_duplicate_list_entries_are_refused_as_the_axes_refuse_them():
+    """Issue 19: a repeated seq_len used to run once, silently; axes refuse repeats, so lists do too."""
+    with pytest.raises(SpecError, match="prefill.seq_lens: 128 is listed twice; list each value once"):
+        parse_spec(_spec(axes={"workload": "prefill"}, prefill={"seq_lens": [128, 64, 128]}))
+    spec = parse_spec(_spec(axes={"workload": "prefill"}, prefill={"seq_lens": [128, 64]}))
     assert [c.workload["seq_len"] for c in expand(spec, "cpu")] == [128, 64]
 
 
