@@ -52,7 +52,7 @@ def static_row(cell: Cell) -> dict:
     row["mtp"] = cfg.mtp
     row.update(ep=cell.ep, redundant_experts=cell.parallel.get("redundant_experts", 0))
     row.update(warmup_steps=cell.measure["warmup"], repeats=cell.measure["repeats"], replicate=cell.measure.get("replicate", 0))
-    row.update(seed=cell.seed, data=cell.data)
+    row.update(seed=cell.seed, data=cell.data, data_digest=cell.data_digest)
     row.update(accounting(cell))
     row.update(registry.ATTENTION[cfg.attention.kind].module.row_columns(cfg))
     row.update(registry.FFN[cfg.ffn.kind].module.row_columns(cfg))

@@ -29,6 +29,7 @@ class Cell:
     device: str
     plugins: tuple[str, ...] = ()  # imported before the config is rebuilt (not identity)
     parallel: dict = field(default_factory=dict)  # {"ep": R, …} for a cell over R processes; {} for one
+    data_digest: str | None = None  # what a data file holds (data.data_digest); None for the built-in corpora
 
     @property
     def ep(self) -> int:
@@ -41,7 +42,7 @@ class Cell:
     def identity(self) -> dict:
         """What the cell runs. The rule: the five named axes, the model config (each part holds
         only the fields its variant reads), the workload's settings, warmup/repeats/replicate,
-        seed, data and device, and the parallel settings of a multi-process cell (a one-process
+        seed, data (and a data file's content digest) and device, and the parallel settings of a multi-process cell (a one-process
         cell has none, so its id is what it was before they existed). Dotted axes are not
         identity (what they set is in the config or settings), so a cell has one id whichever
         sweep built it, and a new field, variant or setting changes no existing id unless
@@ -51,6 +52,8 @@ class Cell:
                     "measure": self.measure, "seed": self.seed, "data": self.data, "device": self.device}
         if self.parallel:
             identity["parallel"] = self.parallel
+        if self.data_digest is not None:  # a data file's contents, not only its path
+            identity["data_digest"] = self.data_digest
         return identity
 
     def label(self) -> str:
@@ -78,4 +81,5 @@ class Cell:
         model = dict(d["model"])
         parts = {s: registry.part_config(s, model[s]["kind"], model.pop(s))[0] for s in PART_SECTIONS}
         cfg = ModelConfig(**model, **parts)
-        return Cell(d["axes"], cfg, d["workload"], d["measure"], d["seed"], d["data"], d["device"], plugins, d.get("parallel", {}))
+        return Cell(d["axes"], cfg, d["workload"], d["measure"], d["seed"], d["data"], d["device"], plugins, d.get("parallel", {}),
+                    d.get("data_digest"))

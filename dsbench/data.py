@@ -25,6 +25,8 @@ every machine, and every model variant sees the same data.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -408,6 +410,45 @@ def _folder_dataset(folder: Path, seed: int) -> TokenDataset:
         raise DataError(f"data folder {str(folder)!r} holds no .txt files; allowed: {_ALLOWED_SOURCES}")
     corpora = [_read_corpus(path, "u1") for path in files]
     return TokenDataset(corpora, [path.stem for path in files], seed, str(folder))
+
+
+FULL_HASH_BYTES = 256 << 20  # files up to this size are hashed whole; larger ones by size, head and tail
+SAMPLE_BYTES = 16 << 20
+
+
+def data_digest(source: str | os.PathLike[str] | None) -> str | None:
+    """What a data source holds, as a digest cell identity can carry: None for the built-in
+    synthetic corpora (fixed by the seed); for a file, the sha256 of its bytes (a file over 256
+    MiB: of its size and its first and last 16 MiB, prefixed "sampled:"); for a folder, of its
+    .txt files' names and digests. A file that changes between cells, or between a run and its
+    --resume, so gives other cell ids instead of silently mixing corpora."""
+    if source is None or source in ("synthetic", "synthetic-long") or not str(source).strip():
+        return None
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.glob("*.txt") if p.is_file())
+        return hashlib.sha256("".join(f"{p.name}:{_file_digest(p)};" for p in files).encode()).hexdigest()
+    return _file_digest(path) if path.is_file() else None
+
+
+def _file_digest(path: Path) -> str:
+    stat = path.stat()
+    return _cached_file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_file_digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_BYTES:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+            return h.hexdigest()
+        h.update(str(size).encode())
+        h.update(f.read(SAMPLE_BYTES))
+        f.seek(size - SAMPLE_BYTES)
+        h.update(f.read(SAMPLE_BYTES))
+    return "sampled:" + h.hexdigest()
 
 
 def load_dataset(source: str | os.PathLike[str] | None, seed: int) -> TokenDataset:

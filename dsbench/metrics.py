@@ -107,6 +107,7 @@ _ENTRIES = (
     _cell("redundant_experts", "1", "parallel.redundant_experts: EPLB replicas placed from the measured load (0: none)", fmt="int"),
     _cell("seed", "1", "the cell's seed", fmt="int"),
     _cell("data", "", "corpus: synthetic or a path", fmt="text"),
+    _cell("data_digest", "", "a data file's sha256 (over 256 MiB: 'sampled:' its size, head and tail); empty for the synthetic corpora", fmt="text"),
     _cell("mtp", "1", "multi-token-prediction modules D (V3 §2.2; 0: none)", fmt="int"),
     _cell("mtp_lambda", "1", "train: λ of L_MTP = (λ/D)·Σ_k L_MTP^k (V3 eq. 25; mtp ≥ 1 only)"),
     _cell("train_steps", "1", "speculative: steps the model (MTP modules included) trained before decoding", fmt="int"),

@@ -306,9 +306,16 @@ def run_sweep(
 
 
 def _sweep(spec, cells, store, info, spec_dict, out, spec_source, rerun_failed, profile, device, console, sweep_start) -> SweepOutcome:
+    from dsbench.data import data_digest  # on use, as check_data: it imports torch
+
+    digest = data_digest(spec.data)
     if info is None:  # run.json first: a folder killed now still reads as this run's
         info = new_run_info(spec, spec_dict, out, spec_source, len(cells))
+        info["data_digest"] = digest
         store.write_run_info(info)
+    elif "data_digest" in info and info["data_digest"] != digest:  # the same path, other contents: cells would mix corpora
+        raise UsageError(f"--resume: data {spec.data!r} has changed since run {info['run_id']!r} started "
+                         f"(sha256 {str(info['data_digest'])[:12]}… then, {str(digest)[:12]}… now); use a new --out")
     store.create()
     timeout_s = spec.measure.timeout_s * (PROFILE_TIMEOUT_FACTOR if profile else 1)
     executor = executors.make_executor(spec.executor, store, run_cell_process, probe, timeout_s, profile, device, spec.name)

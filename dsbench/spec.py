@@ -495,6 +495,9 @@ def expand(spec: SweepSpec, device: str) -> list[Cell]:
     where they do not apply; duplicates run once."""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"expand() needs a resolved device (cpu or cuda), got {device!r}")
+    from dsbench.data import data_digest
+
+    digest = data_digest(spec.data)
     cells: dict[str, Cell] = {}
     for _, point in spec.each_point():
         if point.measure.replicates > MAX_CELLS:
@@ -509,7 +512,7 @@ def expand(spec: SweepSpec, device: str) -> list[Cell]:
             workload = WORKLOADS[axes["workload"]]
             for settings in workload.cells_for(point, cfg):
                 for replica in replicas:
-                    cell = Cell(axes, cfg, settings, replica, spec.seed, spec.data, device, spec.plugins, parallel_of(point, axes))
+                    cell = Cell(axes, cfg, settings, replica, spec.seed, spec.data, device, spec.plugins, parallel_of(point, axes), digest)
                     cells.setdefault(cell.cell_id, cell)
                     if len(cells) > MAX_CELLS:
                         raise SpecError(f"spec: {spec.name!r} expands to more than {MAX_CELLS:,} cells; allowed: up to {MAX_CELLS:,} "
