@@ -160,6 +160,16 @@ def bench_device(requested: str) -> tuple[torch.device, str, str]:
     return device, name, flush
 
 
+def print_and_save(rows: list[dict], print_table, json_path: str | None, device_name: str, flush: str) -> None:
+    """A kernel benchmark's ending: its table, and the rows as JSON where --json names a file."""
+    print_table(rows)
+    if json_path:
+        import json
+
+        with open(json_path, "w") as f:
+            json.dump({"device": device_name, "flush": flush, "rows": rows}, f, indent=2)
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory
 

@@ -22,13 +22,12 @@ meaningless speed. On a GPU below compute capability 8.9 FP8 rows are emulated t
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
 from dsbench.kernels import fp8_gemm as fg
 from dsbench.kernels import fp8_quant as fq
-from dsbench.measure import bench_device, time_calls
+from dsbench.measure import bench_device, print_and_save, time_calls
 
 # DeepSeek-V3 (hidden 7168, MoE expert width 2048, dense FFN width 18432, q LoRA rank 1536) at 4096 tokens
 GPU_SIZES = [(4096, 7168, 16384), (4096, 7168, 18432), (4096, 18432, 7168), (4096, 24576, 1536),
@@ -92,10 +91,7 @@ def main() -> None:
     sizes = [tuple(int(v) for v in s.split(",")) for s in args.size] or (GPU_SIZES if device.type == "cuda" else CPU_SIZES)
     print(f"device: {name}; {flush}; TFLOP/s = 2·M·N·K / median time; emulated rows: speed means nothing\n")
     rows = [row for shape in sizes for row in bench_size(*shape, device, args.reps)]
-    print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": name, "flush": flush, "rows": rows}, f, indent=2)
+    print_and_save(rows, print_table, args.json, name, flush)
 
 
 if __name__ == "__main__":

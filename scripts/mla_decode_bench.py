@@ -17,12 +17,11 @@ abs error against the reference. On a CPU only the reference runs (Triton needs 
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
 from dsbench.kernels import mla_decode as md
-from dsbench.measure import bench_device, time_calls
+from dsbench.measure import bench_device, print_and_save, time_calls
 
 H, DC, DR = 128, 512, 64  # DeepSeek-V3: heads, kv_lora_rank, qk_rope_head_dim
 SCALE = (128 + 64) ** -0.5  # V3's q/k head width before absorption: qk_nope 128 + qk_rope 64
@@ -72,10 +71,7 @@ def main() -> None:
              else GPU_CASES if device.type == "cuda" else CPU_CASES)
     print(f"device: {name}; {flush}; H={H}, Dc={DC}, Dr={DR}; cache GB/s = cache bytes / median time\n")
     rows = [row for B, S in cases for row in bench_case(B, S, device, args.reps)]
-    print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": name, "flush": flush, "rows": rows}, f, indent=2)
+    print_and_save(rows, print_table, args.json, name, flush)
 
 
 if __name__ == "__main__":
