@@ -13,7 +13,11 @@
 # Everything lands under $OUT (default ./gpu-check): summary.md (each step's status, time and
 # the benchmarks' tables), environment.json, and gpu_check.tar.gz with every log, results
 # folder, report and trace. A step that fails is recorded and the next one runs; the exit code
-# is the number of failed steps (0: all passed). Each step has its own time limit.
+# is the number of failed steps (0: all passed). Each step has its own time limit, cut to what
+# is left of the whole run's budget (GPU_CHECK_BUDGET_S, default 480 s), so that the summary and
+# the archive are always written before a caller's own time limit kills the script; a step with
+# under 20 s left is recorded as skipped. The archive leaves out profiler traces when it would
+# pass 15 MiB (the device tool brings back files of up to 16 MiB).
 #
 #   OUT=/tmp/gpu-check scripts/gpu_check.sh            # PYTHON=... to pick the interpreter
 set -uo pipefail
@@ -24,6 +28,7 @@ OUT="$(cd "$OUT" && pwd)"
 WORK="$(mktemp -d)"
 PY="${PYTHON:-python3}"
 SUMMARY="$OUT/summary.md"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-480}"
 failed=0
 export PYTHONUNBUFFERED=1
 
@@ -33,7 +38,13 @@ say() { echo "[gpu_check $(date -u +%T)] $*" >&2; }
 step() {
     local name=$1 limit=$2
     shift 2
-    local start=$SECONDS rc=0
+    local start=$SECONDS rc=0 left=$((BUDGET_S - SECONDS - 15))
+    if [ "$left" -lt 20 ]; then
+        echo "| $name | skipped: the run's ${BUDGET_S} s budget is spent | 0 | |" >> "$SUMMARY"
+        say "$name: skipped (budget spent)"
+        return 0
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
     say "$name (limit ${limit} s)"
     timeout --kill-after=10 "$limit" "$@" > "$WORK/logs/$name.log" 2>&1 || rc=$?
     local took=$((SECONDS - start)) status=ok
@@ -63,6 +74,10 @@ finish() {
         fi
     } >> "$SUMMARY"
     tar -C "$WORK" --exclude=./venv --exclude="*/weights" -czf "$OUT/gpu_check.tar.gz" . 2>/dev/null || say "could not write the archive"
+    if [ "$(stat -c %s "$OUT/gpu_check.tar.gz" 2>/dev/null || echo 0)" -gt $((15 * 1024 * 1024)) ]; then
+        say "archive over 15 MiB: written again without profiler traces"
+        tar -C "$WORK" --exclude=./venv --exclude="*/weights" --exclude="trace.json.gz" -czf "$OUT/gpu_check.tar.gz" . 2>/dev/null || say "could not write the archive"
+    fi
     say "done: $failed step(s) failed; $SUMMARY, $OUT/gpu_check.tar.gz"
 }
 trap finish EXIT
