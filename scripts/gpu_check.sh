@@ -105,25 +105,34 @@ step nvidia_smi 30 nvidia-smi -q
 step versions 60 "$PY" -c "import torch, triton, platform; print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'device', torch.cuda.get_device_name(0), 'capability', torch.cuda.get_device_capability(0))"
 
 # --- 2. install: a venv over the machine's own packages; only dsbench itself goes in.
-install() {
-    "$PY" -m venv --system-site-packages "$WORK/venv" || return 1
+install_dsbench() {
+    "$PY" -m venv "$WORK/venv" || return 1
+    # $PY may itself be a venv (the H200 image's is), whose packages --system-site-packages would
+    # not show: a .pth file puts $PY's own site-packages on the new venv's path instead.
+    "$PY" -c 'import site; print("\n".join(site.getsitepackages()))' \
+        > "$("$WORK/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/parent-site.pth" || return 1
     # shellcheck disable=SC1091
     . "$WORK/venv/bin/activate"
     pip install --quiet --no-deps --no-build-isolation -e . 2>&1 || pip install --quiet -e ".[test]" || return 1
-    python -c "import dsbench, dsbench.variants, dsbench.kernels; print('dsbench', dsbench.__version__, 'from', dsbench.__file__)"
+    python -c "import torch, typer, pytest, dsbench, dsbench.variants, dsbench.kernels; print('dsbench', dsbench.__version__, 'from', dsbench.__file__, 'torch', torch.__version__)"
 }
-step install 240 install
+# `timeout` runs programs, not shell functions: the function goes to a child bash.
+export WORK PY
+step install 240 bash -c "$(declare -f install_dsbench); install_dsbench"
 # shellcheck disable=SC1091
 [ -f "$WORK/venv/bin/activate" ] && . "$WORK/venv/bin/activate"
-if ! python -c "import dsbench" 2>/dev/null; then
+if ! python -c "import torch, dsbench" 2>/dev/null; then
     say "dsbench could not be installed; see the install log"
     exit 1
 fi
 step probe 120 bash -c "python -m dsbench.probe cuda bf16,fp8 1 > '$OUT/environment.json'"
 
 # --- 3. tests on the GPU
-step gpu_tests 150 python -m pytest -q -m gpu -p no:cacheprovider
-step kernel_tests 150 python -m pytest -q -p no:cacheprovider tests/test_mla_kernel.py tests/test_fp8.py
+# TRITON_INTERPRET=0: the compiled kernels. (Under the interpreter, Triton 3.6 with numpy 2.5 fails
+# on a loop bound computed from program_id, "only 0-dimensional arrays can be converted to Python
+# scalars", seen on the H200 image 2026-12-04; the CPU suite runs Triton 3.9's interpreter.)
+step gpu_tests 150 env TRITON_INTERPRET=0 python -m pytest -q -m gpu -p no:cacheprovider
+step kernel_tests 150 env TRITON_INTERPRET=0 python -m pytest -q -p no:cacheprovider tests/test_mla_kernel.py tests/test_fp8.py
 
 # --- 4. a short sweep and its report
 step gpu_small_sweep 200 dsbench run sweep --preset gpu-small --out "$WORK/results/gpu-small"
