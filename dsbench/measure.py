@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from dsbench import compiled
 from dsbench.variants import profiling
 
 __all__ = [
@@ -57,7 +58,8 @@ class StepTimer:
     CPU (and other devices): `time.perf_counter` around the block, after a `sync`.
 
     Warm-up: time warm-up steps with `record=False` (they run but leave no sample), or call
-    `reset()` to drop everything recorded so far.
+    `reset()` to drop everything recorded so far. In a compiled cell (dsbench/compiled.py) a step
+    during which torch.compile compiled or recorded a CUDA graph leaves no sample either.
     """
 
     def __init__(self, device: torch.device | str, kind: str = profiling.STEP):
@@ -69,13 +71,29 @@ class StepTimer:
 
     @contextlib.contextmanager
     def step(self, record: bool = True) -> Iterator[None]:
+        watch = compiled.active_watch()
         with profiling.step_range(self.kind if record else profiling.WARMUP):
-            if not record:
-                yield
-            elif self._use_events:
-                yield from self._step_events()
-            else:
-                yield from self._step_host_clock()
+            if watch is None:
+                yield from self._step(record)
+                return
+            # A compiled cell: a step during which something compiled leaves no sample.
+            compiled.step_begin()
+            before = len(self)
+            with watch.step(record and self.kind != profiling.WARMUP) as watched:
+                yield from self._step(record)
+            if watched.compiled and len(self) > before:
+                self._drop_last()
+
+    def _step(self, record: bool) -> Iterator[None]:
+        if not record:
+            yield
+        elif self._use_events:
+            yield from self._step_events()
+        else:
+            yield from self._step_host_clock()
+
+    def _drop_last(self) -> None:
+        (self._pending or self._samples_s).pop()
 
     def _step_events(self) -> Iterator[None]:
         start = torch.cuda.Event(enable_timing=True)

@@ -278,6 +278,18 @@ _ENTRIES = (
     _host("torch_num_threads", "contention", "threads", "torch intra-op threads", fmt="int"),
     _host("threads_source", "contention", "", "how the thread count was chosen", fmt="text"),
     _host("worker_startup_s", "overhead", "s", "subprocess start to cell start"),
+    _cell("compile_mode", "", "compile | compile-graphs (dsbench/compiled.py); eager cells have none", fmt="text", owner="measure.compile"),
+    _host("compile_s", "overhead", "s", "compiled cells: wall time of the steps during which torch.compile compiled or recorded a "
+          "CUDA graph (dropped from the samples)", better="lower"),
+    _m("compiles", "overhead", "1", "compiled cells: frames dynamo converted, recompilations and graph-break resumes included", fmt="int"),
+    _m("compile_steps", "overhead", "steps", "compiled cells: steps dropped from the samples because something compiled in them", fmt="int"),
+    _m("timed_compile_steps", "overhead", "steps", "compiled cells: of those, steps past the warm-up (recompilation while timed)",
+       fmt="int", better="lower"),
+    _m("compile_settled", "flag", "", "compiled cells: false when the cell still compiled after its extra rounds "
+       "(compiled.SETTLE_LIMIT): its samples are fewer than asked", fmt="bool"),
+    _m("graph_breaks", "overhead", "1", "compiled cells: graph breaks dynamo counted (the code between ran eager)", fmt="int", better="lower"),
+    _m("graph_break_reasons", "overhead", "", "compiled cells: the most frequent graph-break reasons, with counts", fmt="text"),
+    _m("cudagraph_recordings", "overhead", "1", "compile-graphs cells: CUDA graphs recorded (one per distinct shape)", fmt="int"),
     _host("setup_s", "overhead", "s", "model build and data"),
     _host("workload_wall_s", "overhead", "s", "the workload's wall time"),
     _host("cell_wall_s", "overhead", "s", "the cell's wall time, start to fragment"),
@@ -313,14 +325,15 @@ for _entry in _ENTRIES:
 
 
 # spec.DOTTED_SECTIONS (tests/test_metrics.py holds them equal; importing spec here would load torch)
-DOTTED_SECTIONS = ("model", "attention", "ffn", "train", "prefill", "decode", "speculative", "parallel")
+DOTTED_SECTIONS = ("model", "attention", "ffn", "train", "prefill", "decode", "speculative", "measure", "parallel")
+DOTTED_MEASURE_KEYS = ("compile",)  # spec.DOTTED_MEASURE_KEYS
 
 
 def dotted_axis(name: str) -> Metric | None:
     """A dotted-key axis column ("model.size", "ffn.n_experts"): named by the spec, so registered
     by its form rather than one entry each."""
     section, dot, field = name.partition(".")
-    if not (dot and field and section in DOTTED_SECTIONS):
+    if not (dot and field and section in DOTTED_SECTIONS) or (section == "measure" and field not in DOTTED_MEASURE_KEYS):
         return None
     return Metric(name, "axis", "", f"dotted-key axis: the cell's [{section}] {field} (n/a where its variant or workload does not read it)",
                   fmt="text")

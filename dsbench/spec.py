@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from dsbench.cell import AXES, PART_SECTIONS, Cell
+from dsbench import compiled
 from dsbench.errors import SpecError
 from dsbench.executors import ExecutorSettings
 from dsbench.validate import as_table, check_choice, check_float, check_int, check_section, check_str, check_value, reject_unknown  # noqa: F401
@@ -44,6 +45,8 @@ class MeasureSettings:
     calibrate: bool = True  # measure this machine's matmul rate for MFU where no datasheet peak applies
     replicates: int = 1  # run each cell this many times, each in its own process (repeatability)
     threads: int = field(default=0, metadata={"min": 0})  # torch threads per cell; 0 = the cores free when the cell starts, or OMP_NUM_THREADS (contention.py)
+    # eager, or torch.compile without or with CUDA graphs (dsbench/compiled.py); sweep it as "measure.compile"
+    compile: str = field(default="eager", metadata={"choices": compiled.MODES})
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,9 @@ MODEL_KEYS = ("size", "d_model", "n_layers", "vocab_size", "max_seq_len", "norm_
 SWEEP_KEYS = ("model", *PART_SECTIONS, "axes", *SECTIONS)
 TOP_KEYS = ("name", "description", "device", "seed", "data", "plugins", "executor", "sweep", *SWEEP_KEYS)
 # Sections whose fields can be swept as dotted-key axes ("ffn.n_experts" = [8, 64]).
-DOTTED_SECTIONS = ("model", *PART_SECTIONS, *(k for k in SECTIONS if k != "measure"))
+DOTTED_SECTIONS = ("model", *PART_SECTIONS, *SECTIONS)
+# The [measure] keys that change what a cell runs, so can be swept; the rest say only how it is timed.
+DOTTED_MEASURE_KEYS = ("compile",)
 
 
 @dataclass(frozen=True)
@@ -267,6 +272,8 @@ def dotted_field_exists(key: str) -> bool:
         return bool(registry.readers(section, name))
     if section == "model":
         return name in MODEL_KEYS
+    if section == "measure":
+        return name in DOTTED_MEASURE_KEYS
     return section in SECTIONS and name in SECTIONS[section].__dataclass_fields__
 
 
@@ -276,6 +283,9 @@ def _check_dotted(dotted: dict, raw: dict) -> dict[str, list]:
         if section not in DOTTED_SECTIONS or not name:
             raise SpecError(f"axes.{key}: unknown key; allowed: {', '.join(AXES)}, or a dotted key section.field "
                             f"with section one of {', '.join(DOTTED_SECTIONS)}")
+        if section == "measure" and name not in DOTTED_MEASURE_KEYS:
+            raise SpecError(f"axes.{key}: measure.{name} says how cells are timed, not what they run; "
+                            f"the [measure] keys an axis can sweep: {', '.join(DOTTED_MEASURE_KEYS)}")
         values = value if isinstance(value, list) else [value]
         if not values:
             raise SpecError(f"axes.{key}: empty list; list the values to sweep")
@@ -504,7 +514,11 @@ def expand(spec: SweepSpec, device: str) -> list[Cell]:
             raise SpecError(f"measure.replicates: {point.measure.replicates} would expand to more than {MAX_CELLS:,} cells; "
                             f"allowed: up to {MAX_CELLS:,}")
     for dotted, point in spec.each_point():
+        if problem := compiled.check_mode(point.measure.compile, device):
+            raise SpecError(problem)
         measure = {"warmup": point.measure.warmup, "repeats": point.measure.repeats}
+        if point.measure.compile != "eager":  # identity: an eager cell's id is what it was before compiling existed
+            measure["compile"] = point.measure.compile
         # Replicate 0 is the plain cell, so its id matches an unreplicated run of the same spec.
         replicas = [measure] + [{**measure, "replicate": r} for r in range(1, point.measure.replicates)]
         for axes, cfg in _cell_configs(point):
@@ -528,4 +542,4 @@ def _applies(key: str, axes: dict) -> bool:
         return bool(registry.readers(section, name, (axes[section],)))
     if section == "parallel":
         return parallel_applies(axes)
-    return section == "model" or section == axes["workload"]
+    return section in ("model", "measure") or section == axes["workload"]

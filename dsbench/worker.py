@@ -24,7 +24,7 @@ import traceback
 
 import torch
 
-from dsbench import accounting, distributed
+from dsbench import accounting, compiled, distributed
 from dsbench.errors import UsageError
 from dsbench.contention import ContentionMeter, choose_threads
 from dsbench.data import load_dataset
@@ -118,6 +118,7 @@ def measure_cell(cell: Cell, runtime: Runtime, profile: ProfileRequest | None = 
         placements = distributed.eplb_placements(model, ranks, calibration.inputs.to(device), cell.parallel["redundant_experts"])
     shards = distributed.shard(model, ranks, placements)
     inject_fault(cell, model, 0 if ranks is None else ranks.rank)
+    watch = compiled.compile_model(model, cell.measure.get("compile", "eager"), workload.trains)
     weights = WeightCache(runtime.weights_dir, cell.seed, cell.data) if runtime.weights_dir and ranks is None else None
     ctx = Context(model, data, device, precision, cell.measure["warmup"], cell.measure["repeats"], weights=weights, ranks=ranks)
     setup_s = time.perf_counter() - setup_start
@@ -140,6 +141,8 @@ def measure_cell(cell: Cell, runtime: Runtime, profile: ProfileRequest | None = 
     row.update(energy_columns(nvml.summary(), run))
     row.update(mfu_columns(cell, row["tokens_per_s_median"], runtime, 1 if ranks is None else ranks.world))
     row.update(run.summary)
+    if watch is not None:  # an eager cell's row has no compile columns, as before they existed
+        row.update(watch.columns())
     row["emulated"] = precision.emulated_on(device)
     row["speed_note"] = precision.speed_note(device)
     series = [point(s, "step_time_ms", 1e3 * t) for s, t in enumerate(run.step_times_s)] + run.series

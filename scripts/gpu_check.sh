@@ -5,7 +5,8 @@
 #      when torch, triton, pandas, pyarrow, matplotlib, typer, rich and pytest are already there);
 #   3. the `gpu`-marked tests and the kernel tests (FP8 GEMM/quant and MLA decode against their
 #      references) on the GPU;
-#   4. a short `gpu-small` sweep (bf16 train, prefill, decode of the medium model) and its report;
+#   4. a short `gpu-small` sweep (bf16 train, prefill, decode of the medium model) and its report,
+#      then `compiled-gpu` (eager vs torch.compile vs CUDA graphs) and its report;
 #   5. the FP8 GEMM and MLA-decode kernel benchmarks (CUDA events per call, L2 flushed before
 #      each: dsbench.measure.time_calls);
 #   6. one profiled GPU cell (time per part, roofline, memory, a Perfetto trace);
@@ -16,7 +17,8 @@
 # is the number of failed steps (0: all passed). Each step has its own time limit, cut to what
 # is left of the whole run's budget (GPU_CHECK_BUDGET_S, default 480 s), so that the summary and
 # the archive are always written before a caller's own time limit kills the script; a step with
-# under 20 s left is recorded as skipped. The archive leaves out profiler traces when it would
+# under 20 s left is recorded as skipped. GPU_CHECK_STEPS=name,name runs only those steps (and the
+# environment, install and probe steps), to rerun what failed. The archive leaves out profiler traces when it would
 # pass 15 MiB (the device tool brings back files of up to 16 MiB).
 #
 #   OUT=/tmp/gpu-check scripts/gpu_check.sh            # PYTHON=... to pick the interpreter
@@ -29,6 +31,7 @@ WORK="$(mktemp -d)"
 PY="${PYTHON:-python3}"
 SUMMARY="$OUT/summary.md"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-480}"
+ALWAYS="nvidia_smi,versions,install,probe"  # run whatever GPU_CHECK_STEPS selects
 failed=0
 export PYTHONUNBUFFERED=1
 
@@ -39,6 +42,10 @@ step() {
     local name=$1 limit=$2
     shift 2
     local start=$SECONDS rc=0 left=$((BUDGET_S - SECONDS - 15))
+    if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ ",$ALWAYS,$GPU_CHECK_STEPS," != *",$name,"* ]]; then
+        echo "| $name | skipped: not in GPU_CHECK_STEPS | 0 | |" >> "$SUMMARY"
+        return 0
+    fi
     if [ "$left" -lt 20 ]; then
         echo "| $name | skipped: the run's ${BUDGET_S} s budget is spent | 0 | |" >> "$SUMMARY"
         say "$name: skipped (budget spent)"
@@ -137,6 +144,10 @@ step kernel_tests 150 env TRITON_INTERPRET=0 python -m pytest -q -p no:cacheprov
 # --- 4. a short sweep and its report
 step gpu_small_sweep 200 dsbench run sweep --preset gpu-small --out "$WORK/results/gpu-small"
 step gpu_small_report 60 dsbench report "$WORK/results/gpu-small" --out "$WORK/results/gpu-small-report"
+
+# --- 4b. eager vs torch.compile vs CUDA graphs (decode is launch-bound in eager on a GPU)
+step compiled_gpu_sweep 420 dsbench run sweep --preset compiled-gpu --out "$WORK/results/compiled-gpu"
+step compiled_gpu_report 60 dsbench report "$WORK/results/compiled-gpu" --out "$WORK/results/compiled-gpu-report"
 
 # --- 5. kernel benchmarks
 step fp8_gemm_bench 120 python scripts/fp8_gemm_bench.py --device cuda --reps 20 --json "$WORK/results/fp8_gemm_bench.json"

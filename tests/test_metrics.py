@@ -29,6 +29,9 @@ def test_dotted_axis_columns_are_registered_by_their_form():
     from dsbench.spec import DOTTED_SECTIONS
 
     assert metrics.DOTTED_SECTIONS == DOTTED_SECTIONS
+    from dsbench.spec import DOTTED_MEASURE_KEYS
+
+    assert metrics.DOTTED_MEASURE_KEYS == DOTTED_MEASURE_KEYS
     assert metrics.metric_of("model.size").group == "axis" and metrics.metric_of("ffn.n_experts").group == "axis"
     assert metrics.metric_of("measure.warmup") is None and metrics.metric_of("window") is None
 

@@ -175,6 +175,11 @@ class Fp8Linear(nn.Linear):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe}"
 
+    # Eager under torch.compile (a graph break, counted in a compiled cell's row): inductor's CPU
+    # code generator fails an assertion on the block-wise backward, and the compiled forward gave
+    # NaN (torch 2.13, 2026-12-04); the weight cache keys on the tensor's version, which dynamo
+    # would guard on at every optimizer step.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _Fp8LinearFn.apply(x, self.weight, self._quantised_weight(), self.recipe, self.fp8_probe)
 
@@ -240,6 +245,7 @@ class _Fp8GroupedMmFn(torch.autograd.Function):
         return dx, dw.to(w_dtype), None, None, None
 
 
+@torch.compiler.disable  # eager under torch.compile, as Fp8Linear.forward
 def fp8_grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor, recipe: str = "blockwise",
                    probe: QuantisationProbe | None = None) -> torch.Tensor:
     """The FP8 counterpart of moe.grouped_mm: rows ends[e−1]:ends[e] of x times w[e]."""

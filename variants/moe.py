@@ -234,6 +234,8 @@ def _grouped_mm_runs(x: torch.Tensor, w_EKN: torch.Tensor) -> bool:
     aligned = all(n * x.element_size() % 16 == 0 for n in w_EKN.shape[1:])
     if not hasattr(torch, "_grouped_mm") or not aligned:
         return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False  # its fake-tensor kernel, which torch.compile traces with, takes bf16 only (torch 2.13)
     if x.device.type == "cpu":
         return True
     return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)

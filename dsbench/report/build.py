@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dsbench.check import load_checked
+from dsbench.report.compiled import compiled_section
 from dsbench.report.data import prepare, safe_name
 from dsbench.report.first_screen import cards_section
 from dsbench.report.mtp import mtp_section
@@ -33,6 +34,7 @@ def build_report(results: list, out: str | Path | None = None, baseline: str | P
         sections.append(baseline_section(data, Path(baseline), tables_dir))
     claims = claims_section(runs, tables_dir)  # only when the runs hold evidence for an empirical claim
     details = [cells_section(data, tables_dir), ablation_section(data, tables_dir)]
+    details.append(compiled_section(data, tables_dir))  # only when some cell ran under torch.compile
     details.append(mtp_section(data, tables_dir))  # only when some cell trained with MTP or decoded speculatively
     details.append(profiles_section(data, out, tables_dir))  # only when cells were profiled
     details += [failures_section(data, tables_dir), overview_section(data, tables_dir)]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dsbench import compiled
 from dsbench.errors import SpecError
 from dsbench.measure import StepTimer
 from dsbench.variants import decoder
@@ -119,12 +120,13 @@ class Decode(Workload):
         rows = max(1, MAX_PREFILL_TOKENS // L) if "memory_budget_bytes" in settings else B
         if ctx.warmup:
             _generate(model, context, caches, min(ctx.warmup, N), StepTimer(ctx.device, WARMUP), StepTimer(ctx.device, WARMUP), rows, domains)
-        for _ in range(math.ceil(ctx.repeats / N)):
+        for _ in compiled.rounds(math.ceil(ctx.repeats / N), lambda: len(token_timer) >= ctx.repeats):
             last_logits = _generate(model, context, caches, N, prefill_timer, token_timer, rows, domains)
         check_finite(last_logits.float(), "decode logits")
         run = WorkloadRun(token_timer.samples_s(), self.tokens_per_step(settings), self.mean_context_len(settings))
         prefill_s = prefill_timer.samples_s()
-        run.summary["prefill_time_ms"] = 1e3 * sorted(prefill_s)[len(prefill_s) // 2]
+        # None: every prefill compiled (a compiled cell's rounds each met a new shape)
+        run.summary["prefill_time_ms"] = 1e3 * sorted(prefill_s)[len(prefill_s) // 2] if prefill_s else None
         run.summary["kv_cache_bytes_per_token_measured"] = sum(c.live_bytes_per_token() for c in caches)
         run.series += [point(i, "prefill_time_ms", 1e3 * t) for i, t in enumerate(prefill_s)]
         add_part_metrics(ctx, run)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dsbench import compiled
 from dsbench.errors import SpecError
 from dsbench.measure import StepTimer
 
@@ -46,7 +47,7 @@ class Prefill(WholeSequences):
         model.set_token_domains(batch.domains, ctx.data.domains)
         dtype = ctx.precision.inference_dtype
         timer = StepTimer(ctx.device)
-        for i in range(ctx.warmup + ctx.repeats):
+        for i in compiled.rounds(ctx.warmup + ctx.repeats, lambda: len(timer) >= ctx.repeats):
             caches = model.new_caches(B, T, dtype, ctx.device)  # serving preallocates: not timed
             with timer.step(record=i >= ctx.warmup):
                 logits = model(inputs, 0, caches)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsbench import distributed
+from dsbench import compiled, distributed
 from dsbench.errors import SpecError
 from dsbench.measure import StepTimer
 from dsbench.variants import decoder, mtp, registry
@@ -115,8 +115,9 @@ class Train(WholeSequences):
                     optimizer.zero_grad(set_to_none=True)
                 model.after_optimizer_step()
             # Kept on the device and read once at the end: a per-step .item() would sync the GPU.
-            row_losses.append(out.lm_loss_per_row.detach())
-            named_losses.append({**{name: loss.detach() for name, loss in out.losses.items()}, **out.observed})
+            row_losses.append(compiled.keep(out.lm_loss_per_row.detach()))
+            named_losses.append({**{name: compiled.keep(loss.detach()) for name, loss in out.losses.items()},
+                                 **{name: compiled.keep(value) for name, value in out.observed.items()}})
             domain_labels.append(domains)
         # (steps, B); a multi-process cell's every rank's rows, so losses are the global batch's
         losses = distributed.all_rows(torch.stack(row_losses).float().cpu(), ctx.ranks, dim=1)

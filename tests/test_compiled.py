@@ -1,0 +1,184 @@
+"""Compiled measurement (dsbench/compiled.py): torch.compile with inductor on this CPU computes
+what eager computes, for every value of every axis, and the cell's compile columns say what
+compiling did.
+
+Tolerances (relative L2 error of compiled against eager, same weights and inputs):
+- fp32: 1e-5 for logits, 1e-4 for gradients. Inductor fuses and reorders reductions, so sums
+  differ in their last bits; the backward sums over more terms.
+- bf16: 2e-2. Fused kernels keep fp32 intermediates that eager rounds to bf16 between ops, so
+  the two differ by bf16 rounding of intermediates (2^-8 = 3.9e-3 each).
+- fp8 gradients: 2^-4, one E4M3 rounding (3 mantissa bits, V3 §3.3). Inputs that differ by bf16
+  rounding quantise to neighbouring E4M3 values here and there (measured: 3.7e-2); a wrong scale
+  or a missing dequantisation is off by far more.
+Each case resets dynamo first and checks that something compiled, so a case that silently fell
+back to eager (dynamo's per-function recompile limit, shared across cases) cannot pass.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from dsbench import compiled
+from dsbench.errors import SpecError
+from dsbench.spec import expand, parse_spec
+from dsbench.variants.config import config_from_size
+from dsbench.variants.decoder import build_model
+from dsbench.worker import measure_cell
+from dsbench.task import Runtime
+
+# Inductor on a CPU compiles for seconds to minutes a case (C++ per kernel, twice for a
+# backward), so each value of each axis gets the phase that exercises it: every attention value
+# decodes (prefill, then positions over the cache: the recompile from a constant position to a
+# dynamic one), every FFN and precision value trains (forward, loss and backward), and one case
+# does both.
+CASES = [
+    ("mha", "dense", "fp32", "both", {}),
+    ("gqa", "dense", "fp32", "inference", {}),
+    ("mqa", "dense", "fp32", "inference", {}),
+    ("mla", "dense", "fp32", "inference", {}),
+    ("mla-naive", "dense", "fp32", "inference", {}),
+    ("dsa", "dense", "fp32", "inference", {}),
+    ("mha", "moe", "fp32", "train", {"balance": "aux"}),
+    ("mha", "deepseekmoe", "fp32", "train", {"balance": "bias"}),
+    ("mha", "dense", "bf16", "train", {}),
+    ("mha", "dense", "fp8", "train", {}),
+    ("mha", "dense", "fp8-tensorwise", "train", {}),
+    ("mha", "moe", "fp8", "train", {}),  # the experts' FP8 grouped GEMM
+]
+TOLERANCE = {"fp32": (1e-5, 1e-4), "bf16": (2e-2, 2e-2), "fp8": (2e-2, 2 ** -4), "fp8-tensorwise": (2e-2, 2 ** -4)}
+B, T, DECODED = 2, 32, 3
+
+
+def tiny_model(attention: str, ffn: str, precision: str, extra: dict) -> torch.nn.Module:
+    overrides = {"n_layers": 1, "precision": precision, **extra}
+    if ffn != "dense":
+        overrides.update(n_experts=4, top_k=2)
+    if attention == "dsa":  # a top-k smaller than the sequence, so the sparse selection is exercised
+        overrides.update(index_topk=8)
+    torch.manual_seed(0)
+    return build_model(config_from_size("debug", attention=attention, ffn=ffn, **overrides))
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def autocast(precision: str):
+    dtype = None if precision == "fp32" else torch.bfloat16
+    return torch.autocast("cpu", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
+
+
+def inference(model, tokens, dtype) -> list[torch.Tensor]:
+    """Prefill logits, then DECODED greedy steps' logits over the cache."""
+    model.eval()
+    with torch.inference_mode():
+        caches = model.new_caches(B, T + DECODED, dtype, "cpu")
+        logits = [model(tokens, 0, caches)[:, -1]]
+        for i in range(DECODED):
+            logits.append(model(logits[-1].argmax(-1, keepdim=True), T + i, caches)[:, -1])
+    return logits
+
+
+def train_grads(model, tokens, precision) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.train()
+    with autocast(precision):
+        loss = model.forward_losses(tokens, tokens.roll(-1, dims=1)).total({})
+    loss.backward()
+    return loss.detach(), [p.grad for p in model.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("attention,ffn,precision,phase,extra", CASES, ids=[f"{a}-{f}-{p}-{ph}" for a, f, p, ph, _ in CASES])
+def test_compiled_equals_eager(attention, ffn, precision, phase, extra):
+    logits_tol, grad_tol = TOLERANCE[precision]
+    eager = tiny_model(attention, ffn, precision, extra)
+    tokens = torch.randint(0, eager.cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(1))
+    fused = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    watch = compiled.compile_model(fused, "compile", trains=phase != "inference")
+    try:
+        if phase != "inference":
+            loss_e, grads_e = train_grads(eager, tokens, precision)
+            loss_c, grads_c = train_grads(fused, tokens, precision)
+            assert rel(loss_c, loss_e) < logits_tol
+            assert len(grads_c) == len(grads_e)
+            worst = max(rel(c, e) for c, e in zip(grads_c, grads_e))
+            assert worst < grad_tol, f"gradients differ by {worst:.2e} (relative L2)"
+        if phase != "train":
+            dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+            eager, fused = eager.to(dtype), fused.to(dtype)
+            for step, (c, e) in enumerate(zip(inference(fused, tokens, dtype), inference(eager, tokens, dtype))):
+                assert rel(c, e) < logits_tol, f"logits of step {step} differ by {rel(c, e):.2e}"
+        assert counters["frames"]["ok"] > 0, "nothing compiled: the case ran eager"
+        columns = watch.columns()
+        assert columns["compiles"] >= 1 and columns["compile_mode"] == "compile"
+        if precision.startswith("fp8"):  # the FP8 GEMMs run eager (variants/fp8.py says why): graph breaks, recorded
+            assert columns["graph_breaks"] > 0 and columns["graph_break_reasons"]
+    finally:
+        compiled._active = None
+        torch._dynamo.reset()
+
+
+def spec(compile_value, device="cpu", workloads=("prefill",)) -> dict:
+    return {"name": "c", "device": device, "model": {"size": "debug", "n_layers": 1},
+            "axes": {"workload": list(workloads), "ffn": "dense", "attention": "mha", "precision": "fp32",
+                     "measure.compile": compile_value},
+            "train": {"steps": 5, "batch_size": 2, "seq_len": 16, "eval_batches": 0},
+            "prefill": {"batch_size": 2, "seq_lens": [16]},
+            "decode": {"batch_size": 2, "context_lens": [16], "new_tokens": 4},
+            "measure": {"warmup": 1, "repeats": 3, "calibrate": False}}
+
+
+def test_an_eager_cell_keeps_its_id_and_a_compiled_one_differs():
+    eager, = expand(parse_spec(spec("eager")), "cpu")
+    plain_raw = spec("eager")
+    del plain_raw["axes"]["measure.compile"]
+    plain, = expand(parse_spec(plain_raw), "cpu")
+    fused, = expand(parse_spec(spec("compile")), "cpu")
+    assert eager.cell_id == plain.cell_id and "compile" not in eager.measure
+    assert fused.cell_id != eager.cell_id and fused.measure["compile"] == "compile"
+
+
+@pytest.mark.parametrize("raw,needle", [
+    ({"axes": {"measure.compile": "graphs"}}, "measure.compile: 'graphs'"),
+    ({"axes": {"measure.compile": ["compile", "compile"]}}, "listed twice"),
+    ({"axes": {"measure.warmup": [1, 2]}}, "axes.measure.warmup: measure.warmup says how cells are timed"),
+    ({"measure": {"compile": 1}}, "measure.compile"),
+    ({"measure": {"compile": "inductor"}}, "measure.compile: 'inductor'"),
+])
+def test_bad_compile_settings_are_one_line(raw, needle):
+    base = spec("eager")
+    del base["axes"]["measure.compile"]
+    for section, table in raw.items():
+        base[section] = {**base.get(section, {}), **table}
+    with pytest.raises(SpecError) as info:
+        expand(parse_spec(base), "cpu")
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_cuda_graphs_are_refused_on_a_cpu():
+    with pytest.raises(SpecError, match="measure.compile: 'compile-graphs' needs CUDA graphs, so device cuda"):
+        expand(parse_spec(spec("compile-graphs")), "cpu")
+
+
+def test_a_compiled_cell_times_no_step_that_compiled():
+    """Decode recompiles when its position stops being a constant; that step is not a sample."""
+    torch._dynamo.reset()
+    try:
+        cells = expand(parse_spec(spec(["eager", "compile"], workloads=("decode",))), "cpu")
+        rows = {c.measure.get("compile", "eager"): measure_cell(c, Runtime())[0] for c in cells}
+    finally:
+        compiled._active = None
+        torch._dynamo.reset()
+    eager, fused = rows["eager"], rows["compile"]
+    assert "compile_s" not in eager
+    assert fused["compile_mode"] == "compile" and fused["compile_settled"]
+    assert fused["compile_steps"] >= 2  # the prefill's graph, then the first decode step's (and its dynamic recompile)
+    assert fused["compile_s"] > 0 and fused["step_time_n"] >= 3
+    # A compile takes seconds; a timed decode step of this model, milliseconds.
+    assert fused["step_time_ms_p90"] < 1e3 * fused["compile_s"] / fused["compile_steps"]
