@@ -245,10 +245,11 @@ def profile_target(spec_file, preset, results, cell_id, flags) -> tuple[spec_lib
 @app.command("presets")
 def presets_cmd() -> None:
     """List the shipped presets."""
-    table = Table("preset", "cells (cpu)", "description")
+    table = Table("preset", "cells", "device", "description")
     for name in spec_lib.preset_names():
         s = spec_lib.load_preset(name)
-        table.add_row(name, str(len(spec_lib.expand(s, "cpu"))), s.description)
+        device = "cuda" if s.device == "cuda" else "cpu"  # a GPU preset may hold what only CUDA runs (CUDA graphs)
+        table.add_row(name, str(len(spec_lib.expand(s, device))), device, s.description)
     out_console.print(table)
 
 

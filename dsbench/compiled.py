@@ -160,6 +160,10 @@ def compile_model(model: torch.nn.Module, mode: str, trains: bool) -> CompileWat
         return None
     import torch._inductor.config as inductor_config
 
+    from dsbench.variants import eager
+
+    eager.prepare()  # the parts that run eager under compile (variants/eager.py)
+
     if next(model.parameters()).device.type == "cpu":
         # Compile in this process: inductor's pool of compile workers otherwise keeps running
         # beside the first timed steps, on the cores the cell times (seen on a 2-core CPU: decode

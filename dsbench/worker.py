@@ -146,7 +146,8 @@ def measure_cell(cell: Cell, runtime: Runtime, profile: ProfileRequest | None = 
     row["emulated"] = precision.emulated_on(device)
     row["speed_note"] = precision.speed_note(device)
     series = [point(s, "step_time_ms", 1e3 * t) for s, t in enumerate(run.step_times_s)] + run.series
-    if profile is not None and ranks is None:  # a multi-process cell is measured, not profiled
+    # A multi-process cell is measured, not profiled; so is a compiled one (its graphs hold no profiler ranges).
+    if profile is not None and ranks is None and watch is None:
         row.update(profile_columns(ctx, cell, runtime, profile, row["step_time_ms_median"] / 1e3))
     return row, series
 

@@ -40,6 +40,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .eager import eager_under_compile
 from .profiling import part
 
 RECIPES = ("blockwise", "tensorwise")
@@ -179,7 +180,7 @@ class Fp8Linear(nn.Linear):
     # code generator fails an assertion on the block-wise backward, and the compiled forward gave
     # NaN (torch 2.13, 2026-12-04); the weight cache keys on the tensor's version, which dynamo
     # would guard on at every optimizer step.
-    @torch.compiler.disable
+    @eager_under_compile
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _Fp8LinearFn.apply(x, self.weight, self._quantised_weight(), self.recipe, self.fp8_probe)
 
@@ -245,7 +246,7 @@ class _Fp8GroupedMmFn(torch.autograd.Function):
         return dx, dw.to(w_dtype), None, None, None
 
 
-@torch.compiler.disable  # eager under torch.compile, as Fp8Linear.forward
+@eager_under_compile  # as Fp8Linear.forward
 def fp8_grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor, recipe: str = "blockwise",
                    probe: QuantisationProbe | None = None) -> torch.Tensor:
     """The FP8 counterpart of moe.grouped_mm: rows ends[e−1]:ends[e] of x times w[e]."""
