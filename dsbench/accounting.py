@@ -6,6 +6,7 @@ model); this file applies them to a cell's workload. They are exact counts, not 
 
 from __future__ import annotations
 
+from dsbench import memory_estimate
 from dsbench.cell import Cell
 from dsbench.variants import decoder, registry
 from dsbench.variants.precision import PRECISIONS, dtype_bytes
@@ -54,6 +55,7 @@ def static_row(cell: Cell) -> dict:
     row.update(warmup_steps=cell.measure["warmup"], repeats=cell.measure["repeats"], replicate=cell.measure.get("replicate", 0))
     row.update(seed=cell.seed, data=cell.data, data_digest=cell.data_digest)
     row.update(accounting(cell))
+    row.update(memory_estimate.estimate(cell).columns())
     row.update(registry.ATTENTION[cfg.attention.kind].module.row_columns(cfg))
     row.update(registry.FFN[cfg.ffn.kind].module.row_columns(cfg))
     row.update(workload_of(cell).row_columns(cfg, cell.workload, row["kv_cache_bytes_per_token"]))

@@ -102,6 +102,7 @@ def run_sweep_cmd(
     mem_gb: Annotated[Optional[float], typer.Option(help="Memory per cell's job, GB.")] = None,
     array_parallelism: Annotated[Optional[int], typer.Option(help="Jobs in flight at once; default 256 (1 on submitit's local backend).")] = None,
     sbatch: Annotated[Optional[list[str]], typer.Option(help="An extra #SBATCH parameter KEY=VALUE (repeatable), added to [executor] sbatch.")] = None,
+    force: Annotated[bool, typer.Option(help="Run cells whose memory estimate exceeds the memory available (refused otherwise).")] = False,
 ) -> None:
     """Run every cell of a sweep, each in a fresh process; write results tables."""
     from dsbench import runner
@@ -113,13 +114,15 @@ def run_sweep_cmd(
                                     gpus_per_cell=gpus_per_cell, cpus_per_cell=cpus_per_cell, mem_gb=mem_gb,
                                     array_parallelism=array_parallelism, sbatch=sbatch)
         if dry_run:
-            cells = spec_lib.expand(spec, runner.resolve_device(spec.device))
+            device = runner.resolve_device(spec.device)
+            cells = spec_lib.expand(spec, device)
             out_console.print(cells_table(cells, title=f"{spec.name}: {len(cells)} cells"))
+            runner.check_memory(spec, cells, device, force)  # the table first: it shows every cell's estimate
             return
         runner.check_data(spec)
         options = profile_options(profile_steps) if profile else None
         outcome = runner.run_sweep(spec, out=out, resume=resume, rerun_failed=rerun_failed, console=err_console,
-                                   spec_source=source, profile=options)
+                                   spec_source=source, profile=options, force=force)
     finish(outcome)
 
 
@@ -143,6 +146,7 @@ def run_cell_cmd(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     data: Annotated[str, typer.Option(help="Data source, as for `run sweep`.")] = "synthetic",
     out: Annotated[Optional[Path], typer.Option(help="Results folder; default results/cell-<time>.")] = None,
+    force: Annotated[bool, typer.Option(help="Run cells whose memory estimate exceeds the memory available (refused otherwise).")] = False,
 ) -> None:
     """Run one configuration given by flags (the same isolation and results as a sweep)."""
     from dsbench import runner
@@ -151,7 +155,7 @@ def run_cell_cmd(
         spec = cell_spec(workload, ffn, attention, precision, balance, size, batch_size, seq_len, context_len, new_tokens,
                          steps, mtp, warmup, repeats, seed, device, data)
         runner.check_data(spec)
-        outcome = runner.run_sweep(spec, out=out, console=err_console, spec_source="dsbench run cell")
+        outcome = runner.run_sweep(spec, out=out, console=err_console, spec_source="dsbench run cell", force=force)
     finish(outcome)
 
 
@@ -197,6 +201,7 @@ def profile_cmd(
     cell: Annotated[Optional[str], typer.Option(help="Cell id (or a unique prefix) in --results, SPEC or --preset; without it the flags below describe the cell.")] = None,
     profile_steps: Annotated[int, typer.Option(help="Steps to profile, ≥ 1 (decode: one round of new_tokens tokens).")] = 3,
     out: Annotated[Optional[Path], typer.Option(help="Results folder; default results/profile-<time>.")] = None,
+    force: Annotated[bool, typer.Option(help="Run cells whose memory estimate exceeds the memory available (refused otherwise).")] = False,
     **flags,
 ) -> None:
     """Profile one cell: time per part (forward, backward) with its roofline place, memory
@@ -209,7 +214,7 @@ def profile_cmd(
         spec = dataclasses.replace(spec, name="profile", measure=dataclasses.replace(spec.measure, calibrate=True))
         runner.check_data(spec)
         outcome = runner.run_sweep(spec, out=out, console=err_console, spec_source=source, only={cell_id},
-                                   profile=profile_options(profile_steps))
+                                   profile=profile_options(profile_steps), force=force)
     folder = profile_lib.profile_folder(outcome.out, cell_id)
     if (folder / "profile.json").exists():
         print_profile(profile_lib.load_profile(folder), folder)
@@ -401,12 +406,13 @@ def cells_table(cells, title: str) -> Table:
 
     named = ("workload", "ffn", "attention", "precision", "balance")
     dotted = list(dict.fromkeys(k for cell in cells for k in cell.axes if k not in named))  # dotted-key axes
-    table = Table("cell_id", *named, *dotted, "shape", "params_total", "params_active", "flops/token", "kv B/token", title=title)
+    table = Table("cell_id", *named, *dotted, "shape", "params_total", "params_active", "flops/token", "kv B/token", "est. MiB", title=title)
     for cell in cells:
         row = static_row(cell)
         shape = cell.label().split(" ")[-1]
         table.add_row(row["cell_id"], *(row[a] for a in named), *(str(cell.axes.get(k, "")) for k in dotted), shape,
-                      f"{row['params_total']:,}", f"{row['params_active']:,}", f"{row['flops_per_token']:.3g}", f"{row['kv_cache_bytes_per_token']:,}")
+                      f"{row['params_total']:,}", f"{row['params_active']:,}", f"{row['flops_per_token']:.3g}", f"{row['kv_cache_bytes_per_token']:,}",
+                      f"{row['memory_estimate_bytes'] / 2**20:,.1f}")
     return table
 
 

@@ -202,6 +202,18 @@ _ENTRIES = (
     _host("peak_mem_bytes", "memory", "bytes", "CUDA max allocated on a GPU, peak RSS on a CPU", fmt="mib", better="lower",
           check="relative", tolerance=0.15, worse="higher", short="peak MiB"),
     _host("peak_rss_bytes", "memory", "bytes", "peak RSS of the cell's process", fmt="mib", better="lower"),
+    # Analytic, before the cell runs (dsbench/memory_estimate.py): an approximation, so never checked.
+    _m("memory_estimate_bytes", "memory", "bytes", "estimated peak of the cell's own tensors (per rank), compare with "
+       "peak_mem_bytes: weights + optimizer state + max(activations + logits + KV cache, gradients); the runner "
+       "refuses a cell above the memory available (--force runs it)", fmt="mib", short="est. MiB"),
+    _m("memory_estimate_weights_bytes", "memory", "bytes", "memory_estimate_bytes' weights (train: FP32 masters and "
+       "autocast's low-precision copy; inference: the inference dtype)", fmt="mib"),
+    _m("memory_estimate_optimizer_bytes", "memory", "bytes", "memory_estimate_bytes' gradients and AdamW state "
+       "(FP32, and foreach AdamW's one parameter-sized temporary)", fmt="mib"),
+    _m("memory_estimate_activations_bytes", "memory", "bytes", "memory_estimate_bytes' activations kept for backward "
+       "(train) or one layer's transients (inference), and the logits", fmt="mib"),
+    _m("memory_estimate_kv_cache_bytes", "memory", "bytes", "memory_estimate_bytes' KV cache (batch × cache slots)",
+       fmt="mib"),
     _host("rss_before_workload_bytes", "memory", "bytes", "RSS after building the model, before the workload", fmt="mib"),
     _host("cuda_max_allocated_bytes", "memory", "bytes", "torch.cuda.max_memory_allocated", fmt="mib", better="lower"),
     _host("cuda_max_reserved_bytes", "memory", "bytes", "torch.cuda.max_memory_reserved", fmt="mib", better="lower"),

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from dsbench import __version__, executors
+from dsbench import __version__, executors, memory_estimate
 from dsbench.accounting import static_row
 from dsbench.errors import ResultsError, SpecError, UsageError
 from dsbench.results import SCHEMA_VERSION, ResultStore
@@ -281,10 +281,12 @@ def run_sweep(
     spec_source: str = "",
     only: set[str] | None = None,
     profile: ProfileOptions | None = None,
+    force: bool = False,
 ) -> SweepOutcome:
     """Run every cell of `spec` not yet recorded in `out`; returns counts. Safe to interrupt.
 
     only: run just these cell ids. profile: also profile each cell after measuring it.
+    force: run cells whose memory estimate exceeds what is available (refused otherwise).
     """
     console = console or stderr_console()
     sweep_start = time.perf_counter()
@@ -296,6 +298,7 @@ def run_sweep(
     device = executors.resolve_device(spec.executor, device or spec.device, resolve_device)
     spec = dataclasses.replace(spec, device=device)
     cells = [c for c in expand(spec, device) if only is None or c.cell_id in only]
+    check_memory(spec, cells, device, force)  # before any folder exists
     out = Path(out) if out else default_out(spec)
     spec_dict = json.loads(json.dumps(spec.to_dict()))
     store, info, lock = prepare_out(spec, out, resume, spec_dict)
@@ -303,6 +306,11 @@ def run_sweep(
         return _sweep(spec, cells, store, info, spec_dict, out, spec_source, rerun_failed, profile, device, console, sweep_start)
     finally:
         lock.close()
+
+
+def check_memory(spec: SweepSpec, cells: list[Cell], device: str, force: bool = False) -> None:
+    """Refuse a cell that cannot fit where it runs (dsbench/memory_estimate.py), in one line."""
+    memory_estimate.check_fits(cells, device, memory_estimate.available_for(spec.executor, device), force)
 
 
 def _sweep(spec, cells, store, info, spec_dict, out, spec_source, rerun_failed, profile, device, console, sweep_start) -> SweepOutcome:

@@ -22,6 +22,7 @@ from dsbench.pairing import pairs
 from dsbench.report.ablation import speed_caveat
 from dsbench.report.cards import comparisons
 from dsbench.report.data import MIB, ReportData, display_name, speed_flag
+from dsbench.report.plain_text import save_figure
 
 GREY, HATCH_NOTED = "#b0b0b0", "//"
 LINE_COLORS = colormaps["tab20"].colors  # 20 distinguishable line colours before any repeats
@@ -303,6 +304,6 @@ def render_figures(data: ReportData, folder: Path) -> list[dict]:
             continue
         for stem, fig in fdef.draw(data):
             path = folder / f"{stem}.png"
-            fig.savefig(path, dpi=90)
+            save_figure(fig, path, dpi=90)
             drawn.append({"file": path, "title": fdef.title, "caption": fdef.caption, "name": fdef.name})
     return drawn

@@ -17,6 +17,7 @@ from dsbench.report.data import ReportData, safe_name
 from dsbench.report.comparisons import DISTINCT
 from dsbench.report.figures import GREY
 from dsbench.report.render import Section, write_csv
+from dsbench.report.plain_text import save_figure
 
 CARD_CAPTION = ("Dots: one pair's B ÷ A (log scale); bar: the median; hollow grey: a pair with an emulated or "
                 "numerics-only side, left out of the speed claim. Right of the line at ×1: B is higher.")
@@ -99,7 +100,7 @@ def card_block(group: list[Card], folder: Path, n_runs: int) -> dict:
     if len(group) > 1:
         lines.append(moved(group))
     path = folder / f"card_{safe_name(first.title)}.png"
-    draw_card(group).savefig(path, dpi=100)
+    save_figure(draw_card(group), path, dpi=100)
     return {"title": first.title, "subtitle": subtitle, "header": header, "rows": rows, "classes": classes,
             "lines": lines, "figure": {"file": path, "title": first.title, "caption": CARD_CAPTION}}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from dsbench import claims
-from dsbench.check import check, fmt_value
+from dsbench.check import fmt_value
 from dsbench.contention import measurement_warnings
 from dsbench.metrics import METRICS, table_columns
 from dsbench.report.ablation import MAIN_METRICS, ablation, ablation_summary
@@ -162,10 +162,10 @@ def _better_text() -> str:
     return f"Above 1 is better for {', '.join(by['higher'])}; below 1 for {', '.join(by['lower'])}."
 
 
-def baseline_section(data: ReportData, baseline: Path, tables: Path) -> Section:
+def baseline_section(data: ReportData, baseline: Path, tables: Path, results: list) -> Section:
+    """results: each run's dsbench.check result against the baseline (checked before the report is written)."""
     s = Section(f"Against the baseline {baseline}")
-    for key, run in zip(data.keys, data.runs):
-        result = check(baseline, run.path)
+    for key, result in zip(data.keys, results):
         frame = result.frame()
         write_csv(frame, tables, f"check_{safe_name(key)}")
         verdict = "FAIL" if result.exit_code else "PASS"

@@ -1,0 +1,275 @@
+"""A cell's memory before it runs: weights, gradients, optimizer state, activations, logits, KV
+cache; and the memory this machine has for it. The runner refuses a cell that cannot fit.
+
+The estimate is of what the cell's own tensors hold at their peak (what CUDA max_memory_allocated
+counts; on a CPU, peak RSS less the interpreter's baseline), per process (a multi-process cell:
+per rank). Weights, gradients, optimizer state and KV cache are exact counts from the accounting
+formulas; activations are an approximation, per layer per token, of what autograd keeps for the
+backward (train) or the largest transient of one layer (inference). tests/test_memory_estimate.py
+checks it against measured peaks of real small cells within ESTIMATE_FACTOR.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from dsbench.cell import Cell
+from dsbench.errors import UsageError
+from dsbench.variants import decoder, mtp
+from dsbench.variants.precision import PRECISIONS, dtype_bytes
+from dsbench.workloads import workload_of
+
+ESTIMATE_FACTOR = 2.0  # the tests hold estimate / measured peak within [1/2, 2] over small real cells
+FP32_BYTES = 4
+ADAMW_STATES = 2  # exp_avg and exp_avg_sq, FP32 each (Loshchilov & Hutter 1711.05101, Alg. 2)
+ADAMW_FOREACH_TEMPS = 1  # torch's foreach AdamW holds one parameter-sized temporary (the denominator)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights_bytes: int
+    gradients_bytes: int
+    optimizer_bytes: int
+    activations_bytes: int  # kept for backward (train) or one layer's transients (inference)
+    logits_bytes: int  # B·T·V logits, their FP32 copy and the loss's, and their gradient (train)
+    kv_cache_bytes: int
+    build_bytes: int = 0  # an inference cell is built in FP32, then cast: both copies, briefly, before it runs
+
+    @property
+    def total_bytes(self) -> int:
+        """The peak: during a train step's backward the activations are freed as the gradients
+        fill in, and the optimizer's temporaries come after both: max of the two phases."""
+        forward = self.activations_bytes + self.logits_bytes + self.kv_cache_bytes
+        return self.weights_bytes + self.optimizer_bytes + max(forward, self.gradients_bytes)
+
+    @property
+    def process_bytes(self) -> int:
+        """What the cell's process needs at some point: the peak, or building the model if larger."""
+        return max(self.total_bytes, self.build_bytes)
+
+    def columns(self) -> dict:
+        return {"memory_estimate_bytes": self.total_bytes, "memory_estimate_weights_bytes": self.weights_bytes,
+                "memory_estimate_optimizer_bytes": self.optimizer_bytes + self.gradients_bytes,
+                "memory_estimate_activations_bytes": self.activations_bytes + self.logits_bytes,
+                "memory_estimate_kv_cache_bytes": self.kv_cache_bytes}
+
+
+def estimate(cell: Cell) -> MemoryEstimate:
+    cfg, workload, settings = cell.model, workload_of(cell), cell.workload
+    precision = PRECISIONS[cfg.precision]
+    trains = workload.trains or workload.trains_first
+    params = _params_per_rank(cell)
+    act_dtype = precision.autocast_dtype or precision.inference_dtype
+    act_bytes = dtype_bytes(act_dtype) if workload.trains else dtype_bytes(precision.inference_dtype)
+    kv_bytes = dtype_bytes(precision.inference_dtype)
+    batch = settings["batch_size"]
+    if trains:
+        # FP32 masters (V3 §3.3); under autocast, a cached low-precision copy of every matmul weight
+        weights = params * FP32_BYTES + (params * act_bytes if precision.autocast_dtype is not None else 0)
+        gradients = params * FP32_BYTES * (1 + ADAMW_FOREACH_TEMPS)
+        optimizer = params * FP32_BYTES * ADAMW_STATES
+    else:
+        weights, gradients, optimizer = params * kv_bytes, 0, 0
+    counts = decoder.param_counts(cfg)  # every rank builds the whole model in FP32, then shards and casts it
+    build = (counts["params_total"] + counts["params_mtp"]) * FP32_BYTES + (0 if trains or kv_bytes == FP32_BYTES else weights)
+    if workload.trains:
+        T = settings["seq_len"]
+        tokens = batch * T
+        layers = cfg.n_layers + cfg.mtp  # an MTP module is one more block (V3 §2.2)
+        wide_bytes = FP32_BYTES if precision.autocast_dtype is not None else act_bytes
+        activations = tokens * layers * _train_bytes_per_layer_token(cfg, T, act_bytes, wide_bytes)
+        logits = tokens * (1 + cfg.mtp) * cfg.vocab_size * (2 * act_bytes + 2 * FP32_BYTES)
+        kv = 0
+    else:
+        T = settings.get("seq_len") or settings["context_len"]  # prefill's rows, or decode's context
+        tokens = batch * T
+        activations = tokens * _inference_elements_per_token(cfg, T) * act_bytes
+        logits = tokens * cfg.vocab_size * (act_bytes + FP32_BYTES)
+        slots = workload.cache_slots(settings)
+        per_token = decoder.kv_cache_bytes_per_token(cfg, kv_bytes)
+        # prefill allocates each repeat's fresh cache while the last one is still held: two
+        kv = per_token * batch * slots * (2 if workload.name == "prefill" else 1)
+    return MemoryEstimate(int(weights), int(gradients), int(optimizer), int(activations), int(logits), int(kv), int(build))
+
+
+def _params_per_rank(cell: Cell) -> int:
+    """Every parameter one process holds: with expert parallelism a rank keeps 1/R of each
+    routed layer's experts (and its redundant copies, V3 §3.4.1); the rest is replicated."""
+    cfg = cell.model
+    counts = decoder.param_counts(cfg)
+    total = counts["params_total"] + counts["params_mtp"]
+    if cell.ep <= 1 or not hasattr(cfg.ffn, "layout"):
+        return total
+    lay, R = cfg.ffn.layout(), cell.ep
+    expert_params = 3 * cfg.d_model * lay.expert_d_ff
+    routed_layers = sum(1 for i in range(cfg.n_layers) if i >= cfg.ffn.first_k_dense)
+    local = -(-(lay.n_routed + cell.parallel.get("redundant_experts", 0)) // R)
+    return total - routed_layers * expert_params * (lay.n_routed - local)
+
+
+def _widths(cfg) -> dict:
+    """Per-token widths (elements) of one layer's tensors: attention's q, k, v, output; the
+    FFN's activated hidden width; routed experts per token and routed expert count."""
+    a, C = cfg.attention, cfg.d_model
+    if hasattr(a, "kv_lora_rank"):  # MLA and DSA: heads of Dn + Dr, a latent of Dc + Dr (V2 §2.1)
+        from dsbench.variants.mla import mla_dims
+
+        d = mla_dims(cfg)
+        qk = d.H * (d.Dn + d.Dr)
+        attn = dict(q=qk, k=qk, v=qk, o=d.H * d.Dv, latent=d.Dc + d.Dr + d.Dq)
+    else:
+        hd, H = cfg.head_dim(), a.n_heads
+        attn = dict(q=H * hd, k=cfg.n_kv_heads() * hd, v=cfg.n_kv_heads() * hd, o=H * hd, latent=0)
+    f = cfg.ffn
+    if hasattr(f, "layout"):
+        lay = f.layout()
+        ffn = dict(hidden=lay.top_k * lay.expert_d_ff + lay.shared_d_ff, routed=lay.top_k, experts=lay.n_routed)
+    else:
+        ffn = dict(hidden=f.d_ff, routed=0, experts=0)
+    return {**attn, **ffn, "C": C}
+
+
+def _train_bytes_per_layer_token(cfg, T: int, act_bytes: int, wide_bytes: int) -> float:
+    """What one block keeps for its backward, per token. Counted from the block's ops: two
+    RMSNorms (input and output each), q/k before and after RoPE, v, the attention output and its
+    projection's input; SwiGLU's gate, up, silu and product (4 × hidden) and its input; a routed
+    FFN's gathered input and weighted output per routed expert and its FP32 router logits and
+    scores. Fused SDPA keeps no T×T scores; DSA's sparse attention and indexer keep FP32 scores
+    and probabilities over min(index_topk, T) keys. The model-width tensors (residual, norms,
+    the FFN's input) are `wide_bytes` each: FP32 under autocast, which runs norms in FP32."""
+    w = _widths(cfg)
+    wide = 4 * w["C"] + w["C"] + w["routed"] * 2 * w["C"]
+    narrow = 2 * w["q"] + 2 * w["k"] + w["v"] + 2 * w["o"] + 2 * w["latent"] + 4 * w["hidden"]
+    fp32 = 2 * w["experts"]
+    a = cfg.attention
+    if hasattr(a, "index_topk"):  # V3.2 §2.1: main heads and indexer heads over the selected keys
+        fp32 += 2 * (a.n_heads + a.index_n_heads) * min(a.index_topk, T)
+    return wide * wide_bytes + narrow * act_bytes + fp32 * FP32_BYTES
+
+
+def _inference_elements_per_token(cfg, T: int) -> float:
+    """The largest live set of one layer's forward without autograd, per token: the residual
+    and its norm, q/k/v and output, SwiGLU's gate and up and their product."""
+    w = _widths(cfg)
+    scores = 0
+    a = cfg.attention
+    if hasattr(a, "index_topk"):
+        scores = 2 * (a.n_heads + a.index_n_heads) * min(a.index_topk, T)
+    return 3 * w["C"] + w["q"] + w["k"] + w["v"] + w["o"] + w["latent"] + 3 * w["hidden"] + scores
+
+
+# --- what this machine has ---
+
+
+def available_bytes(device: str) -> tuple[int | None, str]:
+    """(bytes a cell may use on this machine, where that figure came from); None: unknown.
+
+    CUDA: the GPU's free memory from NVML (not torch.cuda.mem_get_info: the parent holds no CUDA
+    context, dsbench/runner.py); no NVML: unknown. CPU: the smaller of MemAvailable and the
+    cgroup's limit less its usage.
+    """
+    if device.startswith("cuda"):
+        free = _nvml_free_bytes()
+        return (free, "NVML: the GPU's free memory") if free is not None else (None, "unknown")
+    found = [(v, what) for v, what in (_meminfo_available_bytes(), _cgroup_headroom_bytes()) if v is not None]
+    return min(found) if found else (None, "unknown")
+
+
+def _meminfo_available_bytes() -> tuple[int | None, str]:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "MemAvailable (/proc/meminfo)"
+    except (OSError, ValueError, IndexError):
+        pass
+    return None, ""
+
+
+def _cgroup_headroom_bytes() -> tuple[int | None, str]:
+    """The cgroup's memory limit less what it uses (v2 memory.max, v1 memory.limit_in_bytes)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None, ""
+    for line in lines:
+        _, controllers, group = line.split(":", 2)
+        if controllers == "":
+            files = Path("/sys/fs/cgroup") / group.lstrip("/"), "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):
+            files = Path("/sys/fs/cgroup/memory") / group.lstrip("/"), "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        folder, limit_name, usage_name = files
+        try:
+            limit = (folder / limit_name).read_text().strip()
+            usage = int((folder / usage_name).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:  # "max" or v1's near-2**63: no limit
+            return int(limit) - usage, f"the cgroup's {limit_name} less its usage"
+    return None, ""
+
+
+def _nvml_free_bytes() -> int | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            index = int((os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0])
+            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).free)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 — no pynvml, no driver, a UUID in CUDA_VISIBLE_DEVICES: unknown
+        return None
+
+
+# --- the pre-flight check ---
+
+
+def available_for(executor, device: str) -> tuple[int | None, str]:
+    """The memory a cell gets where it runs: this machine's (local), a Slurm job's mem_gb (its
+    GPU's is unknown here: no check), or None."""
+    if executor.kind == "local":
+        return available_bytes(device)
+    if executor.mem_gb and device == "cpu":
+        return int(executor.mem_gb * 1e9), "[executor] mem_gb"
+    return None, "unknown"
+
+
+def check_fits(cells: list[Cell], device: str, available: tuple[int | None, str], force: bool = False) -> None:
+    """Refuse (UsageError, one line) the first cell whose estimate exceeds what is available.
+
+    No margin either way: refused only when the estimate alone is larger than the free memory
+    (the interpreter's own few hundred MiB and the allocator's slack are not added: on a CPU peak
+    RSS runs up to ~3× the estimate, the tests measure), so a refusal means the cell cannot fit;
+    a cell under the limit may still run out. A multi-process cell on a CPU needs its estimate
+    once per rank (the ranks share the host).
+    """
+    limit, source = available
+    if force or limit is None:
+        return
+    for cell in cells:
+        ranks = cell.ep if device == "cpu" else 1
+        need = estimate(cell).process_bytes * ranks
+        if need > limit:
+            per_rank = f"{ranks} ranks × {_gib(need // ranks)}, " if ranks > 1 else ""
+            raise UsageError(f"memory: cell {cell.cell_id} {cell.label()} needs about {_gib(need)} ({per_rank}estimated: "
+                             f"weights, optimizer state, activations, KV cache) but {_gib(limit)} is available "
+                             f"({source}); pass --force to run it anyway")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
+def held_weight_bytes(cell: Cell) -> int:
+    """The weights the process holds before its workload starts (in rss_before_workload_bytes):
+    FP32 for a cell that trains, the inference dtype otherwise. Measured peak RSS less
+    (rss_before_workload_bytes − this) is the cell's own peak, comparable with the estimate."""
+    workload = workload_of(cell)
+    precision = PRECISIONS[cell.model.precision]
+    width = FP32_BYTES if workload.trains or workload.trains_first else dtype_bytes(precision.inference_dtype)
+    return _params_per_rank(cell) * width
