@@ -103,12 +103,32 @@ def test_the_chooser_keeps_the_faster_path_and_measures_each_shape_once(monkeypa
     x, w, ends = random_case(3)
     assert chooser.choose(x, w, ends) == picked
     assert fake.calls == 2 * (3 + 1)  # one untimed call each, then three timed rounds
-    assert chooser.trials_s[chooser.key(x, w)] == {GROUPED_MM: grouped_s, PADDED_BMM: padded_s}
+    assert chooser.trials_s[chooser.key(x, w, ends)] == {GROUPED_MM: grouped_s, PADDED_BMM: padded_s}
     fake.cost_s = {GROUPED_MM: padded_s, PADDED_BMM: grouped_s}  # the costs swap: the pick holds
     assert [chooser.choose(x, w, ends) for _ in range(3)] == [picked] * 3
     assert fake.calls == 8
     chooser.choose(torch.cat([x, x, x]), w, ends * 3)  # more rows than the bucket: measured anew
     assert fake.calls == 16 and len(chooser.picks) == 2
+
+
+@pytest.mark.parametrize("counts, pad_bucket", [
+    ([4, 4, 4, 4], 1), ([5, 4, 4, 3], 2), ([8, 8, 0, 0], 2), ([13, 1, 1, 1], 4), ([16, 0, 0, 0], 4),
+])
+def test_the_padding_bucket_is_e_times_the_busiest_count_over_the_rows(counts, pad_bucket):
+    ends = torch.tensor(counts).cumsum(0)
+    key = DispatchChooser.key(torch.randn(16, 8), torch.randn(4, 8, 8), ends)
+    assert key[-2] == pad_bucket
+
+
+def test_a_skewed_load_of_the_same_shapes_is_measured_anew(monkeypatch):
+    fake = FakeTrials({GROUPED_MM: 2.0, PADDED_BMM: 1.0})
+    monkeypatch.setattr(moe, "_trial", fake.trial)
+    chooser = DispatchChooser(reps=1, clock=fake.clock)
+    x, w = torch.randn(16, 8), torch.randn(4, 8, 8)
+    assert chooser.choose(x, w, torch.tensor([4, 8, 12, 16])) == PADDED_BMM
+    fake.cost_s = {GROUPED_MM: 1.0, PADDED_BMM: 2.0}
+    assert chooser.choose(x, w, torch.tensor([13, 14, 15, 16])) == GROUPED_MM  # pad 3.25: its own pick
+    assert chooser.choose(x, w, torch.tensor([4, 8, 12, 16])) == PADDED_BMM  # the balanced pick holds
 
 
 def test_unaligned_rows_take_padded_bmm_without_a_measurement(monkeypatch):

@@ -279,9 +279,10 @@ class DispatchChooser:
 
     scripts/moe_dispatch_bench.py finds no clean crossover on a CPU: which path wins moves with
     dtype, mode, load and E, and by more than the spread between runs, so a rule would be wrong
-    somewhere. The first eager call of a key (device, dtype, E, K, N, rows bucket, backward or
-    not) times both paths on that call's own rows, interleaved, and keeps the faster; later calls
-    reuse it, so a process's numbers never depend on a new measurement. Under torch.compile
+    somewhere. The first eager call of a key (device, dtype, E, K, N, rows bucket, padding
+    bucket, backward or not) times both paths on that call's own rows, interleaved, and keeps
+    the faster; later calls reuse it, so the same key always takes the same path. A key first met
+    in a timed step costs that step the measurement (a few calls of each path). Under torch.compile
     nothing can be timed inside the trace (and the rows may be symbolic), so there the rule is
     grouped_mm wherever it runs (bf16): no graph break, where padded_bmm's int(counts.max())
     breaks the graph and recompiles as the busiest expert's count changes.
@@ -293,15 +294,22 @@ class DispatchChooser:
         self.trials_s: dict[tuple, dict[str, float]] = {}  # what each pick saw: path → median seconds
 
     @staticmethod
-    def key(x_MK: torch.Tensor, w_EKN: torch.Tensor) -> tuple:
-        return (x_MK.device.type, x_MK.dtype, *w_EKN.shape, _rows_bucket(x_MK.shape[0]), _needs_grad(x_MK, w_EKN))
+    def key(x_MK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor) -> tuple:
+        """What the winner depends on: the shapes, backward or not, and the padding bucket, the
+        power of two at or above E·max(count) ÷ M (the rows padded_bmm multiplies ÷ those
+        grouped_mm does): the same shapes flip winner as the load skews (the benchmark's
+        uniform and skewed rows). Reading max(count) syncs a GPU once per call."""
+        counts_E = torch.diff(ends_E, prepend=ends_E.new_zeros(1))
+        pad = math.ceil(w_EKN.shape[0] * int(counts_E.max()) / max(x_MK.shape[0], 1)) if counts_E.numel() else 1
+        return (x_MK.device.type, x_MK.dtype, *w_EKN.shape, _rows_bucket(x_MK.shape[0]), _rows_bucket(pad),
+                _needs_grad(x_MK, w_EKN))
 
     def choose(self, x_MK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor) -> str:
         if not _grouped_mm_runs(x_MK, w_EKN):
             return PADDED_BMM
         if torch.compiler.is_compiling():
             return GROUPED_MM
-        key = self.key(x_MK, w_EKN)
+        key = self.key(x_MK, w_EKN, ends_E)
         if key in self.picks:
             return self.picks[key]
         self.trials_s[key] = self._measure(x_MK, w_EKN, ends_E, key[-1])
