@@ -23,7 +23,8 @@ and p90 of n calls (perf_counter on CPU, CUDA events on GPU, no cache flush: the
 are reused step after step). The paths of a case alternate call by call, so load from other
 processes falls on both alike; n is cut below --reps so one case stays near 1 s, never below 5. Compiled rows: torch.compile (inductor) of the block with the path fixed,
 compile time (the first call) apart; graph breaks and graphs counted by torch._dynamo's counters.
-A path that does not compile is reported with its error's first line.
+A path that does not compile is reported with its error's first line: fp32 grouped_mm is refused
+by variants/moe.py under compile (torch's meta function for it takes bf16 only).
 """
 
 from __future__ import annotations

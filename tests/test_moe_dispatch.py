@@ -191,6 +191,15 @@ def test_compiled_dispatch_follows_the_rule_and_matches_eager(dtype, path, break
     assert rel_err(compiled, eager) < TOLERANCE[dtype]
 
 
+def test_torch_compile_cannot_trace_an_fp32_grouped_mm():
+    """Why compiled fp32 takes padded_bmm (moe._grouped_mm_runs): the meta function wants bf16."""
+    torch._dynamo.reset()
+    x, w, ends = torch.randn(8, 16), torch.randn(2, 16, 8), torch.tensor([3, 8], dtype=torch.int32)
+    torch._grouped_mm(x, w, offs=ends)  # eager runs it
+    with pytest.raises(Exception, match="Expected inputs of BF16 type"):
+        torch.compile(lambda a, b, o: torch._grouped_mm(a, b, offs=o))(x, w, ends)
+
+
 def test_the_benchmark_prints_its_table_on_a_tiny_shape(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "moe_dispatch_bench.py"), "--quick", "--json", str(tmp_path / "r.json")],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -250,7 +250,7 @@ def _grouped_mm_runs(x: torch.Tensor, w_EKN: torch.Tensor) -> bool:
     if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
         # Its meta function, which torch.compile traces through, takes bf16 only (torch 2.13:
         # "Expected inputs of BF16 type"), though the CPU kernel runs fp32 too
-        # (scripts/moe_dispatch_bench.py: the compiled fp32 grouped_mm rows).
+        # (tests/test_moe_dispatch.py pins it, and fails once torch lifts it).
         return False
     if x.device.type == "cpu":
         return True
