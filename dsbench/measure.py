@@ -58,8 +58,9 @@ class StepTimer:
     CPU (and other devices): `time.perf_counter` around the block, after a `sync`.
 
     Warm-up: time warm-up steps with `record=False` (they run but leave no sample), or call
-    `reset()` to drop everything recorded so far. In a compiled cell (dsbench/compiled.py) a step
-    during which torch.compile compiled or recorded a CUDA graph leaves no sample either.
+    `reset()` to drop everything recorded so far. A step during which torch.compile compiled or
+    recorded a CUDA graph (dsbench/compiled.py), or a part did once-only work it announced
+    (profiling.note_untimed_work: the MoE dispatch timing its paths), leaves no sample either.
     """
 
     def __init__(self, device: torch.device | str, kind: str = profiling.STEP):
@@ -68,21 +69,24 @@ class StepTimer:
         self._use_events = self.device.type == "cuda"
         self._pending: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._samples_s: list[float] = []
+        self.dropped = 0  # timed steps left out: something compiled, or a part did once-only work (measure.py)
 
     @contextlib.contextmanager
     def step(self, record: bool = True) -> Iterator[None]:
         watch = compiled.active_watch()
+        before, untimed = len(self), profiling.untimed_work()
         with profiling.step_range(self.kind if record else profiling.WARMUP):
             if watch is None:
                 yield from self._step(record)
-                return
-            # A compiled cell: a step during which something compiled leaves no sample.
-            compiled.step_begin()
-            before = len(self)
-            with watch.step(record and self.kind != profiling.WARMUP) as watched:
-                yield from self._step(record)
-            if watched.compiled and len(self) > before:
-                self._drop_last()
+                dropped = profiling.untimed_work() != untimed
+            else:  # a compiled cell: a step during which something compiled leaves no sample
+                compiled.step_begin()
+                with watch.step(record and self.kind != profiling.WARMUP) as watched:
+                    yield from self._step(record)
+                dropped = watched.compiled or profiling.untimed_work() != untimed
+        if dropped and len(self) > before:
+            self._drop_last()
+            self.dropped += 1
 
     def _step(self, record: bool) -> Iterator[None]:
         if not record:

@@ -268,3 +268,19 @@ def test_nvml_sampler_integral_and_visible_devices(monkeypatch):
     assert fake.calls["index"] == 5
     assert s["energy_source"] == "power_integral"
     assert s["energy_j"] == pytest.approx(250.0 * 0.05, rel=0.5)
+
+
+def test_a_step_with_once_only_work_is_no_sample():
+    """A part that announces once-only work (the MoE dispatch timing its two paths) costs its
+    step the sample, not the median."""
+    from dsbench.measure import StepTimer
+    from dsbench.variants import profiling
+
+    timer = StepTimer("cpu")
+    for i in range(5):
+        with timer.step():
+            if i in (1, 3):
+                profiling.note_untimed_work()
+    with timer.step(record=False):
+        profiling.note_untimed_work()
+    assert len(timer.samples_s()) == 3 and timer.dropped == 2

@@ -168,13 +168,14 @@ class Decoder(nn.Module):
             if observed is not None:
                 layer_records, summary = observed
                 records += layer_records
-                if "columns" in summary:  # a part's own columns, averaged over the layers giving them
-                    for name, value in summary["columns"].items():
-                        own.setdefault(name, []).append(value)
-                else:
+                summary = dict(summary)
+                own_columns = summary.pop("columns", None)  # a part's own columns, combined over layers
+                for name, value in (own_columns or {}).items():
+                    own.setdefault(name, []).append(value)
+                if own_columns is None or summary:
                     per_layer.append(summary)
         combined_records, columns = combine_layers(per_layer)
-        columns.update({name: sum(values) / len(values) for name, values in own.items()})
+        columns.update({name: _over_layers(values) for name, values in own.items()})
         return records + combined_records, columns
 
     @contextlib.contextmanager
@@ -193,6 +194,14 @@ class Decoder(nn.Module):
         """Let parts with non-gradient state (e.g. a routing bias) update after each step."""
         for _, p in self.parts():
             p.after_optimizer_step()
+
+
+def _over_layers(values: list):
+    """A part's own column over the layers giving it: the mean of numbers; text that differs
+    between layers is "mixed"."""
+    if all(isinstance(v, str) for v in values):
+        return values[0] if len(set(values)) == 1 else "mixed"
+    return sum(values) / len(values)
 
 
 def build_model(cfg: ModelConfig) -> Decoder:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -33,7 +34,7 @@ from .balance import (
     sequence_balance_loss,
     update_bias,
 )
-from . import expert_parallel
+from . import expert_parallel, profiling
 from .base import FeedForward, PartConfig, PartCost, PassShape, add_cost, at_least, choices
 from .ffn import DenseFFN, DenseFFNConfig, swiglu_costs
 from .fp8 import fp8_grouped_mm
@@ -209,15 +210,27 @@ def uniform_assignment(n_tokens: int, n_experts: int, top_k: int, device) -> tor
 # --- experts and dispatch ---
 
 
-def grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor) -> torch.Tensor:
+GROUPED_MM, PADDED_BMM = "grouped_mm", "padded_bmm"
+DISPATCH_PATHS = (GROUPED_MM, PADDED_BMM)
+
+
+def grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor, path: str | None = None) -> torch.Tensor:
     """Rows ends[e−1]:ends[e] of x times w[e], for every expert e, as one grouped matmul.
 
-    torch._grouped_mm runs on CPUs and on CUDA GPUs with compute capability ≥ 9.0 in bf16;
-    elsewhere a padded batched matmul gives the same result.
+    Two paths give the same rows (to fp32 rounding): torch._grouped_mm, where it runs (CPUs;
+    CUDA GPUs with compute capability ≥ 9.0 in bf16), and a padded batched matmul. `path` None:
+    CHOOSER's pick for this shape; else forced (the benchmark and tests), grouped_mm only where it runs.
     """
     dtype = compute_dtype(x_MK)
     x_MK, w_EKN = x_MK.to(dtype), w_EKN.to(dtype)
-    if _grouped_mm_runs(x_MK, w_EKN):
+    path = path or CHOOSER.choose(x_MK, w_EKN, ends_E)
+    if path == GROUPED_MM and not _grouped_mm_runs(x_MK, w_EKN):
+        raise ValueError(f"path: grouped_mm does not run on {x_MK.device.type} {x_MK.dtype} with rows {tuple(w_EKN.shape[1:])}")
+    return _run_path(path, x_MK, w_EKN, ends_E)
+
+
+def _run_path(path: str, x_MK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor) -> torch.Tensor:
+    if path == GROUPED_MM:
         return torch._grouped_mm(x_MK, w_EKN, offs=ends_E.to(torch.int32))
     return _padded_bmm(x_MK, w_EKN, ends_E)
 
@@ -235,7 +248,10 @@ def _grouped_mm_runs(x: torch.Tensor, w_EKN: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm") or not aligned:
         return False
     if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
-        return False  # its fake-tensor kernel, which torch.compile traces with, takes bf16 only (torch 2.13)
+        # Its meta function, which torch.compile traces through, takes bf16 only (torch 2.13:
+        # "Expected inputs of BF16 type"), though the CPU kernel runs fp32 too
+        # (tests/test_moe_dispatch.py pins it, and fails once torch lifts it).
+        return False
     if x.device.type == "cpu":
         return True
     return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
@@ -253,6 +269,87 @@ def _padded_bmm(x_MK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor) -
     return torch.bmm(padded_ECK, w_EKN)[expert_M, slot_M]
 
 
+def _rows_bucket(n_rows: int) -> int:
+    """The power of two at or above n_rows: row counts within a factor of 2 share a pick."""
+    return 1 << max(n_rows - 1, 0).bit_length()
+
+
+class DispatchChooser:
+    """The faster of grouped_mm and padded_bmm, measured per process for each shape.
+
+    scripts/moe_dispatch_bench.py finds no clean crossover on a CPU: which path wins moves with
+    dtype, mode, load and E, and by more than the spread between runs, so a rule would be wrong
+    somewhere. The first eager call of a key (device, dtype, E, K, N, rows bucket, padding
+    bucket, backward or not) times both paths on that call's own rows, interleaved, and keeps
+    the faster; later calls reuse it, so the same key always takes the same path. A step in which a
+    key is measured is no sample (profiling.note_untimed_work). On a GPU it takes grouped_mm where
+    that runs (no GPU measurement yet, and the key would sync every call). Under torch.compile
+    nothing can be timed inside the trace (and the rows may be symbolic), so there the rule is
+    grouped_mm wherever it runs (bf16): no graph break, where padded_bmm's int(counts.max())
+    breaks the graph and recompiles as the busiest expert's count changes.
+    """
+
+    def __init__(self, reps: int = 3, clock=time.perf_counter):
+        self.reps, self.clock = reps, clock
+        self.picks: dict[tuple, str] = {}
+        self.trials_s: dict[tuple, dict[str, float]] = {}  # what each pick saw: path → median seconds
+
+    @staticmethod
+    def key(x_MK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor) -> tuple:
+        """What the winner depends on: the shapes, backward or not, and the padding bucket, the
+        power of two at or above E·max(count) ÷ M (the rows padded_bmm multiplies ÷ those
+        grouped_mm does): the same shapes flip winner as the load skews (the benchmark's
+        uniform and skewed rows). Reading max(count) syncs a GPU once per call."""
+        counts_E = torch.diff(ends_E, prepend=ends_E.new_zeros(1))
+        pad = math.ceil(w_EKN.shape[0] * int(counts_E.max()) / max(x_MK.shape[0], 1)) if counts_E.numel() else 1
+        return (x_MK.device.type, x_MK.dtype, *w_EKN.shape, _rows_bucket(x_MK.shape[0]), _rows_bucket(pad),
+                _needs_grad(x_MK, w_EKN))
+
+    def choose(self, x_MK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor) -> str:
+        if not _grouped_mm_runs(x_MK, w_EKN):
+            return PADDED_BMM
+        if torch.compiler.is_compiling():
+            return GROUPED_MM
+        if x_MK.device.type != "cpu":  # measured on CPUs only; on a GPU the key's max(count) would sync every call
+            return GROUPED_MM
+        key = self.key(x_MK, w_EKN, ends_E)
+        if key in self.picks:
+            return self.picks[key]
+        profiling.note_untimed_work()  # the step that measures is no sample
+        self.trials_s[key] = self._measure(x_MK, w_EKN, ends_E, key[-1])
+        self.picks[key] = min(DISPATCH_PATHS, key=lambda p: (self.trials_s[key][p], p))  # a tie: by name
+        return self.picks[key]
+
+    def _measure(self, x_MK, w_EKN, ends_E, backward: bool) -> dict[str, float]:
+        """Median seconds of each path on detached copies (forward, and backward where the call
+        has one); one untimed call each first, then `reps` alternating rounds."""
+        samples_s: dict[str, list[float]] = {p: [] for p in DISPATCH_PATHS}
+        for i in range(self.reps + 1):
+            for path in DISPATCH_PATHS if i % 2 else DISPATCH_PATHS[::-1]:
+                start = self.clock()
+                _trial(path, x_MK, w_EKN, ends_E, backward)
+                if i:
+                    samples_s[path].append(self.clock() - start)
+        return {p: sorted(v)[len(v) // 2] for p, v in samples_s.items()}
+
+
+def _needs_grad(x_MK: torch.Tensor, w_EKN: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x_MK.requires_grad or w_EKN.requires_grad)
+
+
+def _trial(path: str, x_MK, w_EKN, ends_E, backward: bool) -> None:
+    with torch.enable_grad() if backward else torch.no_grad():
+        x, w = x_MK.detach().requires_grad_(backward), w_EKN.detach().requires_grad_(backward)
+        out = _run_path(path, x, w, ends_E)
+        if backward:
+            out.backward(torch.ones_like(out))
+    if x_MK.device.type == "cuda":
+        torch.cuda.synchronize(x_MK.device)
+
+
+CHOOSER = DispatchChooser()  # one per process: every layer of a shape shares its pick
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as stacked weights, applied to expert-sorted rows."""
 
@@ -264,15 +361,27 @@ class GroupedExperts(nn.Module):
         self.fp8_recipe = fp8_recipe  # the experts' GEMMs in FP8 too (V3 §3.3), under fp8 precisions
         if fp8_recipe is not None:
             self.fp8_probe = None  # set by fp8.QuantisationProbe while it measures SQNR
+        self.paths_run: set[str] = set()  # the moe_dispatch column: every path a call took
 
-    def _mm(self, x_MK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor) -> torch.Tensor:
-        if self.fp8_recipe is None:
-            return grouped_mm(x_MK, w_EKN, ends_E)
-        return fp8_grouped_mm(x_MK, w_EKN, ends_E, self.fp8_recipe, self.fp8_probe)
+    def _mm(self, x_MK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor, path: str | None) -> torch.Tensor:
+        if self.fp8_recipe is not None:
+            self.paths_run.add("fp8_grouped_mm")
+            return fp8_grouped_mm(x_MK, w_EKN, ends_E, self.fp8_recipe, self.fp8_probe)
+        dtype = compute_dtype(x_MK)
+        x_MK, w_EKN = x_MK.to(dtype), w_EKN.to(dtype)
+        path = path or CHOOSER.choose(x_MK, w_EKN, ends_E)
+        self.paths_run.add(path)
+        return grouped_mm(x_MK, w_EKN, ends_E, path)
 
-    def forward(self, x_MC: torch.Tensor, ends_E: torch.Tensor) -> torch.Tensor:
-        hidden_MF = F.silu(self._mm(x_MC, self.w1_ECF, ends_E)) * self._mm(x_MC, self.w3_ECF, ends_E)
-        return self._mm(hidden_MF, self.w2_EFC, ends_E)
+    def dispatch_label(self) -> str | None:
+        """The path the calls took, "mixed" where they took more than one; None before any call."""
+        if not self.paths_run:
+            return None
+        return next(iter(self.paths_run)) if len(self.paths_run) == 1 else "mixed"
+
+    def forward(self, x_MC: torch.Tensor, ends_E: torch.Tensor, path: str | None = None) -> torch.Tensor:
+        hidden_MF = F.silu(self._mm(x_MC, self.w1_ECF, ends_E, path)) * self._mm(x_MC, self.w3_ECF, ends_E, path)
+        return self._mm(hidden_MF, self.w2_EFC, ends_E, path)
 
     def expert(self, e: int, x_MC: torch.Tensor) -> torch.Tensor:
         """One expert alone (the naive reference's building block)."""
@@ -495,5 +604,8 @@ class MoEFeedForward(FeedForward):
         if self.shard is not None:  # a collective: every rank reads its metrics at the end of the cell
             self.stats.sum_loads(lambda load: expert_parallel.all_reduce_sum(load, self.shard))
         bias = self.router.expert_bias_E if self.balance == "bias" else None
-        return self.stats.layer_metrics(layer, bias)
+        records, summary = self.stats.layer_metrics(layer, bias)
+        if (label := self.experts.dispatch_label()) is not None:
+            summary["columns"] = {"moe_dispatch": label}
+        return records, summary
 

@@ -50,6 +50,18 @@ PARTS = {
 }
 STEP, WARMUP, PREFILL = "step", "warmup", "prefill"  # the step-level ranges StepTimer opens
 STEP_HOOK = None  # set by a profiling session: kind → context manager that opens the step's range
+# Work a part does once, not every step (the MoE dispatch timing its two paths): a step in which
+# it happened is no sample (dsbench.measure.StepTimer compares the count around each step).
+_untimed_work = 0
+
+
+def note_untimed_work() -> None:
+    global _untimed_work
+    _untimed_work += 1
+
+
+def untimed_work() -> int:
+    return _untimed_work
 
 
 def part(name: str, module=None):
