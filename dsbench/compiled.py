@@ -71,6 +71,7 @@ class CompileWatch:
         self.timed_compile_steps = 0  # of those, steps meant to be timed (past the warm-up)
         self.settled = True
         self._recordings = 0
+        self.meter = None  # a contention.ContentionMeter: compiling steps are left out of its columns
         self._base_frames = 0
         self._base_breaks: collections.Counter = collections.Counter()
 
@@ -117,12 +118,16 @@ class _WatchedStep:
         self.watch, self.record, self.compiled = watch, record, False
 
     def __enter__(self):
+        meter = self.watch.meter
+        self._before = meter.snapshot() if meter is not None else None
         self._events, self._t0 = self.watch.events(), time.perf_counter()
         return self
 
     def __exit__(self, *exc):
         if self.watch.events() != self._events:
             self.compiled = True
+            if self._before is not None:
+                self.watch.meter.leave_out(self._before, self.watch.meter.snapshot())
             self.watch.compile_s += time.perf_counter() - self._t0
             self.watch.compile_steps += 1
             self.watch.timed_compile_steps += self.record

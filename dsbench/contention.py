@@ -95,6 +95,10 @@ class ContentionMeter:
 
     def __init__(self, threads: int):
         self.threads = threads
+        # Left out (`leave_out`): a compiled cell's compiling steps, single-threaded and beside the
+        # compiler's own processes, which say nothing of what the timed steps competed with.
+        self._left_wall = self._left_own = self._left_nivcsw = 0.0
+        self._left_stat = (0, 0, 0)
 
     def __enter__(self) -> ContentionMeter:
         self._stat0, (self._own0, self._nivcsw0) = _proc_stat(), _own_cpu_s()
@@ -105,18 +109,30 @@ class ContentionMeter:
         self.wall_s = time.perf_counter() - self._wall0
         self._stat1, (self._own1, self._nivcsw1) = _proc_stat(), _own_cpu_s()
 
+    def snapshot(self) -> tuple:
+        return _proc_stat(), _own_cpu_s(), time.perf_counter()
+
+    def leave_out(self, before: tuple, after: tuple) -> None:
+        """Leave the span between two snapshots out of every column."""
+        (stat0, (own0, nivcsw0), wall0), (stat1, (own1, nivcsw1), wall1) = before, after
+        self._left_wall += wall1 - wall0
+        self._left_own += own1 - own0
+        self._left_nivcsw += nivcsw1 - nivcsw0
+        if stat0 is not None and stat1 is not None:
+            self._left_stat = tuple(left + b - a for left, a, b in zip(self._left_stat, stat0, stat1))
+
     def columns(self) -> dict:
-        own = self._own1 - self._own0
-        wall = max(self.wall_s, 1e-9)
+        own = self._own1 - self._own0 - self._left_own
+        wall = max(self.wall_s - self._left_wall, 1e-9)
         row = {
             "cpu_share": own / (wall * self.threads),
-            "ctx_switches_involuntary_per_s": (self._nivcsw1 - self._nivcsw0) / wall,
+            "ctx_switches_involuntary_per_s": (self._nivcsw1 - self._nivcsw0 - self._left_nivcsw) / wall,
             "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             "cpu_others_cores": None,
             "cpu_steal_fraction": None,
         }
         if self._stat0 is not None and self._stat1 is not None:
-            busy, steal, total = (b - a for a, b in zip(self._stat0, self._stat1))
+            busy, steal, total = (b - a - left for a, b, left in zip(self._stat0, self._stat1, self._left_stat))
             row["cpu_others_cores"] = max(0.0, (busy - own) / wall)
             row["cpu_steal_fraction"] = steal / total if total > 0 else 0.0
         row["contention"] = contention_reason(row, self.threads)

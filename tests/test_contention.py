@@ -83,3 +83,28 @@ def test_report_names_contended_cells(tmp_path):
     md = (out / "index.md").read_text()
     assert "2 measurement(s) contended or noisy" in md
     assert "got 41% of the CPU" in md and "p90/p10 = 7.70 (limit 2)" in md
+
+
+def test_a_left_out_span_leaves_every_column():
+    """A compiled cell's compiling steps are left out (dsbench/compiled.py): the columns then
+    describe the rest. Here the rest sleeps, so its CPU share is near 0 where the whole was ~½."""
+    import time
+
+    from dsbench.contention import ContentionMeter
+
+    def spin(cpu_s: float) -> None:
+        start = time.process_time()
+        while time.process_time() - start < cpu_s:
+            pass
+
+    def measure(leave_out: bool) -> float:
+        with ContentionMeter(1) as meter:
+            before = meter.snapshot()
+            spin(0.3)
+            if leave_out:
+                meter.leave_out(before, meter.snapshot())
+            time.sleep(0.3)
+        return meter.columns()["cpu_share"]
+
+    assert measure(leave_out=False) > 0.3
+    assert measure(leave_out=True) < 0.1
