@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The first look at a CUDA machine, in one script (under 8 minutes on one H200):
+# The first look at a CUDA machine, in one script (175 s on one H200 before the compiled sweep was
+# added, 2026-12-04: results/gpu-check-h200; the compiled sweep's time is not measured yet):
 #   1. the environment (nvidia-smi, torch/triton/CUDA, dsbench's probe with calibrated peaks);
 #   2. dsbench installed into a venv that sees the machine's own torch (nothing is downloaded
 #      when torch, triton, pandas, pyarrow, matplotlib, typer, rich and pytest are already there);
