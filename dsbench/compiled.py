@@ -12,7 +12,7 @@ Compile time never lands in a timed step: `CompileWatch` counts dynamo's compila
 CUDA-graph recordings, and a step during which either happened is dropped from the samples
 (measure.StepTimer asks it) and its wall time added to `compile_s`. The workloads that can keep
 stepping (prefill, decode) step on until they hold `repeats` clean samples; a cell still
-compiling after `settle_limit` extra steps is reported as such (`compile_settled` false).
+compiling after SETTLE_LIMIT extra rounds is reported as such (`compile_settled` false).
 """
 
 from __future__ import annotations
@@ -58,6 +58,12 @@ def check_mode(mode: str, device: str) -> str | None:
 
 def active_watch() -> CompileWatch | None:
     return _active
+
+
+def stop() -> None:
+    """No cell is compiled any more in this process (the tests run several in one)."""
+    global _active
+    _active = None
 
 
 class CompileWatch:

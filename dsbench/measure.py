@@ -75,15 +75,12 @@ class StepTimer:
     def step(self, record: bool = True) -> Iterator[None]:
         watch = compiled.active_watch()
         before, untimed = len(self), profiling.untimed_work()
-        with profiling.step_range(self.kind if record else profiling.WARMUP):
-            if watch is None:
-                yield from self._step(record)
-                dropped = profiling.untimed_work() != untimed
-            else:  # a compiled cell: a step during which something compiled leaves no sample
-                compiled.step_begin()
-                with watch.step(record and self.kind != profiling.WARMUP) as watched:
-                    yield from self._step(record)
-                dropped = watched.compiled or profiling.untimed_work() != untimed
+        # A compiled cell: a step during which something compiled leaves no sample.
+        watched = watch.step(record and self.kind != profiling.WARMUP) if watch is not None else contextlib.nullcontext()
+        with profiling.step_range(self.kind if record else profiling.WARMUP), watched:
+            compiled.step_begin()
+            yield from self._step(record)
+        dropped = (watch is not None and watched.compiled) or profiling.untimed_work() != untimed
         if dropped and len(self) > before:
             self._drop_last()
             self.dropped += 1

@@ -24,7 +24,16 @@
 #
 #   OUT=/tmp/gpu-check scripts/gpu_check.sh            # PYTHON=... to pick the interpreter
 set -uo pipefail
+SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$0")/.."
+KNOWN="$(grep -oE '^ *step [a-z0-9_]+' "$SELF" | awk '{print $2}' | paste -sd, -)"
+steps="${GPU_CHECK_STEPS:-}"
+for name in ${steps//,/ }; do
+    if [[ ",$KNOWN," != *",$name,"* ]]; then
+        echo "GPU_CHECK_STEPS: '$name' is not a step; allowed: $KNOWN" >&2
+        exit 2
+    fi
+done
 OUT="${OUT:-$PWD/gpu-check}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"

@@ -120,7 +120,7 @@ def test_compiled_equals_eager(attention, ffn, precision, phase, extra):
         if precision.startswith("fp8"):  # the FP8 GEMMs run eager (variants/fp8.py says why): graph breaks, recorded
             assert columns["graph_breaks"] > 0 and columns["graph_break_reasons"]
     finally:
-        compiled._active = None
+        compiled.stop()
         torch._dynamo.reset()
 
 
@@ -173,7 +173,7 @@ def test_a_compiled_cell_times_no_step_that_compiled():
         cells = expand(parse_spec(spec(["eager", "compile"], workloads=("decode",))), "cpu")
         rows = {c.measure.get("compile", "eager"): measure_cell(c, Runtime())[0] for c in cells}
     finally:
-        compiled._active = None
+        compiled.stop()
         torch._dynamo.reset()
     eager, fused = rows["eager"], rows["compile"]
     assert "compile_s" not in eager

@@ -55,3 +55,13 @@ def test_every_benchmark_flag_the_script_passes_exists(script):
                                timeout=60, cwd=ROOT).stdout
     for flag in re.findall(r"(?<=\s)--[a-z][a-z0-9-]*", lines[0].split(script, 1)[1]):
         assert flag in help_text, f"{script} has no {flag}"
+
+
+@pytest.mark.parametrize("steps", ["nope", "kernel_tests,kernel_test", "gpu-small-sweep"])
+def test_an_unknown_step_in_gpu_check_steps_is_one_line_and_exit_2(tmp_path, steps):
+    done = subprocess.run(["bash", str(SCRIPT)], env={**os.environ, "OUT": str(tmp_path / "out"), "GPU_CHECK_STEPS": steps},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("GPU_CHECK_STEPS: '") and "allowed: nvidia_smi," in lines[0]
+    assert not (tmp_path / "out").exists()  # nothing written
