@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from . import choice
 from .fp8_quant import GROUP, dequant
 
 try:
@@ -139,3 +140,44 @@ def fp8_gemm(a, a_s, b, b_s, b_group: int, out_dtype=torch.float32) -> torch.Ten
     if triton is not None and _has_fp8_tensor_cores(a.device):
         return fp8_gemm_triton(a, a_s, b, b_s, b_group, out_dtype)
     return fp8_gemm_reference(a, a_s, b, b_s, b_group, out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The op family (kernels/choice.py): every implementation computes the same block-scaled sum.
+
+
+def _triton_runs(a, a_s, b, b_s, b_group: int, out_dtype=torch.float32) -> str | None:
+    if triton is None:
+        return "triton is not installed"
+    if a.device.type == "cuda" and not _has_fp8_tensor_cores(a.device):
+        return "no FP8 tensor cores (compute capability < 8.9)"
+    return choice.triton_device_ok(a.device.type)
+
+
+def _scaled_mm_loop_runs(a, a_s, b, b_s, b_group: int, out_dtype=torch.float32) -> str | None:
+    if a.device.type == "cuda" and not (_has_fp8_tensor_cores(a.device) and a.shape[0] % 16 == 0 and b.shape[0] % 16 == 0):
+        return "torch._scaled_mm on CUDA needs FP8 tensor cores and M, N divisible by 16"
+    return None
+
+
+def _key(a, a_s, b, b_s, b_group: int, out_dtype=torch.float32) -> tuple:
+    return (a.device.type, a.shape[0], b.shape[0], a.shape[1], b_group, out_dtype, a.stride(), b.stride())
+
+
+choice.register(choice.Family(
+    name="fp8_gemm",
+    reference="reference",
+    implementations={
+        "reference": choice.Implementation("reference", fp8_gemm_reference, note="dequantise both operands, FP32 matmul"),
+        "scaled_mm_loop": choice.Implementation("scaled_mm_loop", blockwise_scaled_mm, _scaled_mm_loop_runs,
+                                                note="torch._scaled_mm per 128-wide K slice, row-wise scales, FP32 sum"),
+        "triton": choice.Implementation("triton", fp8_gemm_triton, _triton_runs, choice.triton_device_ok,
+                                        note="dsbench's Triton kernel, DeepSeek kernel.py's recipe"),
+    },
+    key=_key,
+    # Products of E4M3 values are exact in FP32; only the summation order differs, except that
+    # Hopper's FP8 MMA accumulates in ~14 bits within each 128-wide slice (V3 §3.3.2): 2⁻¹⁰ covers it.
+    tolerance=2.0 ** -10,
+    compile_order=("reference",),
+    description="block-scaled FP8 GEMM C = A·Bᵀ (1×128 activation tiles, 128×128 weight blocks), FP32 accumulation",
+))

@@ -1,0 +1,278 @@
+"""Which implementation runs each op family (issue 27): one seam for every kernel choice.
+
+A family is one operation with several implementations that compute the same numbers (to the
+family's stated tolerance): the plain-PyTorch `reference` (the truth for tests), our Triton
+kernel, torch's own fast paths, a library's where installed. A cell's `kernels.<family>` is
+`auto` (the default) or the name of one implementation.
+
+`auto` picks, once per process and shape key, the fastest implementation that runs here and
+agrees with the reference: each candidate that runs on the call's inputs is called once
+untimed (warm-up, compilation), its output is checked against the reference's (RMS-relative
+error ≤ the family's tolerance), then the survivors are timed in `reps` alternating rounds
+(the median counts). The step in which that happens is no sample (profiling.note_untimed_work).
+Under torch.compile nothing can be timed inside the trace: there `auto` takes the first
+candidate of the family's `compile_order` that runs. On CUDA the measurement synchronises,
+once per key, outside the timed steps.
+
+What ran, and why, is recorded per family: `kernel_<family>` (the implementation, or "mixed"
+where calls of one cell took several) and `kernel_<family>_why` (pinned, or the measurement:
+each candidate's median µs and error, and why the others did not run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+AUTO = "auto"
+
+
+class KernelUnavailable(ValueError):
+    """A pinned implementation that cannot run on this call's inputs (one line, names the key)."""
+
+
+@dataclass(frozen=True)
+class Implementation:
+    name: str
+    fn: Callable  # same arguments as the family's reference, returns the same tensor
+    # Why it cannot run on these arguments (device, dtype, shape, a missing library), or None.
+    # Must not synchronise a GPU; shapes, dtypes and device properties only.
+    runs_on: Callable[..., str | None] = lambda *args, **kwargs: None
+    # Why it cannot run on a device at all ("cpu", "cuda"), for --dry-run; None: it may.
+    device_ok: Callable[[str], str | None] = lambda device: None
+    note: str = ""  # one line: what it is (the docs' and dry-run's table)
+
+
+@dataclass
+class Family:
+    name: str
+    reference: str  # the implementation every other is checked against
+    implementations: dict[str, Implementation]
+    key: Callable[..., tuple]  # what the pick depends on (shapes, dtype, device); no device sync
+    # RMS-relative error vs the reference allowed for a candidate (a number, or a function of the
+    # call's arguments, e.g. of their dtype), justified in a comment where the family registers.
+    tolerance: float | Callable[..., float]
+    compile_order: tuple[str, ...] = ()  # under torch.compile: the first of these that runs
+    trial: Callable | None = None  # (fn, *args, **kwargs) → None: one timed call (default: call fn)
+    output: Callable = lambda out: out  # the tensor to compare, from what fn returns
+    description: str = ""
+
+    def candidates(self, *args, **kwargs) -> tuple[list[str], dict[str, str]]:
+        """(names that run on these arguments, {name: why not} for the rest)."""
+        runs, why_not = [], {}
+        for name, impl in self.implementations.items():
+            reason = impl.runs_on(*args, **kwargs)
+            if reason is None:
+                runs.append(name)
+            else:
+                why_not[name] = reason
+        return runs, why_not
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    if family.reference not in family.implementations:
+        raise ValueError(f"kernel family {family.name}: reference {family.reference!r} is not one of its implementations")
+    FAMILIES[family.name] = family
+    return family
+
+
+def family(name: str) -> Family:
+    _load_builtin_families()
+    return FAMILIES[name]
+
+
+def _load_builtin_families() -> None:
+    """Each family registers in the file of its kernels; importing them is what registers."""
+    from . import families  # noqa: F401  (kernels/families.py imports every kernel file)
+
+
+def rms_relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64 (0 where both are 0)."""
+    out, ref = out.detach().double(), ref.detach().double()
+    denom = ref.norm().item()
+    diff = (out - ref).norm().item()
+    return diff / denom if denom else (0.0 if diff == 0 else math.inf)
+
+
+@dataclass
+class Decision:
+    name: str
+    why: str
+
+
+@dataclass
+class Chooser:
+    """The implementation of every family for one process (one cell): pins, and auto's picks."""
+
+    pins: dict[str, str] = field(default_factory=dict)  # family → implementation name (absent: auto)
+    reps: int = 3
+    clock: Callable[[], float] = time.perf_counter
+    decisions: dict[tuple, Decision] = field(default_factory=dict)  # (family, key) → what was chosen
+    ran: dict[str, set] = field(default_factory=dict)  # family → implementations that ran
+
+    def run(self, family_name: str, *args, **kwargs):
+        """Call the family's chosen implementation on these arguments."""
+        fam = family(family_name)
+        name = self.choose(fam, *args, **kwargs)
+        self.ran.setdefault(fam.name, set()).add(name)
+        return fam.implementations[name].fn(*args, **kwargs)
+
+    def choose(self, fam: Family, *args, **kwargs) -> str:
+        pin = self.pins.get(fam.name, AUTO)
+        if pin != AUTO:
+            reason = fam.implementations[pin].runs_on(*args, **kwargs)
+            if reason is not None:
+                raise KernelUnavailable(f"kernels.{fam.name}: {pin!r} does not run on these inputs: {reason}")
+            self.decisions.setdefault((fam.name, "pinned"), Decision(pin, "pinned"))
+            return pin
+        if torch.compiler.is_compiling():
+            return self._compile_pick(fam, *args, **kwargs)
+        key = (fam.name, fam.key(*args, **kwargs))
+        if key in self.decisions:
+            return self.decisions[key].name
+        decision = self._measure(fam, *args, **kwargs)
+        if decision is None:  # no finite reference output to check against: decide on a later call
+            return fam.reference
+        self.decisions[key] = decision
+        return decision.name
+
+    def _compile_pick(self, fam: Family, *args, **kwargs) -> str:
+        runs, _ = fam.candidates(*args, **kwargs)
+        for name in (*fam.compile_order, fam.reference):
+            if name in runs:
+                return name
+        return fam.reference
+
+    def _measure(self, fam: Family, *args, **kwargs) -> Decision | None:
+        from dsbench.variants import profiling  # the step that measures is no sample
+
+        runs, why_not = fam.candidates(*args, **kwargs)
+        if len(runs) <= 1:
+            name = runs[0] if runs else fam.reference
+            return Decision(name, "only one runs here" + _why_not(why_not))
+        profiling.note_untimed_work()
+        tolerance = fam.tolerance(*args, **kwargs) if callable(fam.tolerance) else fam.tolerance
+        with torch.no_grad():
+            ref = fam.output(fam.implementations[fam.reference].fn(*args, **kwargs))
+            if not torch.isfinite(ref).all():
+                return None
+            errors, rejected = {}, dict(why_not)
+            for name in runs:
+                out = ref if name == fam.reference else fam.output(fam.implementations[name].fn(*args, **kwargs))
+                errors[name] = rms_relative_error(out, ref)
+                if not errors[name] <= tolerance:
+                    rejected[name] = f"error {errors[name]:.1e} > {tolerance:.0e} vs {fam.reference}"
+            correct = [n for n in runs if n not in rejected]
+            times = self._time(fam, correct, *args, **kwargs)
+        best = min(correct, key=lambda n: (times[n], n))
+        measured = ", ".join(f"{n} {1e6 * times[n]:.0f} µs (err {errors[n]:.1e})" for n in correct)
+        return Decision(best, f"auto: fastest correct of {measured}" + _why_not(rejected))
+
+    def _time(self, fam: Family, names: list[str], *args, **kwargs) -> dict[str, float]:
+        samples: dict[str, list[float]] = {n: [] for n in names}
+        trial = fam.trial or (lambda fn, *a, **k: fn(*a, **k))
+        device = _device_of(args)
+        for i in range(self.reps):
+            for name in names if i % 2 else names[::-1]:  # alternate the order against drift
+                _sync(device)
+                start = self.clock()
+                trial(fam.implementations[name].fn, *args, **kwargs)
+                _sync(device)
+                samples[name].append(self.clock() - start)
+        return {n: sorted(v)[len(v) // 2] for n, v in samples.items()}
+
+    def columns(self) -> dict:
+        """kernel_<family> and kernel_<family>_why for every family a call went through."""
+        row = {}
+        for fam_name, names in sorted(self.ran.items()):
+            row[f"kernel_{fam_name}"] = next(iter(names)) if len(names) == 1 else "mixed"
+            whys = [f"{d.name}: {d.why}" if len(names) > 1 else d.why
+                    for (f, _), d in self.decisions.items() if f == fam_name]
+            row[f"kernel_{fam_name}_why"] = "; ".join(dict.fromkeys(whys)) or "under torch.compile: " + self._order(fam_name)
+        return row
+
+    def _order(self, fam_name: str) -> str:
+        fam = family(fam_name)
+        return "the first of " + ", ".join((*fam.compile_order, fam.reference)) + " that runs"
+
+
+def triton_device_ok(device: str) -> str | None:
+    """Triton kernels compile for GPUs; TRITON_INTERPRET=1 runs them on a CPU, for tests only."""
+    import os
+
+    if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return "a Triton kernel needs a GPU (TRITON_INTERPRET=1 runs it on a CPU, for tests)"
+
+
+def _why_not(why_not: dict[str, str]) -> str:
+    return "".join(f"; {n} not: {r}" for n, r in why_not.items())
+
+
+def _device_of(args) -> torch.device | None:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+    return None
+
+
+def _sync(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+_active = Chooser()
+
+
+def active() -> Chooser:
+    return _active
+
+
+@contextlib.contextmanager
+def use(chooser: Chooser) -> Iterator[Chooser]:
+    """Make `chooser` the one every family call goes through (the worker: one per cell)."""
+    global _active
+    before, _active = _active, chooser
+    try:
+        yield chooser
+    finally:
+        _active = before
+
+
+def run(family_name: str, *args, **kwargs):
+    """Call family `family_name` through the active chooser."""
+    return _active.run(family_name, *args, **kwargs)
+
+
+def check_pins(pins: dict, device: str) -> str | None:
+    """The first pin that names no family or implementation, or one that cannot run on this
+    device at all, as one line naming the key; else None."""
+    _load_builtin_families()
+    for fam_name, impl in pins.items():
+        if fam_name not in FAMILIES:
+            return f"kernels.{fam_name}: unknown op family; allowed: {', '.join(sorted(FAMILIES))}"
+        fam = FAMILIES[fam_name]
+        allowed = (AUTO, *fam.implementations)
+        if impl not in allowed:
+            return f"kernels.{fam_name}: {impl!r} is not an implementation; allowed: {', '.join(allowed)}"
+        if impl != AUTO and (reason := fam.implementations[impl].device_ok(device.split(":")[0])):
+            return f"kernels.{fam_name}: {impl!r} cannot run on {device}: {reason}"
+    return None
+
+
+def preview(fam_name: str, pin: str, device: str) -> str:
+    """What --dry-run says a family will use on a device: the pin, or auto's candidates."""
+    fam = family(fam_name)
+    if pin != AUTO:
+        return pin
+    dev = device.split(":")[0]
+    names = [n for n, impl in fam.implementations.items() if impl.device_ok(dev) is None]
+    return names[0] if len(names) == 1 else f"auto({'|'.join(names)})"
