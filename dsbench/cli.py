@@ -403,16 +403,18 @@ def apply_executor_flags(spec: spec_lib.SweepSpec, sbatch: list[str] | None, **f
 
 def cells_table(cells, title: str) -> Table:
     from dsbench.accounting import static_row
+    from dsbench.spec import kernel_plan
 
     named = ("workload", "ffn", "attention", "precision", "balance")
     dotted = list(dict.fromkeys(k for cell in cells for k in cell.axes if k not in named))  # dotted-key axes
-    table = Table("cell_id", *named, *dotted, "shape", "params_total", "params_active", "flops/token", "kv B/token", "est. MiB", title=title)
+    table = Table("cell_id", *named, *dotted, "shape", "params_total", "params_active", "flops/token", "kv B/token", "est. MiB", "kernels", title=title)
     for cell in cells:
         row = static_row(cell)
         shape = cell.label().split(" ")[-1]
         table.add_row(row["cell_id"], *(row[a] for a in named), *(str(cell.axes.get(k, "")) for k in dotted), shape,
                       f"{row['params_total']:,}", f"{row['params_active']:,}", f"{row['flops_per_token']:.3g}", f"{row['kv_cache_bytes_per_token']:,}",
-                      f"{row['memory_estimate_bytes'] / 2**20:,.1f}")
+                      f"{row['memory_estimate_bytes'] / 2**20:,.1f}",
+                      " ".join(f"{f}={impl}" for f, impl in kernel_plan(cell).items()) or "-")
     return table
 
 

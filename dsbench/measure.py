@@ -273,7 +273,7 @@ def current_rss_bytes() -> int | None:
 _trapezoid = getattr(np, "trapezoid", None) or np.trapz
 
 _NVML_FIELDS = (
-    "power_w_mean", "power_w_max", "energy_j", "energy_source", "gpu_mem_used_bytes_max",
+    "power_w_mean", "power_w_max", "energy_j", "energy_source", "gpu_mem_used_bytes_max", "gpu_busy_fraction",
 )
 
 
@@ -329,6 +329,7 @@ class NvmlSampler:
         self._thread: threading.Thread | None = None
         self._power_samples: list[tuple[float, float]] = []  # (perf_counter s, W)
         self._mem_used_bytes_max: int | None = None
+        self._busy_samples: list[float] = []  # NVML utilization.gpu ÷ 100 per sample
         self._energy_start_mj: int | None = None
         self._energy_end_mj: int | None = None
 
@@ -391,6 +392,10 @@ class NvmlSampler:
             self._mem_used_bytes_max = max(used, self._mem_used_bytes_max or 0)
         except Exception:
             pass
+        try:  # the share of NVML's last sample period (1/6 s to 1 s) in which a kernel ran
+            self._busy_samples.append(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu / 100)
+        except Exception:
+            pass
 
     def _read_energy_mj(self) -> int | None:
         try:
@@ -401,9 +406,11 @@ class NvmlSampler:
     # -- results ---------------------------------------------------------------------------
 
     def summary(self) -> dict:
-        """power_w_mean, power_w_max, energy_j, energy_source, gpu_mem_used_bytes_max."""
+        """power_w_mean, power_w_max, energy_j, energy_source, gpu_mem_used_bytes_max, gpu_busy_fraction."""
         out = dict.fromkeys(_NVML_FIELDS)
         out["gpu_mem_used_bytes_max"] = self._mem_used_bytes_max
+        if len(self._busy_samples) > 1:  # the first sample looks back at what ran before the region
+            out["gpu_busy_fraction"] = float(np.mean(self._busy_samples[1:]))
         watts = [w for _, w in self._power_samples]
         if watts:
             out["power_w_mean"] = float(np.mean(watts))

@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass
 
 GROUPS = ("identity", "axis", "config", "variant", "accounting", "speed", "memory", "energy", "loss", "balance", "fp8",
-          "speculative", "flag", "contention", "overhead", "profile")
+          "speculative", "flag", "contention", "overhead", "profile", "implementation", "sol")
 DESCRIBES_THE_CELL = ("axis", "config", "variant")  # what a cell is: the identity dsbench.pairing compares
 FORMATS = ("int", "g", "mib", "pct", "ratio", "text", "bool")
 BETTER = ("higher", "lower", "none")
@@ -178,6 +178,20 @@ _ENTRIES = (
     _host("peak_source", "speed", "", "datasheet or this machine's calibrated matmul", fmt="text"),
     _host("moe_dispatch", "speed", "", "routed FFN: the expert matmuls' path (variants/moe.py DispatchChooser): grouped_mm | "
           "padded_bmm | fp8_grouped_mm, or mixed when layers or shapes took different ones", fmt="text"),
+    _m("sol_bound", "sol", "", "compute | memory: the side holding most of the light-speed step (dsbench/roofline.py light_columns)",
+       fmt="text"),
+    _host("sol_step_ms", "sol", "ms", "light-speed step: Σ over parts of max(FLOPs ÷ peak, bytes ÷ bandwidth) at this device's "
+          "ceilings", better="lower"),
+    _host("sol_fraction", "sol", "1", "light-speed step ÷ measured median step: 1 at the roof", fmt="pct", better="higher",
+          short="SoL"),
+    _host("sol_note", "sol", "", "why the bound is missing, above 1, or the cell launch-bound", fmt="text"),
+    _host("achieved_bytes_per_s", "sol", "B/s", "the step's compulsory bytes ÷ median step time", better="higher"),
+    _host("mbu", "sol", "1", "model bandwidth utilisation: achieved_bytes_per_s ÷ calibrated copy bandwidth", fmt="pct",
+          better="higher"),
+    _host("s_mfu", "sol", "1", "routed FFN cells: MoE-CAP's sparsity-aware MFU (activated experts' FLOPs only)", fmt="pct",
+          better="higher"),
+    _host("s_mbu", "sol", "1", "routed FFN cells: MoE-CAP's sparsity-aware MBU (weights of the experts the step touches)",
+          fmt="pct", better="higher"),
     _host("mfu", "speed", "1", "model_flops_per_s ÷ peak_flops_per_s (ep > 1: ÷ ep peaks, one per rank)", fmt="pct",
           better="higher", short="MFU"),
     # Expert parallelism (dsbench/distributed.py): tokens_per_s_median of an ep cell counts every rank's batch.
@@ -219,6 +233,8 @@ _ENTRIES = (
     _host("rss_before_workload_bytes", "memory", "bytes", "RSS after building the model, before the workload", fmt="mib"),
     _host("cuda_max_allocated_bytes", "memory", "bytes", "torch.cuda.max_memory_allocated", fmt="mib", better="lower"),
     _host("cuda_max_reserved_bytes", "memory", "bytes", "torch.cuda.max_memory_reserved", fmt="mib", better="lower"),
+    _host("gpu_busy_fraction", "sol", "1", "CUDA: NVML's share of the workload's time in which a kernel ran (low: launch-bound)",
+          fmt="pct", better="higher"),
     _host("gpu_mem_used_bytes_max", "memory", "bytes", "NVML device memory used, max", fmt="mib", better="lower"),
     _host("power_w_mean", "energy", "W", "NVML power, mean over the workload"),
     _host("power_w_max", "energy", "W", "NVML power, max"),
@@ -339,7 +355,7 @@ for _entry in _ENTRIES:
 
 
 # spec.DOTTED_SECTIONS (tests/test_metrics.py holds them equal; importing spec here would load torch)
-DOTTED_SECTIONS = ("model", "attention", "ffn", "train", "prefill", "decode", "speculative", "measure", "parallel")
+DOTTED_SECTIONS = ("model", "attention", "ffn", "train", "prefill", "decode", "speculative", "measure", "parallel", "kernels")
 DOTTED_MEASURE_KEYS = ("compile",)  # spec.DOTTED_MEASURE_KEYS
 
 
@@ -353,9 +369,21 @@ def dotted_axis(name: str) -> Metric | None:
                   fmt="text")
 
 
+def kernel_column(name: str) -> Metric | None:
+    """kernel_<family> / kernel_<family>_why (dsbench/kernels/choice.py Chooser.columns): one
+    pair per op family a cell called, registered by their form."""
+    if not name.startswith("kernel_") or len(name) <= len("kernel_"):
+        return None
+    if name.endswith("_why"):
+        return Metric(name, "implementation", "", "why that implementation ran: pinned, or auto's measurement "
+                      "(each candidate's median µs and error vs the reference) and why others did not run", fmt="text")
+    return Metric(name, "implementation", "", "the implementation of this op family the cell's calls ran "
+                  "(kernels.<family>: pinned, or auto's pick; mixed: several)", fmt="text")
+
+
 def metric_of(name: str) -> Metric | None:
-    """The registry entry of a column, dotted-key axes included; None if unregistered."""
-    return METRICS.get(name) or dotted_axis(name)
+    """The registry entry of a column, dotted-key axes and kernel columns included; None if unregistered."""
+    return METRICS.get(name) or dotted_axis(name) or kernel_column(name)
 
 
 def describing_columns() -> tuple[str, ...]:

@@ -113,3 +113,50 @@ def place(cost: PartCost | None, seconds: float, roof: Ceilings) -> dict:
     attainable = min(roof.peak_flops_per_s, intensity * roof.bandwidth_bytes_per_s)
     row["roof_fraction"] = row["achieved_flops_per_s"] / attainable
     return row
+
+
+# --- speed of light per cell (issue 27) ---
+
+
+def light_columns(cell: Cell, runtime: dict, step_s: float | None, devices: int = 1, gpu_busy: float | None = None) -> dict:
+    """How far the cell's measured step is from the fastest this device could run it.
+
+    The light-speed step time is Σ over the step's parts of max(FLOPs ÷ peak, bytes ÷ bandwidth):
+    each part at the roof of its own intensity, parts one after another (one stream; a part's
+    compute never hides another's traffic). Its bound is the side that holds most of that time.
+    sol_fraction = light ÷ measured step time: 1 is at the roof; above 1 means a ceiling is under
+    what the cell achieved (a calibration taken under load), and the row says so. Parts with
+    no analytic byte count (fp8_quant) add only their FLOPs (0): the bound stays a lower bound.
+    For routed FFN cells the same sums are MoE-CAP's S-MFU and S-MBU (Jiang et al. 2412.07067:
+    activated experts' FLOPs, and only the weights of experts the step touches, part_costs).
+    gpu_busy: on CUDA, NVML's share of the cell's time in which a kernel ran (low: launch-bound).
+    """
+    roof = ceilings(runtime, cell.device)
+    empty = {"sol_bound": None, "sol_step_ms": None, "sol_fraction": None, "sol_note": None,
+             "achieved_bytes_per_s": None, "mbu": None}
+    if not step_s or not roof.peak_flops_per_s or not roof.bandwidth_bytes_per_s:
+        missing = "step time" if not step_s else "peak FLOP/s" if not roof.peak_flops_per_s else "copy bandwidth"
+        return {**empty, "sol_note": f"no {missing} ({roof.source}): no bound"}
+    peak, bandwidth = roof.peak_flops_per_s * devices, roof.bandwidth_bytes_per_s * devices
+    compute_s = memory_s = 0.0
+    total_bytes = 0.0
+    for cost in part_costs(cell).values():
+        flops_s, bytes_s = cost.flops / peak, (cost.bytes or 0.0) / bandwidth
+        compute_s, memory_s = compute_s + (flops_s if flops_s >= bytes_s else 0.0), memory_s + (bytes_s if bytes_s > flops_s else 0.0)
+        total_bytes += cost.bytes or 0.0
+    light_s = compute_s + memory_s
+    fraction = light_s / step_s
+    row = {**empty, "sol_bound": "compute" if compute_s >= memory_s else "memory", "sol_step_ms": 1e3 * light_s,
+           "sol_fraction": fraction, "achieved_bytes_per_s": total_bytes / step_s, "mbu": total_bytes / step_s / bandwidth}
+    if fraction > 1:
+        row["sol_note"] = (f"above 1: the step ran faster than its ceilings allow ({roof.source}); a ceiling measured "
+                           "under load, or a byte count above what the kernels moved")
+    if gpu_busy is not None and gpu_busy < LAUNCH_BOUND_BUSY:
+        row["sol_note"] = f"launch-bound: a kernel ran {gpu_busy:.0%} of the time (NVML)"
+    if registry.FFN[cell.model.ffn.kind].routed:  # MoE-CAP's names: the same activated-only sums
+        row["s_mfu"] = sum(c.flops for c in part_costs(cell).values()) / step_s / peak
+        row["s_mbu"] = row["mbu"]
+    return row
+
+
+LAUNCH_BOUND_BUSY = 0.5  # a GPU idle half the time waits on the host: the cell is launch-bound

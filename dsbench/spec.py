@@ -18,6 +18,7 @@ from pathlib import Path
 
 from dsbench.cell import AXES, PART_SECTIONS, Cell
 from dsbench import compiled
+from dsbench.kernels import choice as kernel_choice
 from dsbench.errors import SpecError
 from dsbench.executors import ExecutorSettings
 from dsbench.validate import as_table, check_choice, check_float, check_int, check_section, check_str, check_value, reject_unknown  # noqa: F401
@@ -67,10 +68,10 @@ AXIS_FIELDS = {("attention", "kind"): "attention", ("attention", "mla_impl"): "a
                ("ffn", "balance"): "balance", ("model", "precision"): "precision"}
 MODEL_KEYS = ("size", "d_model", "n_layers", "vocab_size", "max_seq_len", "norm_eps", "tie_embeddings", "init_std", "mtp")
 # What a [[sweep]] block may set: its own overrides and axes, merged over the top level's.
-SWEEP_KEYS = ("model", *PART_SECTIONS, "axes", *SECTIONS)
+SWEEP_KEYS = ("model", *PART_SECTIONS, "axes", "kernels", *SECTIONS)
 TOP_KEYS = ("name", "description", "device", "seed", "data", "plugins", "executor", "sweep", *SWEEP_KEYS)
 # Sections whose fields can be swept as dotted-key axes ("ffn.n_experts" = [8, 64]).
-DOTTED_SECTIONS = ("model", *PART_SECTIONS, *SECTIONS)
+DOTTED_SECTIONS = ("model", *PART_SECTIONS, *SECTIONS, "kernels")
 # The [measure] keys that change what a cell runs, so can be swept; the rest say only how it is timed.
 DOTTED_MEASURE_KEYS = ("compile",)
 
@@ -93,6 +94,8 @@ class SweepSpec:
     speculative: SpeculativeSettings = field(default_factory=SpeculativeSettings)
     measure: MeasureSettings = field(default_factory=MeasureSettings)
     parallel: ParallelSettings = field(default_factory=ParallelSettings)
+    # [kernels]: op family → "auto" or one implementation (dsbench/kernels/choice.py); absent: auto
+    kernels: dict = field(default_factory=dict)
     plugins: tuple[str, ...] = ()  # modules imported first: they register their own variants
     executor: ExecutorSettings = field(default_factory=ExecutorSettings)  # where cells run (not identity; may change on --resume)
     dotted: dict = field(default_factory=dict)  # dotted-key axes and their values over all points
@@ -112,6 +115,8 @@ class SweepSpec:
             recorded.pop(key)
         if self.parallel == ParallelSettings():  # specs without it record what they recorded before it existed
             recorded.pop("parallel")
+        if not self.kernels:
+            recorded.pop("kernels")
         recorded["axes"] = {**recorded["axes"], **{k: list(v) for k, v in self.dotted.items()}}
         # Only the executor settings given: a local run records the spec it recorded before executors existed.
         default = dataclasses.asdict(ExecutorSettings())
@@ -274,6 +279,8 @@ def dotted_field_exists(key: str) -> bool:
         return name in MODEL_KEYS
     if section == "measure":
         return name in DOTTED_MEASURE_KEYS
+    if section == "kernels":
+        return name in kernel_choice.families()
     return section in SECTIONS and name in SECTIONS[section].__dataclass_fields__
 
 
@@ -324,12 +331,22 @@ def _parse_plain(raw: dict, plugins: tuple[str, ...], inherited: dict | None = N
         model=model,
         **{s: _check_part_overrides(s, table, axes[s], optional=(inherited or {}).get(s, set())) for s, table in parts.items()},
         axes=axes,
+        kernels=_check_kernels(as_table("kernels", raw.get("kernels", {}))),
         plugins=plugins,
         executor=check_section("executor", as_table("executor", raw.get("executor", {})), ExecutorSettings),
         **{key: check_section(key, as_table(key, raw.get(key, {})), cls) for key, cls in SECTIONS.items()},
     )
     _check_combinations(spec)
     return spec
+
+
+def _check_kernels(table: dict) -> dict:
+    """[kernels] family = "auto" | implementation: names checked here, the device in expand()."""
+    for family, impl in table.items():
+        check_str(f"kernels.{family}", impl)
+    if problem := kernel_choice.check_pins(table, device=None):
+        raise SpecError(problem)
+    return dict(table)
 
 
 def _check_config_overrides(section: str, table: dict, cls, allowed: tuple | None = None) -> dict:
@@ -519,13 +536,18 @@ def expand(spec: SweepSpec, device: str) -> list[Cell]:
         measure = {"warmup": point.measure.warmup, "repeats": point.measure.repeats}
         if point.measure.compile != "eager":  # identity: an eager cell's id is what it was before compiling existed
             measure["compile"] = point.measure.compile
+        if problem := kernel_choice.check_pins(point.kernels, device):
+            raise SpecError(problem)
         # Replicate 0 is the plain cell, so its id matches an unreplicated run of the same spec.
         replicas = [measure] + [{**measure, "replicate": r} for r in range(1, point.measure.replicates)]
         for axes, cfg in _cell_configs(point):
-            axes = {**axes, **{k: v if _applies(k, axes) else "n/a" for k, v in dotted.items()}}
             workload = WORKLOADS[axes["workload"]]
+            used = kernel_families(cfg, workload)
+            axes = {**axes, **{k: v if _applies(k, axes, used) else "n/a" for k, v in dotted.items()}}
+            pins = {f: v for f, v in point.kernels.items() if f in used and v != kernel_choice.AUTO}
+            cell_replicas = [{**r, "kernels": pins} for r in replicas] if pins else replicas  # identity: auto adds nothing
             for settings in workload.cells_for(point, cfg):
-                for replica in replicas:
+                for replica in cell_replicas:
                     cell = Cell(axes, cfg, settings, replica, spec.seed, spec.data, device, spec.plugins, parallel_of(point, axes), digest)
                     cells.setdefault(cell.cell_id, cell)
                     if len(cells) > MAX_CELLS:
@@ -534,10 +556,32 @@ def expand(spec: SweepSpec, device: str) -> list[Cell]:
     return list(cells.values())
 
 
-def _applies(key: str, axes: dict) -> bool:
+def kernel_families(cfg: ModelConfig, workload) -> tuple[str, ...]:
+    """The op families a cell of this model and workload calls (each part and the precision say)."""
+    from dsbench.variants.precision import PRECISIONS
+
+    names = [*PRECISIONS[cfg.precision].kernel_families]
+    for section in PART_SECTIONS:
+        module = registry.TABLES[section][getattr(cfg, section).kind].module
+        names += module.kernel_families(cfg, workload.decodes)
+    return tuple(dict.fromkeys(names))
+
+
+def kernel_plan(cell: Cell) -> dict[str, str]:
+    """What each op family the cell calls will run, as --dry-run shows it: the pin, or auto's
+    candidates on the cell's device (auto decides among them by measurement in the cell's process)."""
+    pins = cell.measure.get("kernels", {})
+    families = kernel_families(cell.model, WORKLOADS[cell.axes["workload"]])
+    return {f: kernel_choice.preview(f, pins.get(f, kernel_choice.AUTO), cell.device) for f in families}
+
+
+def _applies(key: str, axes: dict, families: tuple[str, ...] = ()) -> bool:
     """Does dotted axis `key` change this cell? Model keys always; a part's key when the cell's
-    variant reads it; a workload section's key on cells of that workload."""
+    variant reads it; a workload section's key on cells of that workload; a kernels key when the
+    cell calls that op family."""
     section, name = key.split(".", 1)
+    if section == "kernels":
+        return name in families
     if section in PART_SECTIONS:
         return bool(registry.readers(section, name, (axes[section],)))
     if section == "parallel":

@@ -16,6 +16,7 @@ ends the other ranks and the cell gets that rank's error, not a hang.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -24,8 +25,9 @@ import traceback
 
 import torch
 
-from dsbench import accounting, compiled, distributed
+from dsbench import accounting, compiled, distributed, roofline
 from dsbench.errors import UsageError
+from dsbench.kernels import choice as kernel_choice
 from dsbench.contention import ContentionMeter, choose_threads
 from dsbench.data import load_dataset
 from dsbench.measure import NvmlSampler, current_rss_bytes, peak_memory, reset_peak_memory, summarize
@@ -97,8 +99,15 @@ def measure_cell(cell: Cell, runtime: Runtime, profile: ProfileRequest | None = 
     """Build the model, run the workload, and return (metrics row, series rows).
 
     profile: afterwards, profile the cell (dsbench/profile.py). ranks: this process is one rank
-    of a multi-process cell (dsbench/distributed.py), whose process group it has joined.
+    of a multi-process cell (dsbench/distributed.py), whose process group it has joined. Every
+    op-family call goes through the cell's own kernel chooser (its `kernels.*` pins, else auto).
     """
+    with kernel_choice.use(kernel_choice.Chooser(pins=dict(cell.measure.get("kernels", {})))) as kernels:
+        return _measure_cell(cell, runtime, profile, ranks, kernels)
+
+
+def _measure_cell(cell: Cell, runtime: Runtime, profile: ProfileRequest | None, ranks: distributed.Ranks | None,
+                  kernels: kernel_choice.Chooser) -> tuple[dict, list]:
     device = torch.device(cell.device)
     precision = PRECISIONS[cell.model.precision]
     workload = workload_of(cell)
@@ -142,7 +151,10 @@ def measure_cell(cell: Cell, runtime: Runtime, profile: ProfileRequest | None = 
     row.update(peak_memory(device))
     row.update(energy_columns(nvml.summary(), run))
     row.update(mfu_columns(cell, row["tokens_per_s_median"], runtime, 1 if ranks is None else ranks.world))
+    row.update(roofline.light_columns(cell, dataclasses.asdict(runtime), row["step_time_ms_median"] / 1e3,
+                                      1 if ranks is None else ranks.world, row.get("gpu_busy_fraction")))
     row.update(run.summary)
+    row.update(kernels.columns())
     if watch is not None:  # an eager cell's row has no compile columns, as before they existed
         row.update(watch.columns())
     row["emulated"] = precision.emulated_on(device)

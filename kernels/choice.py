@@ -58,7 +58,9 @@ class Family:
     # call's arguments, e.g. of their dtype), justified in a comment where the family registers.
     tolerance: float | Callable[..., float]
     compile_order: tuple[str, ...] = ()  # under torch.compile: the first of these that runs
-    trial: Callable | None = None  # (fn, *args, **kwargs) → None: one timed call (default: call fn)
+    # (fn, needs_grad, *args, **kwargs) → None: one timed call (default: call fn; forward_backward
+    # for a family whose calls run in training, so auto times what the step will run)
+    trial: Callable | None = None
     output: Callable = lambda out: out  # the tensor to compare, from what fn returns
     description: str = ""
 
@@ -87,6 +89,11 @@ def register(family: Family) -> Family:
 def family(name: str) -> Family:
     _load_builtin_families()
     return FAMILIES[name]
+
+
+def families() -> tuple[str, ...]:
+    _load_builtin_families()
+    return tuple(FAMILIES)
 
 
 def _load_builtin_families() -> None:
@@ -160,31 +167,38 @@ class Chooser:
             return Decision(name, "only one runs here" + _why_not(why_not))
         profiling.note_untimed_work()
         tolerance = fam.tolerance(*args, **kwargs) if callable(fam.tolerance) else fam.tolerance
+        needs_grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
         with torch.no_grad():
             ref = fam.output(fam.implementations[fam.reference].fn(*args, **kwargs))
             if not torch.isfinite(ref).all():
                 return None
             errors, rejected = {}, dict(why_not)
             for name in runs:
-                out = ref if name == fam.reference else fam.output(fam.implementations[name].fn(*args, **kwargs))
+                try:  # the first call also warms it up (and compiles a Triton kernel)
+                    out = ref if name == fam.reference else fam.output(fam.implementations[name].fn(*args, **kwargs))
+                except RuntimeError as e:  # e.g. an SDPA backend: "No available kernel"
+                    rejected[name] = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                    continue
                 errors[name] = rms_relative_error(out, ref)
                 if not errors[name] <= tolerance:
                     rejected[name] = f"error {errors[name]:.1e} > {tolerance:.0e} vs {fam.reference}"
-            correct = [n for n in runs if n not in rejected]
-            times = self._time(fam, correct, *args, **kwargs)
-        best = min(correct, key=lambda n: (times[n], n))
-        measured = ", ".join(f"{n} {1e6 * times[n]:.0f} µs (err {errors[n]:.1e})" for n in correct)
-        return Decision(best, f"auto: fastest correct of {measured}" + _why_not(rejected))
+        correct = [n for n in runs if n not in rejected]
+        times = self._time(fam, correct, needs_grad, *args, **kwargs)
+        ranked = sorted(correct, key=lambda n: (times[n], n))
+        measured = ", ".join(f"{n} {1e6 * times[n]:.4g}" for n in ranked)
+        worst = max(errors[n] for n in ranked)
+        return Decision(ranked[0], f"auto: {measured} µs (median of {self.reps}; max error {worst:.1e} vs {fam.reference})"
+                        + _why_not(rejected))
 
-    def _time(self, fam: Family, names: list[str], *args, **kwargs) -> dict[str, float]:
+    def _time(self, fam: Family, names: list[str], needs_grad: bool, *args, **kwargs) -> dict[str, float]:
         samples: dict[str, list[float]] = {n: [] for n in names}
-        trial = fam.trial or (lambda fn, *a, **k: fn(*a, **k))
+        trial = fam.trial or forward_only
         device = _device_of(args)
         for i in range(self.reps):
             for name in names if i % 2 else names[::-1]:  # alternate the order against drift
                 _sync(device)
                 start = self.clock()
-                trial(fam.implementations[name].fn, *args, **kwargs)
+                trial(fam.implementations[name].fn, needs_grad, *args, **kwargs)
                 _sync(device)
                 samples[name].append(self.clock() - start)
         return {n: sorted(v)[len(v) // 2] for n, v in samples.items()}
@@ -204,6 +218,21 @@ class Chooser:
         return "the first of " + ", ".join((*fam.compile_order, fam.reference)) + " that runs"
 
 
+def forward_only(fn: Callable, needs_grad: bool, *args, **kwargs) -> None:
+    with torch.no_grad():
+        fn(*args, **kwargs)
+
+
+def forward_backward(fn: Callable, needs_grad: bool, *args, **kwargs) -> None:
+    """Forward, and where the call is part of training, backward with ones (on detached copies)."""
+    if not needs_grad:
+        return forward_only(fn, needs_grad, *args, **kwargs)
+    with torch.enable_grad():
+        inputs = [a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
+        out = fn(*inputs, **kwargs)
+        out.backward(torch.ones_like(out))
+
+
 def triton_device_ok(device: str) -> str | None:
     """Triton kernels compile for GPUs; TRITON_INTERPRET=1 runs them on a CPU, for tests only."""
     import os
@@ -214,7 +243,11 @@ def triton_device_ok(device: str) -> str | None:
 
 
 def _why_not(why_not: dict[str, str]) -> str:
-    return "".join(f"; {n} not: {r}" for n, r in why_not.items())
+    """'; not run: a, b (why), c (why)': implementations sharing a reason are named together."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in why_not.items():
+        by_reason.setdefault(reason, []).append(name)
+    return "; not run: " + ", ".join(f"{'/'.join(n)} ({r})" for r, n in by_reason.items()) if by_reason else ""
 
 
 def _device_of(args) -> torch.device | None:
@@ -252,9 +285,9 @@ def run(family_name: str, *args, **kwargs):
     return _active.run(family_name, *args, **kwargs)
 
 
-def check_pins(pins: dict, device: str) -> str | None:
+def check_pins(pins: dict, device: str | None) -> str | None:
     """The first pin that names no family or implementation, or one that cannot run on this
-    device at all, as one line naming the key; else None."""
+    device at all (device None: names only), as one line naming the key; else None."""
     _load_builtin_families()
     for fam_name, impl in pins.items():
         if fam_name not in FAMILIES:
@@ -263,7 +296,7 @@ def check_pins(pins: dict, device: str) -> str | None:
         allowed = (AUTO, *fam.implementations)
         if impl not in allowed:
             return f"kernels.{fam_name}: {impl!r} is not an implementation; allowed: {', '.join(allowed)}"
-        if impl != AUTO and (reason := fam.implementations[impl].device_ok(device.split(":")[0])):
+        if impl != AUTO and device is not None and (reason := fam.implementations[impl].device_ok(device.split(":")[0])):
             return f"kernels.{fam_name}: {impl!r} cannot run on {device}: {reason}"
     return None
 

@@ -1,3 +1,3 @@
 """Importing this registers every built-in op family (each in the file of its kernels)."""
 
-from . import fp8_gemm  # noqa: F401  fp8_gemm
+from . import attention, fp8_gemm  # noqa: F401  attention, fp8_gemm

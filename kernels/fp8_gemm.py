@@ -29,11 +29,9 @@ import torch
 from . import choice
 from .fp8_quant import GROUP, dequant
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
+from .triton_import import load as _load_triton
+
+triton, tl = _load_triton()  # None off CUDA unless TRITON_INTERPRET=1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +159,14 @@ def _scaled_mm_loop_runs(a, a_s, b, b_s, b_group: int, out_dtype=torch.float32) 
 
 
 def _key(a, a_s, b, b_s, b_group: int, out_dtype=torch.float32) -> tuple:
-    return (a.device.type, a.shape[0], b.shape[0], a.shape[1], b_group, out_dtype, a.stride(), b.stride())
+    """M and K to the power of two at or above them, at least one 128 tile: a routed expert's
+    rows (M forward and dgrad, K in wgrad) change every step, and within a factor of 2 (or one
+    tile) the winner does not: one pick, not one measurement a step."""
+    def bucket(n: int) -> int:
+        return max(GROUP, 1 << max(n - 1, 0).bit_length())
+
+    return (a.device.type, bucket(a.shape[0]), b.shape[0], bucket(a.shape[1]), b_group, out_dtype,
+            a.stride(1) == 1, b.stride(1) == 1)
 
 
 choice.register(choice.Family(

@@ -32,11 +32,9 @@ from __future__ import annotations
 
 import torch
 
-try:  # triton is a Linux-only dependency; the references need only torch
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
+from .triton_import import load as _load_triton
+
+triton, tl = _load_triton()  # None off CUDA unless TRITON_INTERPRET=1
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite E4M3 value

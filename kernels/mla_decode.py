@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import torch
 
-try:  # triton is a Linux-only dependency; the reference needs only torch
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
+from .triton_import import load as _load_triton
+
+triton, tl = _load_triton()  # None off CUDA unless TRITON_INTERPRET=1
 
 
 def reference(q: torch.Tensor, kv: torch.Tensor, kv_lora_rank: int, scale: float) -> torch.Tensor:

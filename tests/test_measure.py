@@ -143,7 +143,7 @@ def test_nvml_sampler_cpu_all_none():
         time.sleep(0.01)
     summary = sampler.summary()
     assert set(summary) == {"power_w_mean", "power_w_max", "energy_j", "energy_source",
-                            "gpu_mem_used_bytes_max"}
+                            "gpu_mem_used_bytes_max", "gpu_busy_fraction"}
     assert all(v is None for v in summary.values())
 
 

@@ -79,12 +79,15 @@ def causal_attention(q, k, v, start_pos: int, scale: float | None = None) -> tor
     """
     if q.shape[2] != k.shape[2]:
         return cached_attention(q, k, v, start_pos, scale)
-    # No earlier tokens in the keys: plain causal SDPA. Its fused kernels (CPU flash, CUDA flash)
-    # need Dv == D, else it falls back to materialising T×T scores: zero-pad V and slice the
+    # No earlier tokens in the keys: the `attention` op family (dsbench/kernels/attention.py: SDPA's
+    # backends, auto's pick or the cell's kernels.attention). Fused kernels (CPU flash, CUDA flash)
+    # need Dv == D, else they fall back to materialising T×T scores: zero-pad V and slice the
     # output (as vLLM does for MLA prefill); the padding's products are not counted as FLOPs.
+    from dsbench.kernels import choice
+
     D, Dv = q.shape[-1], v.shape[-1]
     v_in = F.pad(v, (0, D - Dv)) if Dv < D else v
-    out = F.scaled_dot_product_attention(q, k, v_in, is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    out = choice.run("attention", q, k, v_in, D ** -0.5 if scale is None else scale)
     return out[..., :Dv] if Dv < D else out
 
 
@@ -200,6 +203,10 @@ class MultiHeadAttention(Attention):
     @staticmethod
     def row_columns(cfg: ModelConfig) -> dict:
         return {"n_kv_heads": cfg.n_kv_heads()}
+
+    @staticmethod
+    def kernel_families(cfg: ModelConfig, decodes: bool) -> tuple[str, ...]:
+        return ("attention",)  # train, prefill and a decode cell's prompt; decode steps are plain matmuls
 
     @staticmethod
     def check_config(cfg: ModelConfig) -> str | None:

@@ -12,6 +12,7 @@ A variant is one module class plus its config class, registered in one line (reg
 | `kv_cache_bytes_per_token(cfg, dtype_bytes)` and `new_cache(...)` | ✓ | — | KV columns, max-batch fit, decode |
 | `part_costs(cfg, shape[, layer])` FLOPs and bytes per step by part | ✓ | ✓ | roofline (profile) |
 | `row_columns(cfg)` extra result columns | ✓ | ✓ | cells.parquet |
+| `kernel_families(cfg, decodes)` the op families its forward calls (kernels/choice.py) | ✓ | ✓ | `kernels.*` axes, dry-run |
 | `check_config(cfg)` first problem as one line naming the field, or None | ✓ | ✓ | spec validation (exit 2) |
 | `build(cfg, layer)` the module for one layer | default: `cls(cfg)` | default: `cls(cfg, layer)` | decoder |
 
@@ -141,6 +142,12 @@ class Part(nn.Module):
     @staticmethod
     def row_columns(cfg) -> dict:
         return {}
+
+    @staticmethod
+    def kernel_families(cfg, decodes: bool) -> tuple[str, ...]:
+        """The op families (dsbench/kernels/choice.py) this part's forward calls in a cell that
+        decodes (or not): a `kernels.<family>` axis applies to the cell only then."""
+        return ()
 
     @staticmethod
     def check_config(cfg) -> str | None:

@@ -238,6 +238,10 @@ class MultiHeadLatentAttention(Attention):
         return attention_costs(shape, total, MultiHeadLatentAttention._matmul_params(cfg), proj_io, rope_io, qo_width, kv_layer)
 
     @staticmethod
+    def kernel_families(cfg: ModelConfig, decodes: bool) -> tuple[str, ...]:
+        return ("attention",)  # causal attention of train, prefill and the prompt
+
+    @staticmethod
     def row_columns(cfg: ModelConfig) -> dict:
         """The resolved dims and decode path (MLA has no KV heads: it caches a latent)."""
         d = mla_dims(cfg)

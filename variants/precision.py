@@ -29,6 +29,7 @@ class Precision:
     linear_cls: Callable[..., nn.Linear] = nn.Linear  # called as linear_cls(in, out, bias=False)
     fast_on_cpu: bool = True  # False: on a CPU the cell's speed is not representative
     fp8_recipe: str | None = None  # "blockwise" | "tensorwise": matmuls in FP8 (variants/fp8.py)
+    kernel_families: tuple[str, ...] = ()  # op families its matmuls call (dsbench/kernels/choice.py)
 
     def cpu_speed_note(self) -> str | None:
         if self.fast_on_cpu:
@@ -53,7 +54,7 @@ PRECISIONS: dict[str, Precision] = {
     "bf16": Precision("bf16", torch.bfloat16, torch.bfloat16, peak_key="bf16", fast_on_cpu=False),
     # FP8 GEMMs, BF16 for the rest (autocast in training, BF16 weights and KV cache in inference).
     "fp8": Precision("fp8", torch.bfloat16, torch.bfloat16, peak_key="fp8", fast_on_cpu=False, fp8_recipe="blockwise",
-                     linear_cls=partial(Fp8Linear, recipe="blockwise")),
+                     kernel_families=("fp8_gemm",), linear_cls=partial(Fp8Linear, recipe="blockwise")),
     "fp8-tensorwise": Precision("fp8-tensorwise", torch.bfloat16, torch.bfloat16, peak_key="fp8", fast_on_cpu=False,
                                 fp8_recipe="tensorwise", linear_cls=partial(Fp8Linear, recipe="tensorwise")),
 }

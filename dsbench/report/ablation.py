@@ -45,9 +45,28 @@ def axis_pairs(data: ReportData) -> list[tuple[str, pd.Series, pd.Series]]:
     return found
 
 
+# A side below this share of its speed of light (dsbench/roofline.py light_columns) spends most
+# of its step on what the implementation adds (dispatch, launches, copies), not on the FLOPs and
+# bytes the architecture asks for: a speed ratio with such a side says more about our code than
+# about the choice. A fifth: the best implementations run GEMM steps at 0.5–0.8 of the roof.
+IMPLEMENTATION_BOUND = 0.2
+
+
+def implementation_bound(row: pd.Series) -> bool:
+    """Far from its light (sol_fraction < IMPLEMENTATION_BOUND), or launch-bound on a GPU."""
+    sol, note = row.get("sol_fraction"), row.get("sol_note")
+    return (present(sol) and float(sol) < IMPLEMENTATION_BOUND) or (present(note) and str(note).startswith("launch-bound"))
+
+
 def speed_caveat(a: pd.Series, b: pd.Series) -> str:
+    """Why a pair's speed ratio is not what the architecture buys: emulated, numerics only,
+    implementation-bound; '' for a clean pair."""
     flags = (speed_flag(a), speed_flag(b))
-    return "emulated" if "emulated" in flags else ("numerics only" if "noted" in flags else "")
+    if "emulated" in flags:
+        return "emulated"
+    if "noted" in flags:
+        return "numerics only"
+    return "implementation-bound" if implementation_bound(a) or implementation_bound(b) else ""
 
 
 def ablation(data: ReportData) -> pd.DataFrame:

@@ -19,7 +19,9 @@ import pandas as pd
 from dsbench.claims.mtp import MTP_DIFFER
 from dsbench.metrics import METRICS, dotted_axis
 from dsbench.pairing import norm, pairs
-from dsbench.report.ablation import speed_caveat
+from dsbench.report.ablation import IMPLEMENTATION_BOUND, speed_caveat
+
+CAVEATS = ("numerics only", "emulated", "implementation-bound")  # speed_caveat's values
 from dsbench.report.data import AXES, ReportData, present
 
 # Headline metrics, in card order, with the card's label. Host-dependent ones (speed, memory)
@@ -261,9 +263,11 @@ def limits(c: Card) -> list[str]:
     unclaimed = [h for h in c.headlines if h.flagged and not h.ratios]
     out = []
     if unclaimed:
-        flagged = Headline("", "", flagged={k: [r for h in unclaimed for r in h.flagged.get(k, [])] for k in ("numerics only", "emulated")})
-        out.append(f"{', '.join(h.label for h in unclaimed)}: every pair has an emulated or numerics-only side "
-                   f"({flagged.excluded()} pairs)")
+        flagged = Headline("", "", flagged={k: [r for h in unclaimed for r in h.flagged.get(k, [])] for k in CAVEATS})
+        bound = flagged.flagged.get("implementation-bound")
+        kinds = "an emulated, numerics-only or implementation-bound" if bound else "an emulated or numerics-only"
+        why = f"; implementation-bound: under {IMPLEMENTATION_BOUND:.0%} of its speed of light, or launch-bound" if bound else ""
+        out.append(f"{', '.join(h.label for h in unclaimed)}: every pair has {kinds} side ({flagged.excluded()} pairs{why})")
     out += [f"{h.label} beyond its clean pairs ({h.excluded()} left out)" for h in c.headlines if h.flagged and h.ratios]
     if c.sizes == 1:
         out.append("a trend with model size (one size)")

@@ -143,9 +143,10 @@ def ablation_section(data: ReportData, tables: Path) -> Section:
     rows, classes = [], []
     for _, r in summary.iterrows():
         spread = f"{r['min']:.3f}–{r['max']:.3f}" if r["n"] > 1 else ""
-        note = {"emulated": "emulated: speed means nothing", "numerics only": "numerics only: speed not representative"}.get(r["speed_caveat"], "")
+        note = {"emulated": "emulated: speed means nothing", "numerics only": "numerics only: speed not representative",
+                "implementation-bound": "implementation-bound: a side far from its speed of light"}.get(r["speed_caveat"], "")
         rows.append([r["axis"], r["comparison"], r["metric"], f"×{r['geomean']:.3f}", spread, str(r["n"]), note])
-        classes.append({"emulated": "emulated", "numerics only": "noted"}.get(r["speed_caveat"], ""))
+        classes.append({"emulated": "emulated", "numerics only": "noted", "implementation-bound": "noted"}.get(r["speed_caveat"], ""))
     s.table(["axis", "B ÷ A", "metric", "ratio", "min–max", "contexts", "note"], rows, classes)
     detail = long.pivot_table(index=["axis", "comparison", "context", "run"], columns="metric", values="ratio", sort=False).reset_index()
     if len(data.runs) == 1:
