@@ -185,8 +185,9 @@ def _splits(B: int, head_blocks: int, S: int, sms: int, overhead: int) -> tuple[
     """(P, keys per split): the split count minimising waves × rows each program reads.
 
     Programs = B·HB·P, at most ~2× the SMs; with one wide program per SM (its shared memory),
-    time ≈ waves × (split length + the split's overhead). V3 on 132 SMs: B 1 at 16K → P 66 (one
-    wave), B 32 at 4K → P 2, B 128 → P 1 (two waves already, splitting would only add traffic).
+    time ≈ waves × (split length + the split's overhead), a model for a GPU to check. V3 on 132
+    SMs: B 1 at 16K → P 64 (128 programs, one wave), B 32 at 4K → P 2, B ≥ 64 → P 1 (a full
+    wave already: splitting would only add traffic).
     """
     def split(p: int) -> tuple[int, int]:
         length = -(-(-(-S // p)) // SPLIT_ALIGN) * SPLIT_ALIGN
