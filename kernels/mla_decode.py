@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -210,35 +211,52 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-def mla_decode_triton(q: torch.Tensor, kv: torch.Tensor, kv_lora_rank: int, scale: float, splits: int | None = None) -> torch.Tensor:
-    """Launcher: checks shapes, allocates the partial results, launches, merges the splits.
+@dataclass(frozen=True)
+class Plan:
+    """How the launcher covers one call: blocks, the config table's row, the splits."""
 
-    splits: P as asked (less any split that would be empty); None: `_splits`' choice.
-    """
-    _check(q, kv, kv_lora_rank)
-    if q.stride(-1) != 1 or kv.stride(-1) != 1 or q.dtype != kv.dtype:
-        raise ValueError("mla_decode: q and kv need a contiguous last dim and one dtype")
+    block_h: int
+    block_c: int
+    block_r: int
+    head_blocks: int
+    splits: int  # P
+    split_len: int
+    row: str  # of GPU_CONFIGS
+
+
+def plan(q: torch.Tensor, kv: torch.Tensor, kv_lora_rank: int, splits: int | None = None) -> Plan:
+    """splits: P as asked (less any split that would be empty); None: `_splits`' choice."""
     (B, H, D), S, Dc = q.shape, kv.shape[1], kv_lora_rank
     block_h, block_c, block_r = _blocks(H, Dc, D - Dc)
-    head_blocks = triton.cdiv(H, block_h)
+    head_blocks = -(-H // block_h)
     if splits is None:
         overhead = _split_overhead_tokens(block_h, Dc, D * kv.element_size())
         P, split_len = _splits(B, head_blocks, S, _sm_count(q.device), overhead)
     else:
         split_len = -(-S // splits)
         P = -(-S // split_len)
-    # One split writes the output itself; several write fp32 partials for the merge.
-    o = torch.empty(B, H, P, Dc, dtype=q.dtype if P == 1 else torch.float32, device=q.device)
-    lse = torch.empty(B, H, P, dtype=torch.float32, device=q.device)
     row = "wide" if block_h * block_c >= 16 * 1024 else "narrow"
-    _tuned(row)[(head_blocks, P, B)](
-        q, kv, o, lse, S, H, split_len, scale,
+    return Plan(block_h, block_c, block_r, head_blocks, P, split_len, row)
+
+
+def mla_decode_triton(q: torch.Tensor, kv: torch.Tensor, kv_lora_rank: int, scale: float, splits: int | None = None) -> torch.Tensor:
+    """Launcher: checks shapes, allocates the partial results, launches, merges the splits."""
+    _check(q, kv, kv_lora_rank)
+    if q.stride(-1) != 1 or kv.stride(-1) != 1 or q.dtype != kv.dtype:
+        raise ValueError("mla_decode: q and kv need a contiguous last dim and one dtype")
+    (B, H, D), S, Dc = q.shape, kv.shape[1], kv_lora_rank
+    p = plan(q, kv, Dc, splits)
+    # One split writes the output itself; several write fp32 partials for the merge.
+    o = torch.empty(B, H, p.splits, Dc, dtype=q.dtype if p.splits == 1 else torch.float32, device=q.device)
+    lse = torch.empty(B, H, p.splits, dtype=torch.float32, device=q.device)
+    _tuned(p.row)[(p.head_blocks, p.splits, B)](
+        q, kv, o, lse, S, H, p.split_len, scale,
         q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), o.stride(0), o.stride(1), o.stride(2),
         lse.stride(0), lse.stride(1),
-        DC=Dc, DR=D - Dc, BLOCK_H=block_h, BLOCK_C=block_c, BLOCK_R=block_r, PRECISION=_precision(q.dtype),
+        DC=Dc, DR=D - Dc, BLOCK_H=p.block_h, BLOCK_C=p.block_c, BLOCK_R=p.block_r, PRECISION=_precision(q.dtype),
         UPCAST=INTERPRETED and q.dtype != torch.float32,
     )
-    if P == 1:
+    if p.splits == 1:
         return o[:, :, 0]
     weights = torch.softmax(lse, dim=-1)  # (B, H, P): each split's share of the softmax mass
     return torch.einsum("bhp,bhpc->bhc", weights, o).to(q.dtype)  # (B, H, Dc)

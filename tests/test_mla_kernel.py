@@ -196,3 +196,23 @@ def test_each_implementation_on_the_gpu_at_v3_shapes(impl):
     q, kv = _inputs(4, 128, 4100, 512, 64, torch.bfloat16, "cuda")
     args = (q, kv, 512, 192 ** -0.5)
     assert rel_err(FAMILY.implementations[impl].fn(*args), md.reference(*args)) <= FAMILY.tolerance(*args)
+
+
+def test_the_benchmark_writes_every_implementation_in_gpu_checks_format(tmp_path):
+    # scripts/gpu_check.sh keeps the JSON ({device, flush, rows}) and the lines starting "device:"/"|".
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "mla.json"
+    done = subprocess.run([sys.executable, str(root / "scripts" / "mla_decode_bench.py"), "--device", "cpu", "--batch", "1",
+                           "--context", "70", "--reps", "1", "--no-calibrate", "--json", str(out)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert any(line.startswith("device: CPU") for line in done.stdout.splitlines())
+    saved = json.loads(out.read_text())
+    assert set(saved) == {"device", "flush", "rows"}
+    assert [r["impl"] for r in saved["rows"]] == ["reference", "sdpa", "triton"]
+    assert all(r["rms_rel_err_vs_reference"] <= r["tolerance"] for r in saved["rows"])
