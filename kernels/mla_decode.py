@@ -179,7 +179,7 @@ def _blocks(H: int, Dc: int, Dr: int) -> tuple[int, int, int]:
 def _split_overhead_tokens(block_h: int, Dc: int, row_bytes: int) -> int:
     """A split's extra traffic in cache rows: its partial (BLOCK_H × Dc fp32) written, then read
     by the merge (V3 bf16: 2·64·512·4 / 1152 ≈ 228 rows; FlashMLA's scheduler charges 5·64)."""
-    return -(-2 * block_h * Dc * 4 // row_bytes)
+    return _cdiv(2 * block_h * Dc * 4, row_bytes)
 
 
 def _splits(B: int, head_blocks: int, S: int, sms: int, overhead: int) -> tuple[int, int]:
@@ -191,15 +191,19 @@ def _splits(B: int, head_blocks: int, S: int, sms: int, overhead: int) -> tuple[
     wave already: splitting would only add traffic).
     """
     def split(p: int) -> tuple[int, int]:
-        length = -(-(-(-S // p)) // SPLIT_ALIGN) * SPLIT_ALIGN
-        return -(-S // length), length
+        length = _cdiv(_cdiv(S, p), SPLIT_ALIGN) * SPLIT_ALIGN
+        return _cdiv(S, length), length
 
     def cost(p: int) -> int:
         p, length = split(p)
-        return -(-B * head_blocks * p // sms) * (length + (overhead if p > 1 else 0))
+        return _cdiv(B * head_blocks * p, sms) * (length + (overhead if p > 1 else 0))
 
-    most = max(1, min(-(-S // SPLIT_ALIGN), -(-2 * sms // (B * head_blocks))))
+    most = max(1, min(_cdiv(S, SPLIT_ALIGN), _cdiv(2 * sms, B * head_blocks)))
     return split(min(range(1, most + 1), key=lambda p: (cost(p), p)))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -228,13 +232,13 @@ def plan(q: torch.Tensor, kv: torch.Tensor, kv_lora_rank: int, splits: int | Non
     """splits: P as asked (less any split that would be empty); None: `_splits`' choice."""
     (B, H, D), S, Dc = q.shape, kv.shape[1], kv_lora_rank
     block_h, block_c, block_r = _blocks(H, Dc, D - Dc)
-    head_blocks = -(-H // block_h)
+    head_blocks = _cdiv(H, block_h)
     if splits is None:
         overhead = _split_overhead_tokens(block_h, Dc, D * kv.element_size())
         P, split_len = _splits(B, head_blocks, S, _sm_count(q.device), overhead)
     else:
-        split_len = -(-S // splits)
-        P = -(-S // split_len)
+        split_len = _cdiv(S, splits)
+        P = _cdiv(S, split_len)
     row = "wide" if block_h * block_c >= 16 * 1024 else "narrow"
     return Plan(block_h, block_c, block_r, head_blocks, P, split_len, row)
 
