@@ -145,8 +145,8 @@ def fp8_gemm(a, a_s, b, b_s, b_group: int, out_dtype=torch.float32) -> torch.Ten
 
 
 def _triton_runs(a, a_s, b, b_s, b_group: int, out_dtype=torch.float32) -> str | None:
-    if triton is None:
-        return "triton is not installed"
+    if triton is None:  # not imported where no kernel can run (kernels/triton_import.py)
+        return choice.triton_device_ok(a.device.type) or "triton is not installed"
     if a.device.type == "cuda" and not _has_fp8_tensor_cores(a.device):
         return "no FP8 tensor cores (compute capability < 8.9)"
     return choice.triton_device_ok(a.device.type)

@@ -80,7 +80,7 @@ finish() {
             if [ -s "$WORK/logs/$table.log" ]; then
                 echo "## $table"
                 echo
-                grep -E '^(device:|\|)' "$WORK/logs/$table.log"
+                grep -E '^(command:|timing:|device:|not run:|failed:|\|)' "$WORK/logs/$table.log"
                 echo
             fi
         done
@@ -161,7 +161,8 @@ step compiled_gpu_report 60 dsbench report "$WORK/results/compiled-gpu" --out "$
 
 # --- 5. kernel benchmarks
 step fp8_gemm_bench 120 python scripts/fp8_gemm_bench.py --device cuda --reps 20 --json "$WORK/results/fp8_gemm_bench.json"
-step mla_decode_bench 90 python scripts/mla_decode_bench.py --device cuda --reps 20 --json "$WORK/results/mla_decode_bench.json"
+# reference, sdpa and triton at B 1/32/64/128 × 1K/4K/16K; the first triton call autotunes (5 configs).
+step mla_decode_bench 150 python scripts/mla_decode_bench.py --device cuda --reps 20 --json "$WORK/results/mla_decode_bench.json"
 
 # --- 6. one profiled GPU cell: DeepSeekMoE + MLA in bf16, training
 step profile_cell 120 dsbench profile --workload train --ffn deepseekmoe --attention mla --precision bf16 --size medium \

@@ -320,10 +320,10 @@ class MultiHeadLatentAttention(Attention):
         with part("attn.core", self):
             q = torch.cat([q_latent, q_rope], dim=-1)  # (B, H, T, Dc + Dr)
             Dc, T = self.dims.Dc, q.shape[2]
-            if q.is_cuda and T == 1:  # the FlashMLA-style Triton kernel; the same math as below
-                from dsbench.kernels.mla_decode import mla_decode  # on first use: importing triton slows every cell's start
+            if T == 1:  # decode: the op family mla_decode (auto's pick, or the cell's kernels.mla_decode)
+                from dsbench.kernels import choice  # on first use: importing triton slows every cell's start
 
-                o = mla_decode(q[:, :, 0], kv, Dc, self.scale).unsqueeze(2)
+                o = choice.run("mla_decode", q[:, :, 0], kv, Dc, self.scale).unsqueeze(2)  # (B, H, 1, Dc)
             else:  # one key head shared by all H query heads (MQA over the latent); V = its first Dc channels
                 o = cached_attention(q, kv.unsqueeze(1), kv[:, None, :, :Dc], start_pos, scale=self.scale)  # (B, H, T, Dc)
         with part("attn.proj", self):
