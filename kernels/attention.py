@@ -51,6 +51,21 @@ def _pinned(backend_name: str):
     return run
 
 
+# An enclosing `sdpa_kernel(...)` (or torch.backends.cuda.enable_*_sdp(False)) turns backends
+# off for CPU and CUDA alike: a backend it turned off is no candidate, so the caller's choice holds.
+_ENABLED = {"MATH": torch.backends.cuda.math_sdp_enabled, "FLASH_ATTENTION": torch.backends.cuda.flash_sdp_enabled,
+            "EFFICIENT_ATTENTION": torch.backends.cuda.mem_efficient_sdp_enabled, "CUDNN_ATTENTION": torch.backends.cuda.cudnn_sdp_enabled}
+
+
+def _enabled(backend_name: str, also=lambda q, k, v, scale: None):
+    def runs_on(q, k, v, scale) -> str | None:
+        if not _ENABLED[backend_name]():
+            return "turned off by an enclosing sdpa_kernel"
+        return also(q, k, v, scale)
+
+    return runs_on
+
+
 def _cuda_only(device: str) -> str | None:
     return None if device == "cuda" else "a CUDA backend of SDPA"
 
@@ -70,7 +85,8 @@ def _cudnn(q, k, v, scale) -> str | None:
 
 
 def _key(q, k, v, scale) -> tuple:
-    return (q.device.type, q.dtype, *q.shape, k.shape[1], q.requires_grad and torch.is_grad_enabled())
+    enabled = tuple(flag() for flag in _ENABLED.values())
+    return (q.device.type, q.dtype, *q.shape, k.shape[1], q.requires_grad and torch.is_grad_enabled(), enabled)
 
 
 @functools.cache
@@ -86,12 +102,12 @@ choice.register(choice.Family(
     implementations={
         "reference": choice.Implementation("reference", reference, note="plain matmuls, fp32 softmax"),
         "sdpa": choice.Implementation("sdpa", sdpa, note="F.scaled_dot_product_attention, torch's own backend choice"),
-        "sdpa_math": choice.Implementation("sdpa_math", _pinned("MATH"), note="SDPA's math backend"),
-        "sdpa_flash": choice.Implementation("sdpa_flash", _pinned("FLASH_ATTENTION"), _half_on_cuda,
+        "sdpa_math": choice.Implementation("sdpa_math", _pinned("MATH"), _enabled("MATH"), note="SDPA's math backend"),
+        "sdpa_flash": choice.Implementation("sdpa_flash", _pinned("FLASH_ATTENTION"), _enabled("FLASH_ATTENTION", _half_on_cuda),
                                             note="SDPA's flash backend (CPU flash kernel; FlashAttention-2 on CUDA)"),
-        "sdpa_efficient": choice.Implementation("sdpa_efficient", _pinned("EFFICIENT_ATTENTION"), _on_cuda, _cuda_only,
+        "sdpa_efficient": choice.Implementation("sdpa_efficient", _pinned("EFFICIENT_ATTENTION"), _enabled("EFFICIENT_ATTENTION", _on_cuda), _cuda_only,
                                                 note="SDPA's memory-efficient backend (xFormers' kernel)"),
-        "sdpa_cudnn": choice.Implementation("sdpa_cudnn", _pinned("CUDNN_ATTENTION"), _cudnn, _cuda_only,
+        "sdpa_cudnn": choice.Implementation("sdpa_cudnn", _pinned("CUDNN_ATTENTION"), _enabled("CUDNN_ATTENTION", _cudnn), _cuda_only,
                                             note="SDPA's cuDNN backend (Hopper's fastest in torch 2.5+)"),
     },
     key=_key,

@@ -145,7 +145,12 @@ class Chooser:
         key = (fam.name, fam.key(*args, **kwargs))
         if key in self.decisions:
             return self.decisions[key].name
-        decision = self._measure(fam, *args, **kwargs)
+        # Outside any dispatch mode (a FlopCounterMode, a memory tracker): what it counts is the
+        # call, not the trials of every candidate.
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes():
+            decision = self._measure(fam, *args, **kwargs)
         if decision is None:  # no finite reference output to check against: decide on a later call
             return fam.reference
         self.decisions[key] = decision

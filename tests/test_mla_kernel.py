@@ -159,7 +159,7 @@ def test_auto_picks_a_correct_implementation_on_cpu():
     out = chooser.run("mla_decode", q, kv, 64, 0.1)
     assert rel_err(out, md.reference(q, kv, 64, 0.1)) <= 1e-5
     [(key, decision)] = chooser.decisions.items()
-    assert key[0] == "mla_decode" and decision.name in FAMILY.implementations and decision.why.startswith("auto: fastest correct of")
+    assert key[0] == "mla_decode" and decision.name in FAMILY.implementations and decision.why.startswith("auto: ")
     chooser.run("mla_decode", q, kv[:, :40], 64, 0.1)  # the same S bucket: decided already
     assert len(chooser.decisions) == 1
 
@@ -183,7 +183,7 @@ def test_mla_decode_goes_through_the_family():
             caches = model.new_caches(2, 9, torch.float32, torch.device("cpu"))
             model(tokens[:, :8], 0, caches)
             logits[impl] = model(tokens[:, 8:], 8, caches)
-        assert chooser.ran == {"mla_decode": {impl}}
+        assert chooser.ran["mla_decode"] == {impl}  # the prompt's prefill runs the attention family too
         assert chooser.columns()["kernel_mla_decode"] == impl
     assert all(rel_err(logits[i], logits["reference"]) <= 1e-5 for i in logits)
 
