@@ -134,6 +134,9 @@ def light_columns(cell: Cell, runtime: dict, step_s: float | None, devices: int 
     roof = ceilings(runtime, cell.device)
     empty = {"sol_bound": None, "sol_step_ms": None, "sol_fraction": None, "sol_note": None,
              "achieved_bytes_per_s": None, "mbu": None}
+    if PRECISIONS[cell.model.precision].emulated_on(_torch_device(cell.device)):
+        return {**empty, "sol_note": f"{cell.model.precision} emulated on {cell.device}: no ceiling for arithmetic "
+                                     "the device does not have, so no bound"}
     if not step_s or not roof.peak_flops_per_s or not roof.bandwidth_bytes_per_s:
         missing = "step time" if not step_s else "peak FLOP/s" if not roof.peak_flops_per_s else "copy bandwidth"
         return {**empty, "sol_note": f"no {missing} ({roof.source}): no bound"}
@@ -157,6 +160,12 @@ def light_columns(cell: Cell, runtime: dict, step_s: float | None, devices: int 
         row["s_mfu"] = sum(c.flops for c in part_costs(cell).values()) / step_s / peak
         row["s_mbu"] = row["mbu"]
     return row
+
+
+def _torch_device(device: str):
+    import torch
+
+    return torch.device(device)
 
 
 LAUNCH_BOUND_BUSY = 0.5  # a GPU idle half the time waits on the host: the cell is launch-bound

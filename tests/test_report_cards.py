@@ -143,3 +143,21 @@ def test_cards_on_the_first_screen_at_1400_by_900(report, tmp_path):
     # the cells table sorts by a clicked column (the cell names), both ways
     assert probe["asc"] == sorted(probe["asc"]) and probe["desc"] == sorted(probe["asc"], reverse=True)
     assert [line for line in done.stderr.splitlines() if ":CONSOLE" in line] == []
+
+
+def test_a_side_far_from_its_light_makes_the_speed_ratio_implementation_bound(tmp_path):
+    """mla decode at 5% of its speed of light: its tokens/s ratio is about our code, not MLA."""
+    def decode(attention, sol, ctx):
+        return make_cell("decode", "dense", attention, "fp32", batch_size=4, context_len=ctx, new_tokens=32,
+                         sol_fraction=sol, sol_bound="memory")
+    clean = [decode("mha", 0.6, 128), decode("mla", 0.5, 128)]
+    bound = [decode("mha", 0.6, 512), decode("mla", 0.05, 512)]
+    found = cards(prepare([load_results(write_results(tmp_path / "r", clean + bound))]))
+    mla = card_of(found, "attention: mla vs mha")
+    speed = headline(mla, "tokens/s (decode)")
+    assert speed.n == 1 and len(speed.flagged["implementation-bound"]) == 1
+    assert "tokens/s (decode) beyond its clean pairs (1 implementation-bound left out)" in mla.verdict()
+    found = cards(prepare([load_results(write_results(tmp_path / "s", bound))]))
+    verdict = card_of(found, "attention: mla vs mha").verdict()
+    assert "every pair has an emulated, numerics-only or implementation-bound side (1 implementation-bound pairs; " \
+           "implementation-bound: under 20% of its speed of light, or launch-bound)" in verdict
