@@ -8,8 +8,9 @@
 #      references) on the GPU;
 #   4. a short `gpu-small` sweep (bf16 train, prefill, decode of the medium model) and its report,
 #      then `compiled-gpu` (eager vs torch.compile vs CUDA graphs) and its report;
-#   5. the FP8 GEMM and MLA-decode kernel benchmarks (CUDA events per call, L2 flushed before
-#      each: dsbench.measure.time_calls);
+#   5. (run right after the tests) every op family's implementations side by side: the FP8 GEMM,
+#      MLA-decode and attention benchmarks (CUDA events per call, L2 flushed before each:
+#      dsbench.measure.time_calls);
 #   6. one profiled GPU cell (time per part, roofline, memory, a Perfetto trace);
 #   7. with 2+ GPUs, the expert-parallel preset ep-gpu (NCCL), where this checkout has it.
 # Everything lands under $OUT (default ./gpu-check): summary.md (each step's status, time and
@@ -76,7 +77,7 @@ step() {
 finish() {
     {
         echo
-        for table in fp8_gemm_bench mla_decode_bench; do
+        for table in fp8_gemm_bench mla_decode_bench attention_bench attention_bwd_bench; do
             if [ -s "$WORK/logs/$table.log" ]; then
                 echo "## $table"
                 echo
@@ -151,6 +152,15 @@ step probe 120 bash -c "python -m dsbench.probe cuda bf16,fp8 1 > '$OUT/environm
 step gpu_tests 150 env TRITON_INTERPRET=0 python -m pytest -q -m gpu -p no:cacheprovider
 step kernel_tests 150 env TRITON_INTERPRET=0 python -m pytest -q -p no:cacheprovider tests/test_mla_kernel.py tests/test_fp8.py
 
+# --- 3b. every op family's implementations side by side at V3's shapes (issue 27), before the sweeps:
+# they say which implementation each sweep cell's `auto` should find fastest
+step fp8_gemm_bench 120 python scripts/fp8_gemm_bench.py --device cuda --reps 20 --json "$WORK/results/fp8_gemm_bench.json"
+# reference, sdpa and triton at B 1/32/64/128 × 1K/4K/16K; the first triton call autotunes (5 configs).
+step mla_decode_bench 150 python scripts/mla_decode_bench.py --device cuda --reps 20 --json "$WORK/results/mla_decode_bench.json"
+
+step attention_bench 90 python scripts/attention_bench.py --device cuda --reps 10 --json "$WORK/results/attention_bench.json"
+step attention_bwd_bench 90 python scripts/attention_bench.py --device cuda --reps 10 --backward --json "$WORK/results/attention_bwd_bench.json"
+
 # --- 4. a short sweep and its report
 step gpu_small_sweep 200 dsbench run sweep --preset gpu-small --out "$WORK/results/gpu-small"
 step gpu_small_report 60 dsbench report "$WORK/results/gpu-small" --out "$WORK/results/gpu-small-report"
@@ -158,11 +168,6 @@ step gpu_small_report 60 dsbench report "$WORK/results/gpu-small" --out "$WORK/r
 # --- 4b. eager vs torch.compile vs CUDA graphs (decode is launch-bound in eager on a GPU)
 step compiled_gpu_sweep 420 dsbench run sweep --preset compiled-gpu --out "$WORK/results/compiled-gpu"
 step compiled_gpu_report 60 dsbench report "$WORK/results/compiled-gpu" --out "$WORK/results/compiled-gpu-report"
-
-# --- 5. kernel benchmarks
-step fp8_gemm_bench 120 python scripts/fp8_gemm_bench.py --device cuda --reps 20 --json "$WORK/results/fp8_gemm_bench.json"
-# reference, sdpa and triton at B 1/32/64/128 × 1K/4K/16K; the first triton call autotunes (5 configs).
-step mla_decode_bench 150 python scripts/mla_decode_bench.py --device cuda --reps 20 --json "$WORK/results/mla_decode_bench.json"
 
 # --- 6. one profiled GPU cell: DeepSeekMoE + MLA in bf16, training
 step profile_cell 120 dsbench profile --workload train --ffn deepseekmoe --attention mla --precision bf16 --size medium \

@@ -168,3 +168,23 @@ def test_a_sweep_row_records_its_implementations_and_its_light(tmp_path):
     light_ms = fp32["step_time_ms_median"] * fp32["sol_fraction"]
     assert ((fp32["sol_step_ms"] - light_ms).abs() <= 1e-9 * light_ms).all()
     assert fp8["sol_bound"].isna().all() and fp8["sol_note"].str.contains("emulated").all()
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_attention_bench_times_every_implementation_that_runs(tmp_path, backward):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "a.json"
+    args = [sys.executable, str(Path(__file__).parents[1] / "scripts" / "attention_bench.py"), "--device", "cpu",
+            "--shape", "2,4,2,33,16", "--reps", "2", "--json", str(out)] + (["--backward"] if backward else [])
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = {r["implementation"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == set(choice.family("attention").implementations)
+    ran = [r for r in rows.values() if not r["why_not"]]
+    assert {"reference", "sdpa", "sdpa_math"} <= {r["implementation"] for r in ran}
+    assert all(r["rms_rel_error"] <= 1e-5 and r["tflops"] > 0 for r in ran)
+    assert rows["sdpa_cudnn"]["why_not"] == "a CUDA backend of SDPA"
