@@ -151,6 +151,7 @@ class Chooser:
 
         with _disable_current_modes():
             decision = self._measure(fam, *args, **kwargs)
+        _forget_trial_memory(_device_of(args))
         if decision is None:  # no finite reference output to check against: decide on a later call
             return fam.reference
         self.decisions[key] = decision
@@ -245,6 +246,24 @@ def triton_device_ok(device: str) -> str | None:
     if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return None
     return "a Triton kernel needs a GPU (TRITON_INTERPRET=1 runs it on a CPU, for tests)"
+
+
+def _forget_trial_memory(device: torch.device | None) -> None:
+    """The trials' memory is no sample either: hand freed heap back to the OS (glibc keeps it,
+    and it would stay in RSS) and restart the peak counters, so a cell's peak memory is what its
+    own steps hold (the steps after this one rerun the same work, and set the peak again)."""
+    import ctypes
+    import gc
+
+    from dsbench.measure import reset_peak_memory
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    if device is not None:
+        reset_peak_memory(device)
 
 
 def _why_not(why_not: dict[str, str]) -> str:
