@@ -168,6 +168,13 @@ def test_a_sweep_row_records_its_implementations_and_its_light(tmp_path):
     light_ms = fp32["step_time_ms_median"] * fp32["sol_fraction"]
     assert ((fp32["sol_step_ms"] - light_ms).abs() <= 1e-9 * light_ms).all()
     assert fp8["sol_bound"].isna().all() and fp8["sol_note"].str.contains("emulated").all()
+    from dsbench.report import build_report
+    from dsbench.results import load_results
+
+    md = (build_report([load_results(tmp_path / "run")], out=tmp_path / "report") / "index.md").read_text()
+    section = md.split("## Implementations and speed of light")[1].split("\n## ")[0]
+    assert "| run | cell | attention | fp8_gemm | bound | light ms | step ms | of light | MBU | note |" in section
+    assert section.count("| scaled_mm_loop |") == 2 and "emulated on cpu" in section
 
 
 @pytest.mark.parametrize("backward", [False, True])

@@ -11,6 +11,7 @@ from pathlib import Path
 from dsbench.check import check, load_checked
 from dsbench.errors import UsageError
 from dsbench.report.compiled import compiled_section
+from dsbench.report.light import light_section
 from dsbench.report.data import prepare, safe_name
 from dsbench.report.first_screen import cards_section
 from dsbench.report.mtp import mtp_section
@@ -62,6 +63,7 @@ def _render(data, runs, out: Path, checks, baseline) -> None:
         sections.append(baseline_section(data, Path(baseline), tables_dir, checks))
     claims = claims_section(runs, tables_dir)  # only when the runs hold evidence for an empirical claim
     details = [cells_section(data, tables_dir), ablation_section(data, tables_dir)]
+    details.append(light_section(data, tables_dir))  # only when the rows carry implementations or their light
     details.append(compiled_section(data, tables_dir))  # only when some cell ran under torch.compile
     details.append(mtp_section(data, tables_dir))  # only when some cell trained with MTP or decoded speculatively
     details.append(profiles_section(data, out, tables_dir))  # only when cells were profiled
