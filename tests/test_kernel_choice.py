@@ -195,3 +195,18 @@ def test_attention_bench_times_every_implementation_that_runs(tmp_path, backward
     assert {"reference", "sdpa", "sdpa_math"} <= {r["implementation"] for r in ran}
     assert all(r["rms_rel_error"] <= 1e-5 and r["tflops"] > 0 for r in ran)
     assert rows["sdpa_cudnn"]["why_not"] == "a CUDA backend of SDPA"
+
+
+def test_every_variant_and_precision_names_families_that_exist():
+    from dsbench.variants import registry
+    from dsbench.variants.config import config_from_size
+    from dsbench.variants.precision import PRECISIONS
+
+    known = set(choice.families())
+    for precision in PRECISIONS.values():
+        assert set(precision.kernel_families) <= known, precision.name
+    for section, table in registry.TABLES.items():
+        for kind, entry in table.items():
+            cfg = config_from_size("debug", **{section: kind})
+            for decodes in (False, True):
+                assert set(entry.module.kernel_families(cfg, decodes)) <= known, (section, kind)
