@@ -367,6 +367,55 @@ def test_fp8_grouped_mm_is_each_experts_fp8_linear(recipe):
     assert _rel(x.grad, x_ref.grad) < 0.08
 
 
+# --- under torch.compile: the FP8 linear and grouped GEMM as opaque custom ops ---
+
+# test_schema and test_aot_dispatch_* compare and sum the ops' FP8 outputs, which torch on a CPU cannot
+OPCHECKS = ("test_autograd_registration", "test_faketensor")
+
+
+@pytest.mark.parametrize("recipe", ["blockwise", "tensorwise"])
+def test_fp8_custom_ops_have_fake_and_autograd_registrations(recipe):
+    x = torch.randn(129, 130, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(67, 130) * 0.05)
+    w_EKN = (torch.randn(3, 130, 67) * 0.05).requires_grad_()
+    ends = torch.tensor([50, 50, 129])
+    x8, dy = quantise(x.detach(), recipe, "act"), torch.randn(129, 67)
+    ops = torch.ops.dsbench
+    cases = [(ops.fp8_linear, (x, w, recipe, torch.bfloat16)),
+             (ops.fp8_linear_backward, (dy, x8.q, x8.s, w.detach(), recipe, torch.float32, True, False)),
+             (ops.fp8_grouped_mm, (x, w_EKN, ends, recipe, torch.float32)),
+             (ops.fp8_grouped_mm_backward, (dy, x8.q, x8.s, w_EKN.detach(), ends, recipe, torch.float32))]
+    for op, args in cases:
+        assert torch.library.opcheck(op.default, args, test_utils=OPCHECKS) == {t: "SUCCESS" for t in OPCHECKS}
+
+
+@pytest.mark.parametrize("recipe", ["blockwise", "tensorwise"])
+def test_custom_ops_compute_exactly_what_eager_computes(recipe):
+    """The ops (the compiled path) and the autograd.Functions (eager) share their functions: same bits."""
+    layer, _ = _linear_pair(recipe)
+    x, dy = torch.randn(129, 130, requires_grad=True), torch.randn(129, 67)
+    layer(x).backward(dy)
+    x2, w2 = x.detach().clone().requires_grad_(), layer.weight.detach().clone().requires_grad_()
+    y2 = torch.ops.dsbench.fp8_linear(x2, w2, recipe, torch.float32)[0]
+    y2.backward(dy)
+    assert torch.equal(y2, layer(x).detach()) and torch.equal(x2.grad, x.grad) and torch.equal(w2.grad, layer.weight.grad)
+
+    w_EKN = (torch.randn(3, 130, 67) * 0.05).requires_grad_()
+    ends = torch.tensor([50, 50, 129])
+    x3, x4, w4 = (t.detach().clone().requires_grad_() for t in (x, x, w_EKN))
+    out3 = fp8_grouped_mm(x3, w_EKN, ends, recipe)
+    out3.backward(dy)
+    out4 = torch.ops.dsbench.fp8_grouped_mm(x4, w4, ends, recipe, torch.float32)[0]
+    out4.backward(dy)
+    assert torch.equal(out4, out3) and torch.equal(x4.grad, x3.grad) and torch.equal(w4.grad, w_EKN.grad)
+
+
+def test_fp8_restates_the_group_size_of_the_kernels():
+    from dsbench.variants import fp8
+
+    assert fp8._GROUP == fq.GROUP
+
+
 # --- the precision axis ---
 
 
