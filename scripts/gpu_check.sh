@@ -160,7 +160,7 @@ step compiled_gpu_sweep 420 dsbench run sweep --preset compiled-gpu --out "$WORK
 step compiled_gpu_report 60 dsbench report "$WORK/results/compiled-gpu" --out "$WORK/results/compiled-gpu-report"
 
 # --- 5. kernel benchmarks
-step fp8_gemm_bench 120 python scripts/fp8_gemm_bench.py --device cuda --reps 20 --json "$WORK/results/fp8_gemm_bench.json"
+step fp8_gemm_bench 240 python scripts/fp8_gemm_bench.py --device cuda --reps 20 --json "$WORK/results/fp8_gemm_bench.json"
 step mla_decode_bench 90 python scripts/mla_decode_bench.py --device cuda --reps 20 --json "$WORK/results/mla_decode_bench.json"
 
 # --- 6. one profiled GPU cell: DeepSeekMoE + MLA in bf16, training
