@@ -410,6 +410,16 @@ def test_custom_ops_compute_exactly_what_eager_computes(recipe):
     assert torch.equal(out4, out3) and torch.equal(x4.grad, x3.grad) and torch.equal(w4.grad, w_EKN.grad)
 
 
+def test_only_the_grouped_ops_are_kept_out_of_cuda_graphs():
+    """They read the experts' row bounds on the host; the linear's ops are capturable once warm."""
+    unsafe = getattr(torch.Tag, "cudagraph_unsafe", None)
+    if unsafe is None:
+        pytest.skip(f"torch {torch.__version__} has no cudagraph_unsafe tag")
+    ops = torch.ops.dsbench
+    assert unsafe in ops.fp8_grouped_mm.default.tags and unsafe in ops.fp8_grouped_mm_backward.default.tags
+    assert unsafe not in ops.fp8_linear.default.tags and unsafe not in ops.fp8_linear_backward.default.tags
+
+
 def test_fp8_restates_the_group_size_of_the_kernels():
     from dsbench.variants import fp8
 

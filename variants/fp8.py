@@ -325,6 +325,10 @@ def _eager_grouped_mm(x_MK, w_EKN, ends_E, recipe, probe) -> torch.Tensor:
 
 _GROUP = 128  # kernels/fp8_quant.GROUP, restated: importing it imports triton (a test holds them equal)
 _FP8 = torch.float8_e4m3fn
+# The grouped ops read the experts' row bounds on the host (.tolist(), a sync), which a CUDA graph
+# cannot capture: tagged, inductor records no CUDA graph around them. The linear's ops are
+# capturable once warm (its kernel pick and weight blocks are made on the first, eager, call).
+_HOST_SYNC = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 
 
 def _act_block(recipe: str) -> tuple[int, int] | None:
@@ -381,7 +385,7 @@ def _fp8_linear_grad(ctx, dy_MN, _dxq, _dxs):
 _fp8_linear_op.register_autograd(_fp8_linear_grad, setup_context=_fp8_linear_setup)
 
 
-@torch.library.custom_op("dsbench::fp8_grouped_mm", mutates_args=())
+@torch.library.custom_op("dsbench::fp8_grouped_mm", mutates_args=(), tags=_HOST_SYNC)
 def _fp8_grouped_mm_op(x_MK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor, recipe: str, out_dtype: torch.dtype
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out (M, N), x's E4M3 tiles (M, K), their scales)."""
@@ -395,7 +399,7 @@ def _(x_MK, w_EKN, ends_E, recipe, out_dtype):
     return x_MK.new_empty(M, w_EKN.shape[2], dtype=out_dtype), x_MK.new_empty(M, K, dtype=_FP8), _act_scales_like(x_MK, recipe)
 
 
-@torch.library.custom_op("dsbench::fp8_grouped_mm_backward", mutates_args=())
+@torch.library.custom_op("dsbench::fp8_grouped_mm_backward", mutates_args=(), tags=_HOST_SYNC)
 def _fp8_grouped_mm_backward_op(dy_MN: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor, w_EKN: torch.Tensor,
                                 ends_E: torch.Tensor, recipe: str, x_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(dX (M, K), dW (E, K, N))."""
