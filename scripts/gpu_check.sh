@@ -149,7 +149,7 @@ step probe 120 bash -c "python -m dsbench.probe cuda bf16,fp8 1 > '$OUT/environm
 # on a loop bound computed from program_id, "only 0-dimensional arrays can be converted to Python
 # scalars", seen on the H200 image 2026-12-04; the CPU suite runs Triton 3.9's interpreter.)
 step gpu_tests 150 env TRITON_INTERPRET=0 python -m pytest -q -m gpu -p no:cacheprovider
-step kernel_tests 150 env TRITON_INTERPRET=0 python -m pytest -q -p no:cacheprovider tests/test_mla_kernel.py tests/test_fp8.py
+step kernel_tests 150 env TRITON_INTERPRET=0 python -m pytest -q -p no:cacheprovider tests/test_mla_kernel.py tests/test_fp8.py tests/test_fp8_gemm_family.py
 
 # --- 4. a short sweep and its report
 step gpu_small_sweep 200 dsbench run sweep --preset gpu-small --out "$WORK/results/gpu-small"

@@ -71,9 +71,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def autocast(precision: str):
+def autocast(precision: str, device: str = "cpu"):
     dtype = None if precision == "fp32" else torch.bfloat16
-    return torch.autocast("cpu", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
+    return torch.autocast(device, dtype=dtype) if dtype else torch.autocast(device, enabled=False)
 
 
 def inference(model, tokens, dtype) -> list[torch.Tensor]:
@@ -89,7 +89,7 @@ def inference(model, tokens, dtype) -> list[torch.Tensor]:
 
 def train_grads(model, tokens, precision, forward_losses=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     model.train()
-    with autocast(precision):
+    with autocast(precision, tokens.device.type):
         loss = (forward_losses or model.forward_losses)(tokens, tokens.roll(-1, dims=1)).total({})
     loss.backward()
     return loss.detach(), [p.grad for p in model.parameters() if p.grad is not None]
@@ -126,15 +126,16 @@ def test_compiled_equals_eager(attention, ffn, precision, phase, extra):
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("precision", ["fp8", "fp8-tensorwise"])
-def test_fp8_trains_under_a_fullgraph_compile_as_in_eager(precision):
+def test_fp8_trains_under_a_fullgraph_compile_as_in_eager(precision, device):
     """The FP8 linears are opaque custom ops (variants/fp8.py): dynamo traces a dense FP8 model's
     losses with fullgraph=True (any graph break would raise), inductor compiles around them, and one
     training step, loss and every gradient, equals eager's within the FP8 tolerances above. After
     an optimizer step the compiled graph quantises the new weights: its loss equals eager's on them."""
     logits_tol, grad_tol = TOLERANCE[precision]
-    eager = tiny_model("mha", "dense", precision, {})
-    tokens = torch.randint(0, eager.cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(1))
+    eager = tiny_model("mha", "dense", precision, {}).to(device)
+    tokens = torch.randint(0, eager.cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(1)).to(device)
     fused = copy.deepcopy(eager)
     torch._dynamo.reset()
     try:
@@ -147,7 +148,7 @@ def test_fp8_trains_under_a_fullgraph_compile_as_in_eager(precision):
             worst = max(rel(c, e) for c, e in zip(grads_c, grads_e))
             assert worst < grad_tol, f"gradients differ by {worst:.2e} (relative L2)"
             torch.optim.SGD(fused.parameters(), lr=1.0).step()
-            with torch.no_grad(), autocast(precision):
+            with torch.no_grad(), autocast(precision, device):
                 after_c = forward_losses(tokens, tokens.roll(-1, dims=1)).total({})
                 after_e = fused.forward_losses(tokens, tokens.roll(-1, dims=1)).total({})
             assert rel(after_c, after_e) < logits_tol and rel(after_e, loss_e) > 5 * logits_tol  # the weights did change
