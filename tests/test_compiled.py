@@ -48,7 +48,7 @@ CASES = [
     ("mha", "moe", "fp32", "train", {"balance": "aux"}),
     ("mha", "deepseekmoe", "fp32", "train", {"balance": "bias"}),
     ("mha", "dense", "bf16", "train", {}),
-    ("mha", "dense", "fp8", "train", {}),
+    ("mha", "dense", "fp8", "both", {}),  # FP8 inference too: the custom ops under inference_mode
     ("mha", "dense", "fp8-tensorwise", "train", {}),
     ("mha", "moe", "fp8", "train", {}),  # the experts' FP8 grouped GEMM
 ]
