@@ -310,7 +310,16 @@ def _scaled_mm_loop_runs(a, a_s, b, b_s, b_group: int, out_dtype=torch.float32) 
 
 
 def _key(a, a_s, b, b_s, b_group: int, out_dtype=torch.float32) -> tuple:
-    return (a.device.type, a.shape[0], b.shape[0], a.shape[1], b_group, out_dtype, a.stride(), b.stride())
+    """M and K to the next power of two: an MoE expert's GEMMs take a new token count (M in Fprop and
+    Dgrad, K in Wgrad) every step, and a pick per exact count would measure in every step (a step
+    that measures is no sample). N, the b_group, the output dtype and which operands are read
+    transposed exactly."""
+    return (a.device.type, _pow2(a.shape[0]), b.shape[0], _pow2(a.shape[1]), b_group, out_dtype,
+            a.stride(-1) == 1, b.stride(-1) == 1)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 choice.register(choice.Family(

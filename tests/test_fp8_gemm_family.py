@@ -222,6 +222,17 @@ def test_auto_on_a_cpu_measures_the_implementations_that_run_here():
     assert all(f"{n} " in why for n in measured) and "cublas not: cuBLASLt runs on CUDA" in why
 
 
+def test_the_pick_is_shared_by_token_counts_up_to_the_next_power_of_two():
+    """An MoE expert's token count changes every step (M in Fprop and Dgrad, K in Wgrad): a pick
+    per exact count would measure, and drop the step's sample, every step."""
+    key = FAMILY.key
+    keys = {key(*_operands(M, 128, 256, 128), 128) for M in (65, 100, 128)}
+    assert len(keys) == 1 and key(*_operands(129, 128, 256, 128), 128) not in keys
+    assert key(*_operands(63, 130, 200, 128), 128) == key(*_operands(63, 130, 256, 128), 128)
+    aq, a_s, bq, b_s = _operands(63, 130, 384, 128)
+    assert key(aq, a_s, bq, b_s, 128) != key(aq, a_s, bq.T.contiguous().T, b_s, 128)  # B read transposed
+
+
 # --- the Triton kernel's tuning ---
 
 
