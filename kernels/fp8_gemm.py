@@ -208,8 +208,9 @@ def fp8_gemm_triton(a, a_s, b, b_s, b_group: int, out_dtype=torch.float32, block
 # - B in 128×128 blocks (BLK128x128_32F): a (L4, ⌈N/128⌉) tensor, L4 = ⌈K/128⌉ rounded up to a
 #   multiple of 4 (16-byte rows), K-block-major: block (j, nb) at offset j + nb·L4 (strides (1, L4));
 #   its rows ⌈K/128⌉..L4 are padding (zeros: they scale no element).
-# All three combinations that need no 128×128 A (1×128·128×128 for Fprop and Dgrad, 1×128·1×128
-# for Wgrad) are in torch's list of supported block-scaled GEMMs.
+# Both pairs used here are in torch's list of cuBLASLt block-scaled GEMMs: 1×128·128×128 (Fprop,
+# Dgrad) and 1×128·1×128 (Wgrad: both operands tiled along tokens); the third, 128×128·1×128, is
+# never needed (A is always an activation or a gradient).
 
 
 def round_up(x: int, multiple: int) -> int:

@@ -320,7 +320,7 @@ def _eager_grouped_mm(x_MK, w_EKN, ends_E, recipe, probe) -> torch.Tensor:
 # quantisation and block-scaled GEMMs failed an internal assertion on the block-wise backward and
 # gave NaN in the forward on CPU, torch 2.13). The forward op returns X's FP8 tiles beside Y so
 # that autograd saves them (V3's FP8 activation cache); the backward is a second op. Inside the
-# ops everything runs eager on real tensors: the kernels.fp8_gemm pick (auto measures there too),
+# ops everything runs eager on real tensors: the fp8_gemm family's pick (auto measures there too),
 # the weights' FP8 cache, the host loop over experts.
 
 _GROUP = 128  # kernels/fp8_quant.GROUP, restated: importing it imports triton (a test holds them equal)
