@@ -18,6 +18,7 @@ compiling after SETTLE_LIMIT extra rounds is reported as such (`compile_settled`
 from __future__ import annotations
 
 import collections
+import contextlib
 import time
 from collections.abc import Iterator
 
@@ -58,6 +59,12 @@ def check_mode(mode: str, device: str) -> str | None:
 
 def active_watch() -> CompileWatch | None:
     return _active
+
+
+def uncompiled() -> contextlib.AbstractContextManager:
+    """Run compiled functions eager inside (untimed work that reads values on the host); a null
+    context where nothing is compiled, so an eager cell never imports torch._dynamo."""
+    return torch.compiler.set_stance("force_eager") if _active is not None else contextlib.nullcontext()
 
 
 def stop() -> None:

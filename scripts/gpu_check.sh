@@ -150,11 +150,11 @@ step probe 120 bash -c "python -m dsbench.probe cuda bf16,fp8 1 > '$OUT/environm
 # on a loop bound computed from program_id, "only 0-dimensional arrays can be converted to Python
 # scalars", seen on the H200 image 2026-12-04; the CPU suite runs Triton 3.9's interpreter.)
 step gpu_tests 150 env TRITON_INTERPRET=0 python -m pytest -q -m gpu -p no:cacheprovider
-step kernel_tests 150 env TRITON_INTERPRET=0 python -m pytest -q -p no:cacheprovider tests/test_mla_kernel.py tests/test_fp8.py
+step kernel_tests 150 env TRITON_INTERPRET=0 python -m pytest -q -p no:cacheprovider tests/test_mla_kernel.py tests/test_fp8.py tests/test_fp8_gemm_family.py
 
 # --- 3b. every op family's implementations side by side at V3's shapes (issue 27), before the sweeps:
 # they say which implementation each sweep cell's `auto` should find fastest
-step fp8_gemm_bench 120 python scripts/fp8_gemm_bench.py --device cuda --reps 20 --json "$WORK/results/fp8_gemm_bench.json"
+step fp8_gemm_bench 240 python scripts/fp8_gemm_bench.py --device cuda --reps 20 --json "$WORK/results/fp8_gemm_bench.json"
 # reference, sdpa and triton at B 1/32/64/128 × 1K/4K/16K; the first triton call autotunes (5 configs).
 step mla_decode_bench 150 python scripts/mla_decode_bench.py --device cuda --reps 20 --json "$WORK/results/mla_decode_bench.json"
 

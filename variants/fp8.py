@@ -30,6 +30,12 @@ autocast. Not reproduced: V3's E5M6 / power-of-two-scale special cases for a few
 in BF16 or FP32"), else the input's dtype. Weight gradients are FP32, for the master weights.
 Non-finite input is not checked here (that would synchronise a GPU every layer): a NaN scale
 makes the outputs NaN, the loss turns NaN and the cell ends `diverged`.
+
+Under torch.compile the linear and the grouped GEMM are opaque custom ops (`dsbench::fp8_linear`,
+`dsbench::fp8_grouped_mm`, each with a backward op): dynamo traces them without a graph break
+and inductor never compiles their insides. Eager runs the same functions through
+autograd.Functions. While a QuantisationProbe is attached they run eager under compile too (a
+graph break: the probe reads values on the host).
 """
 
 from __future__ import annotations
@@ -118,16 +124,75 @@ def sqnr_db(exact: torch.Tensor, approx: torch.Tensor) -> float:
     return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
+# --- the three GEMMs of a linear: plain functions that eager's autograd.Function and compile's
+# custom ops (below) share, so both compute the same numbers ---
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    """The GEMM outputs' dtype: autocast's (BF16) where it is on, else the input's."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def _linear_forward(x_MK, w8: Quantised, recipe: str, out_dtype) -> tuple[torch.Tensor, Quantised]:
+    """Fprop: Y (M, N) = X·Wᵀ, and X's FP8 tiles, the only copy of X kept for the backward (V3 §3.3.3)."""
+    with torch.autocast(x_MK.device.type, enabled=False):
+        x8 = quantise(x_MK, recipe, "act")
+        return gemm(x8, w8, out_dtype), x8
+
+
+def _linear_backward(dy_MN, x8: Quantised, w8: Quantised, recipe: str, x_dtype, w_dtype, need_dx: bool, need_dw: bool):
+    """Dgrad dX (M, K) = dY·W and Wgrad dW (N, K) = dYᵀ·X (None where not needed); and dY's tiles."""
+    with torch.autocast(dy_MN.device.type, enabled=False):
+        dy8 = quantise(dy_MN, recipe, "act")
+        dx = gemm(dy8, w8.t, x_dtype) if need_dx else None
+        dw = None
+        if need_dw:
+            dyT8, xT8 = _wgrad_operands(dy_MN, dy8, x8, recipe)
+            dw = gemm(dyT8, xT8, torch.float32).to(w_dtype)  # FP32 for FP32 master weights
+    return dx, dw, dy8
+
+
+def _wgrad_operands(dy_MN, dy8: Quantised, x8: Quantised, recipe: str) -> tuple[Quantised, Quantised]:
+    """dYᵀ (N, M) and Xᵀ (K, M), both scaled along M, the token axis that Wgrad contracts."""
+    if recipe == "tensorwise":
+        return dy8.t, x8.t  # one scale per tensor: the forward's FP8 copies serve as they are
+    dyT8 = quantise(dy_MN.T, recipe, "act")  # 1×128 along tokens, from the high-precision dY
+    xT8 = quantise(x8.dequant().T, recipe, "act")  # X's cached FP8 tiles, re-tiled along tokens
+    return dyT8, xT8
+
+
+def _cached_on(w: torch.Tensor, recipe: str, kind: str, make):
+    """make(w) cached on the tensor itself, made again only when w changed: keyed on its version
+    (each optimizer step bumps it), storage, layout and the recipe. On the tensor, not the module:
+    the compiled path's custom ops see only tensors (serving quantises once, as V3's FP8
+    checkpoints are; training once a step)."""
+    key = (w._version, w.data_ptr(), w.dtype, tuple(w.shape), w.stride(), recipe)
+    cached = w.__dict__.get(kind)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, make(w.detach()))
+        setattr(w, kind, cached)
+    return cached[1]
+
+
+def weight_blocks(w_NK: torch.Tensor, recipe: str) -> Quantised:
+    """A linear's weight (N, K) in FP8: 128×128 blocks, or one scale (tensorwise)."""
+    return _cached_on(w_NK, recipe, "_dsbench_fp8", lambda w: quantise(w, recipe, "weight"))
+
+
+def expert_blocks(w_EKN: torch.Tensor, recipe: str) -> list[Quantised]:
+    """Each expert's weight, as a linear's (N, K), in FP8."""
+    return _cached_on(w_EKN, recipe, "_dsbench_fp8_experts",
+                      lambda w: [quantise(w[e].T, recipe, "weight") for e in range(w.shape[0])])
+
+
 class _Fp8LinearFn(torch.autograd.Function):
-    """Y = X·Wᵀ with Fprop, Dgrad and Wgrad in FP8 (table in the module docstring)."""
+    """Y = X·Wᵀ with Fprop, Dgrad and Wgrad in FP8 (table in the module docstring); eager."""
 
     @staticmethod
     def forward(ctx, x, weight, w8: Quantised, recipe: str, probe):
-        out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         x_MK = x.reshape(-1, x.shape[-1])
-        with torch.autocast(x.device.type, enabled=False):
-            x8 = quantise(x_MK, recipe, "act")
-            y_MN = gemm(x8, w8, out_dtype)
+        y_MN, x8 = _linear_forward(x_MK, w8, recipe, _out_dtype(x))
         ctx.save_for_backward(x8.q, x8.s, w8.q, w8.s)
         ctx.meta = (x8.block, w8.block, recipe, probe, x.shape, x.dtype, weight.dtype)
         if probe is not None:
@@ -138,27 +203,12 @@ class _Fp8LinearFn(torch.autograd.Function):
     def backward(ctx, dy):
         xq, xs, wq, ws = ctx.saved_tensors
         x_block, w_block, recipe, probe, x_shape, x_dtype, w_dtype = ctx.meta
-        x8, w8 = Quantised(xq, xs, x_block), Quantised(wq, ws, w_block)
         dy_MN = dy.reshape(-1, dy.shape[-1])
-        with torch.autocast(dy.device.type, enabled=False):
-            dy8 = quantise(dy_MN, recipe, "act")
-            dx = gemm(dy8, w8.t, x_dtype) if ctx.needs_input_grad[0] else None
-            dw = None
-            if ctx.needs_input_grad[1]:
-                dyT8, xT8 = _wgrad_operands(dy_MN, dy8, x8, recipe)
-                dw = gemm(dyT8, xT8, torch.float32).to(w_dtype)  # FP32 for FP32 master weights
+        dx, dw, dy8 = _linear_backward(dy_MN, Quantised(xq, xs, x_block), Quantised(wq, ws, w_block), recipe,
+                                       x_dtype, w_dtype, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         if probe is not None:
             probe.record("grad", dy_MN, dy8.dequant())
         return (None if dx is None else dx.view(x_shape)), dw, None, None, None
-
-
-def _wgrad_operands(dy_MN, dy8: Quantised, x8: Quantised, recipe: str) -> tuple[Quantised, Quantised]:
-    """dYᵀ (N, M) and Xᵀ (K, M), both scaled along M, the token axis that Wgrad contracts."""
-    if recipe == "tensorwise":
-        return dy8.t, x8.t  # one scale per tensor: the forward's FP8 copies serve as they are
-    dyT8 = quantise(dy_MN.T, recipe, "act")  # 1×128 along tokens, from the high-precision dY
-    xT8 = quantise(x8.dequant().T, recipe, "act")  # X's cached FP8 tiles, re-tiled along tokens
-    return dyT8, xT8
 
 
 class Fp8Linear(nn.Linear):
@@ -173,53 +223,67 @@ class Fp8Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
         self.recipe = recipe
         self.fp8_probe: QuantisationProbe | None = None  # set only inside a QuantisationProbe
-        self._w8_cache: tuple | None = None
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe}"
 
-    # Eager under torch.compile (a graph break, counted in a compiled cell's row): inductor's CPU
-    # code generator fails an assertion on the block-wise backward, and the compiled forward gave
-    # NaN (torch 2.13, 2026-12-04); the weight cache keys on the tensor's version, which dynamo
-    # would guard on at every optimizer step.
-    @eager_under_compile
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and self.fp8_probe is None:  # opaque custom ops (below): no graph break
+            x_MK = x.reshape(-1, x.shape[-1])
+            y_MN = torch.ops.dsbench.fp8_linear(x_MK, self.weight, self.recipe, _out_dtype(x))[0]
+            return y_MN.view(*x.shape[:-1], y_MN.shape[-1])
+        return self._eager_forward(x)
+
+    @eager_under_compile  # under compile only with a probe attached: the probe reads values on the host
+    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         return _Fp8LinearFn.apply(x, self.weight, self._quantised_weight(), self.recipe, self.fp8_probe)
 
     def _quantised_weight(self) -> Quantised:
-        """The weight's FP8 blocks, re-quantised only when the weight changed (each optimizer
-        step bumps its version; serving quantises once, as V3's FP8 checkpoints are)."""
-        w = self.weight
-        key = (w._version, w.data_ptr(), w.dtype, self.recipe)
-        if self._w8_cache is None or self._w8_cache[0] != key:
-            with torch.no_grad():
-                self._w8_cache = (key, quantise(w.detach(), self.recipe, "weight"))
-        return self._w8_cache[1]
-
-
-# --- measurement: quantisation error and the memory the FP8 activation cache saves ---
+        """The weight's FP8 blocks, re-quantised only when the weight changed (`weight_blocks`)."""
+        return weight_blocks(self.weight, self.recipe)
 
 
 # --- MoE: the routed experts' grouped GEMM in FP8 ---
+
+
+def _grouped_forward(x_MK, w8s: list[Quantised], bounds: list[int], recipe: str, out_dtype) -> tuple[torch.Tensor, Quantised]:
+    """out[rows of e] = x[rows of e] · w[e]; x quantised once for all experts (its tiles are per row)."""
+    with torch.autocast(x_MK.device.type, enabled=False):
+        x8 = quantise(x_MK, recipe, "act")
+        out = x_MK.new_zeros(x_MK.shape[0], w8s[0].q.shape[0] if w8s else 0, dtype=out_dtype)
+        for e, w8 in enumerate(w8s):
+            if bounds[e + 1] > bounds[e]:
+                out[bounds[e]:bounds[e + 1]] = gemm(x8.rows(bounds[e], bounds[e + 1]), w8, out_dtype)
+    return out, x8
+
+
+def _grouped_backward(dy_MN, x8: Quantised, w8s: list[Quantised], bounds: list[int], recipe: str, x_dtype, w_dtype):
+    """dX (M, K) and dW (E, K, N) expert by expert, x and dY re-tiled along each expert's own tokens; and dY's tiles."""
+    dx = torch.zeros(x8.q.shape, dtype=x_dtype, device=x8.q.device)
+    dw = torch.zeros(len(w8s), x8.q.shape[1], dy_MN.shape[1], dtype=torch.float32, device=x8.q.device)  # (E, K, N)
+    with torch.autocast(dy_MN.device.type, enabled=False):
+        dy8 = quantise(dy_MN, recipe, "act")
+        for e, w8 in enumerate(w8s):
+            lo, hi = bounds[e], bounds[e + 1]
+            if hi == lo:
+                continue
+            dx[lo:hi] = gemm(dy8.rows(lo, hi), w8.t, x_dtype)  # dX_e = dY_e · W_eᵀ
+            dyT8, xT8 = _wgrad_operands(dy_MN[lo:hi], dy8.rows(lo, hi), x8.rows(lo, hi), recipe)
+            dw[e] = gemm(xT8, dyT8, torch.float32)  # dW_e (K, N) = X_eᵀ · dY_e
+    return dx, dw.to(w_dtype), dy8
 
 
 class _Fp8GroupedMmFn(torch.autograd.Function):
     """out[rows of e] = x[rows of e] · w[e] for every expert e (rows sorted by expert, ends_E the
     cumulative row counts), each expert's three GEMMs in FP8 as in the table above: x in 1×128
     tiles (per row, so quantised once for all experts), w[e] in 128×128 blocks, and for Wgrad
-    x and dY re-tiled along the expert's own tokens."""
+    x and dY re-tiled along the expert's own tokens; eager."""
 
     @staticmethod
     def forward(ctx, x_MK, w_EKN, ends_E, recipe: str, probe):
-        out_dtype = torch.get_autocast_dtype(x_MK.device.type) if torch.is_autocast_enabled(x_MK.device.type) else x_MK.dtype
         bounds = [0, *ends_E.tolist()]  # host values: the per-expert loop needs them
-        with torch.autocast(x_MK.device.type, enabled=False):
-            x8 = quantise(x_MK, recipe, "act")
-            w8s = [quantise(w_EKN[e].detach().T, recipe, "weight") for e in range(w_EKN.shape[0])]  # (N, K) each
-            out = x_MK.new_zeros(x_MK.shape[0], w_EKN.shape[2], dtype=out_dtype)
-            for e, w8 in enumerate(w8s):
-                if bounds[e + 1] > bounds[e]:
-                    out[bounds[e]:bounds[e + 1]] = gemm(x8.rows(bounds[e], bounds[e + 1]), w8, out_dtype)
+        w8s = expert_blocks(w_EKN, recipe)
+        out, x8 = _grouped_forward(x_MK, w8s, bounds, recipe, _out_dtype(x_MK))
         ctx.save_for_backward(x8.q, x8.s)
         ctx.meta = (x8.block, w8s, bounds, recipe, probe, x_MK.dtype, w_EKN.dtype)
         if probe is not None:
@@ -231,28 +295,140 @@ class _Fp8GroupedMmFn(torch.autograd.Function):
     def backward(ctx, dy_MN):
         xq, xs = ctx.saved_tensors
         x_block, w8s, bounds, recipe, probe, x_dtype, w_dtype = ctx.meta
-        x8 = Quantised(xq, xs, x_block)
-        dx = torch.zeros(xq.shape, dtype=x_dtype, device=xq.device)
-        dw = torch.zeros(len(w8s), xq.shape[1], dy_MN.shape[1], dtype=torch.float32, device=xq.device)  # (E, K, N)
-        with torch.autocast(dy_MN.device.type, enabled=False):
-            dy8 = quantise(dy_MN, recipe, "act")
-            for e, w8 in enumerate(w8s):
-                lo, hi = bounds[e], bounds[e + 1]
-                if hi == lo:
-                    continue
-                dx[lo:hi] = gemm(dy8.rows(lo, hi), w8.t, x_dtype)  # dX_e = dY_e · W_eᵀ
-                dyT8, xT8 = _wgrad_operands(dy_MN[lo:hi], dy8.rows(lo, hi), x8.rows(lo, hi), recipe)
-                dw[e] = gemm(xT8, dyT8, torch.float32)  # dW_e (K, N) = X_eᵀ · dY_e
+        dx, dw, dy8 = _grouped_backward(dy_MN, Quantised(xq, xs, x_block), w8s, bounds, recipe, x_dtype, w_dtype)
         if probe is not None:
             probe.record("grad", dy_MN, dy8.dequant())
-        return dx, dw.to(w_dtype), None, None, None
+        return dx, dw, None, None, None
 
 
-@eager_under_compile  # as Fp8Linear.forward
 def fp8_grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor, recipe: str = "blockwise",
                    probe: QuantisationProbe | None = None) -> torch.Tensor:
     """The FP8 counterpart of moe.grouped_mm: rows ends[e−1]:ends[e] of x times w[e]."""
+    if torch.compiler.is_compiling() and probe is None:  # one opaque custom op: no graph break
+        return torch.ops.dsbench.fp8_grouped_mm(x_MK, w_EKN, ends_E, recipe, _out_dtype(x_MK))[0]
+    return _eager_grouped_mm(x_MK, w_EKN, ends_E, recipe, probe)
+
+
+@eager_under_compile  # as Fp8Linear._eager_forward
+def _eager_grouped_mm(x_MK, w_EKN, ends_E, recipe, probe) -> torch.Tensor:
     return _Fp8GroupedMmFn.apply(x_MK, w_EKN, ends_E, recipe, probe)
+
+
+# --- under torch.compile: the FP8 linear and grouped GEMM as opaque custom ops ---
+#
+# dynamo traces a call to each as one node and inductor never sees inside (inductor compiling the
+# quantisation and block-scaled GEMMs failed an internal assertion on the block-wise backward and
+# gave NaN in the forward on CPU, torch 2.13). The forward op returns X's FP8 tiles beside Y so
+# that autograd saves them (V3's FP8 activation cache); the backward is a second op. Inside the
+# ops everything runs eager on real tensors: the fp8_gemm family's pick (auto measures there too),
+# the weights' FP8 cache, the host loop over experts.
+
+_GROUP = 128  # kernels/fp8_quant.GROUP, restated: importing it imports triton (a test holds them equal)
+_FP8 = torch.float8_e4m3fn
+# The grouped ops read the experts' row bounds on the host (.tolist(), a sync), which a CUDA graph
+# cannot capture: tagged, inductor records no CUDA graph around them. The linear's ops are
+# capturable once warm (its kernel pick and weight blocks are made on the first, eager, call).
+_HOST_SYNC = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+
+def _act_block(recipe: str) -> tuple[int, int] | None:
+    return None if recipe == "tensorwise" else (1, _GROUP)
+
+
+def _act_scales_like(x_MK: torch.Tensor, recipe: str) -> torch.Tensor:
+    shape = () if recipe == "tensorwise" else (x_MK.shape[0], -(-x_MK.shape[1] // _GROUP))
+    return x_MK.new_empty(shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("dsbench::fp8_linear", mutates_args=())
+def _fp8_linear_op(x_MK: torch.Tensor, weight: torch.Tensor, recipe: str, out_dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fprop: (Y (M, N), X's E4M3 tiles (M, K), their scales)."""
+    y_MN, x8 = _linear_forward(x_MK, weight_blocks(weight, recipe), recipe, out_dtype)
+    return y_MN, x8.q, x8.s
+
+
+@_fp8_linear_op.register_fake
+def _(x_MK, weight, recipe, out_dtype):
+    M, K = x_MK.shape
+    return x_MK.new_empty(M, weight.shape[0], dtype=out_dtype), x_MK.new_empty(M, K, dtype=_FP8), _act_scales_like(x_MK, recipe)
+
+
+@torch.library.custom_op("dsbench::fp8_linear_backward", mutates_args=())
+def _fp8_linear_backward_op(dy_MN: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, recipe: str,
+                            x_dtype: torch.dtype, need_dx: bool, need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dgrad and Wgrad: (dX (M, K) or an empty tensor, dW (N, K) or an empty tensor)."""
+    dx, dw, _ = _linear_backward(dy_MN, Quantised(xq, xs, _act_block(recipe)), weight_blocks(weight, recipe), recipe,
+                                 x_dtype, weight.dtype, need_dx, need_dw)
+    return (dy_MN.new_empty(0, dtype=x_dtype) if dx is None else dx), (weight.new_empty(0) if dw is None else dw)
+
+
+@_fp8_linear_backward_op.register_fake
+def _(dy_MN, xq, xs, weight, recipe, x_dtype, need_dx, need_dw):
+    dx = xq.new_empty(xq.shape if need_dx else (0,), dtype=x_dtype)
+    return dx, weight.new_empty(weight.shape if need_dw else (0,))
+
+
+def _fp8_linear_setup(ctx, inputs, output):
+    x_MK, weight, recipe, _ = inputs
+    ctx.save_for_backward(output[1], output[2], weight)
+    ctx.recipe, ctx.x_dtype = recipe, x_MK.dtype
+
+
+def _fp8_linear_grad(ctx, dy_MN, _dxq, _dxs):
+    xq, xs, weight = ctx.saved_tensors
+    need_dx, need_dw = ctx.needs_input_grad[:2]
+    dx, dw = torch.ops.dsbench.fp8_linear_backward(dy_MN, xq, xs, weight, ctx.recipe, ctx.x_dtype, need_dx, need_dw)
+    return (dx if need_dx else None), (dw if need_dw else None), None, None
+
+
+_fp8_linear_op.register_autograd(_fp8_linear_grad, setup_context=_fp8_linear_setup)
+
+
+@torch.library.custom_op("dsbench::fp8_grouped_mm", mutates_args=(), tags=_HOST_SYNC)
+def _fp8_grouped_mm_op(x_MK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor, recipe: str, out_dtype: torch.dtype
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out (M, N), x's E4M3 tiles (M, K), their scales)."""
+    out, x8 = _grouped_forward(x_MK, expert_blocks(w_EKN, recipe), [0, *ends_E.tolist()], recipe, out_dtype)
+    return out, x8.q, x8.s
+
+
+@_fp8_grouped_mm_op.register_fake
+def _(x_MK, w_EKN, ends_E, recipe, out_dtype):
+    M, K = x_MK.shape
+    return x_MK.new_empty(M, w_EKN.shape[2], dtype=out_dtype), x_MK.new_empty(M, K, dtype=_FP8), _act_scales_like(x_MK, recipe)
+
+
+@torch.library.custom_op("dsbench::fp8_grouped_mm_backward", mutates_args=(), tags=_HOST_SYNC)
+def _fp8_grouped_mm_backward_op(dy_MN: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor, w_EKN: torch.Tensor,
+                                ends_E: torch.Tensor, recipe: str, x_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dX (M, K), dW (E, K, N))."""
+    dx, dw, _ = _grouped_backward(dy_MN, Quantised(xq, xs, _act_block(recipe)), expert_blocks(w_EKN, recipe),
+                                  [0, *ends_E.tolist()], recipe, x_dtype, w_EKN.dtype)
+    return dx, dw
+
+
+@_fp8_grouped_mm_backward_op.register_fake
+def _(dy_MN, xq, xs, w_EKN, ends_E, recipe, x_dtype):
+    return xq.new_empty(xq.shape, dtype=x_dtype), torch.empty_like(w_EKN)
+
+
+def _fp8_grouped_mm_setup(ctx, inputs, output):
+    x_MK, w_EKN, ends_E, recipe, _ = inputs
+    ctx.save_for_backward(output[1], output[2], w_EKN, ends_E)
+    ctx.recipe, ctx.x_dtype = recipe, x_MK.dtype
+
+
+def _fp8_grouped_mm_grad(ctx, dy_MN, _dxq, _dxs):
+    xq, xs, w_EKN, ends_E = ctx.saved_tensors
+    dx, dw = torch.ops.dsbench.fp8_grouped_mm_backward(dy_MN, xq, xs, w_EKN, ends_E, ctx.recipe, ctx.x_dtype)
+    return dx, dw, None, None, None
+
+
+_fp8_grouped_mm_op.register_autograd(_fp8_grouped_mm_grad, setup_context=_fp8_grouped_mm_setup)
+
+
+# --- measurement: quantisation error and the memory the FP8 activation cache saves ---
 
 
 class QuantisationProbe:

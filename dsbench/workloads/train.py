@@ -198,8 +198,10 @@ def _named_loss_series(named_losses: list[dict]) -> list[tuple]:
 
 def _quantisation_stats(ctx: Context, settings: dict) -> dict:
     """FP8 cells: SQNR of what each FP8 linear quantises (X, W, dY) and the bytes its FP8 cache of
-    X saves, from one untimed forward and backward of the LM loss at the final weights on the next batch."""
-    with QuantisationProbe(ctx.model) as probe:
+    X saves, from one untimed forward and backward of the LM loss at the final weights on the next batch.
+    Eager in a compiled cell too: the probe reads values on the host, which a compiled graph would
+    recompile for (variants/fp8.py)."""
+    with QuantisationProbe(ctx.model) as probe, compiled.uncompiled():
         if not probe.layers:
             return {}
         ctx.model.train()
