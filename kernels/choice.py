@@ -58,7 +58,9 @@ class Family:
     # call's arguments, e.g. of their dtype), justified in a comment where the family registers.
     tolerance: float | Callable[..., float]
     compile_order: tuple[str, ...] = ()  # under torch.compile: the first of these that runs
-    trial: Callable | None = None  # (fn, *args, **kwargs) → None: one timed call (default: call fn)
+    # (fn, *args, **kwargs) → None: one timed call, run in the caller's grad mode (default: fn
+    # under no_grad); a family whose calls train times the forward and backward here.
+    trial: Callable | None = None
     output: Callable = lambda out: out  # the tensor to compare, from what fn returns
     description: str = ""
 
@@ -118,12 +120,21 @@ class Chooser:
     decisions: dict[tuple, Decision] = field(default_factory=dict)  # (family, key) → what was chosen
     ran: dict[str, set] = field(default_factory=dict)  # family → implementations that ran
 
-    def run(self, family_name: str, *args, **kwargs):
+    def run(self, family_name: str | Family, *args, **kwargs):
         """Call the family's chosen implementation on these arguments."""
-        fam = family(family_name)
+        return self.pick(family_name, *args, **kwargs).fn(*args, **kwargs)
+
+    def pick(self, family_name: str | Family, *args, **kwargs) -> Implementation:
+        """The implementation these arguments take (recorded as having run), without calling it:
+        for a caller that keeps its own record of what ran (the MoE layer's moe_dispatch column).
+        A Family object, rather than its name, loads no other family (importing one may import
+        triton), and traces under torch.compile without an import."""
+        fam = family_name if isinstance(family_name, Family) else family(family_name)
         name = self.choose(fam, *args, **kwargs)
-        self.ran.setdefault(fam.name, set()).add(name)
-        return fam.implementations[name].fn(*args, **kwargs)
+        if fam.name not in self.ran:
+            self.ran[fam.name] = set()
+        self.ran[fam.name].add(name)
+        return fam.implementations[name]
 
     def choose(self, fam: Family, *args, **kwargs) -> str:
         pin = self.pins.get(fam.name, AUTO)
@@ -171,14 +182,14 @@ class Chooser:
                 if not errors[name] <= tolerance:
                     rejected[name] = f"error {errors[name]:.1e} > {tolerance:.0e} vs {fam.reference}"
             correct = [n for n in runs if n not in rejected]
-            times = self._time(fam, correct, *args, **kwargs)
+        times = self._time(fam, correct, *args, **kwargs)  # in the caller's grad mode: a trial may time a backward
         best = min(correct, key=lambda n: (times[n], n))
         measured = ", ".join(f"{n} {1e6 * times[n]:.0f} µs (err {errors[n]:.1e})" for n in correct)
         return Decision(best, f"auto: fastest correct of {measured}" + _why_not(rejected))
 
     def _time(self, fam: Family, names: list[str], *args, **kwargs) -> dict[str, float]:
         samples: dict[str, list[float]] = {n: [] for n in names}
-        trial = fam.trial or (lambda fn, *a, **k: fn(*a, **k))
+        trial = fam.trial or _forward_trial
         device = _device_of(args)
         for i in range(self.reps):
             for name in names if i % 2 else names[::-1]:  # alternate the order against drift
@@ -211,6 +222,11 @@ def triton_device_ok(device: str) -> str | None:
     if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return None
     return "a Triton kernel needs a GPU (TRITON_INTERPRET=1 runs it on a CPU, for tests)"
+
+
+def _forward_trial(fn, *args, **kwargs) -> None:
+    with torch.no_grad():
+        fn(*args, **kwargs)
 
 
 def _why_not(why_not: dict[str, str]) -> str:

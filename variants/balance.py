@@ -10,11 +10,17 @@ from __future__ import annotations
 import torch
 
 
+def expert_load(expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """(E,) int64 assignments per expert, on the device: a scatter_add, where bincount's output
+    length depends on the data (torch.compile breaks the graph on it)."""
+    flat = expert_ids.flatten()
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def _selected_fraction(expert_ids_NK: torch.Tensor, n_experts: int) -> torch.Tensor:
     """f_i = E/(K·N) · #tokens choosing expert i: 1 for every expert under perfect balance."""
     N, K = expert_ids_NK.shape
-    counts_E = torch.bincount(expert_ids_NK.flatten(), minlength=n_experts).float()
-    return counts_E * n_experts / (K * N)
+    return expert_load(expert_ids_NK, n_experts).float() * n_experts / (K * N)
 
 
 def per_token_share(scores_NE: torch.Tensor, score_func: str) -> torch.Tensor:
@@ -76,21 +82,25 @@ def router_entropy(scores_NE: torch.Tensor, score_func: str) -> torch.Tensor:
 
 
 class RoutingStats:
-    """What one routed layer saw: kept on the device and read once, at the end of the cell."""
+    """What one routed layer saw: kept on the device and read once, at the end of the cell
+    (nothing in `observe` reads a value on the host, so a compiled forward keeps one graph and
+    a GPU never waits for it)."""
 
     def __init__(self, n_experts: int):
         self.n_experts = n_experts
         self.train_load_SE: list[torch.Tensor] = []  # one row per training forward (= step)
         self.train_entropy_S: list[torch.Tensor] = []
         self.train_aux_S: list[torch.Tensor] = []
-        self.train_dropped_S: list[float] = []
+        self.train_dropped_S: list[torch.Tensor | float] = []  # 0-d tensors (or numbers)
         self.pending_load_E: torch.Tensor | None = None  # since the last bias update
         self.eval_load_E: torch.Tensor | None = None  # held-out / inference forwards
         self.domain_load_DE: torch.Tensor | None = None
         self.domain_names: tuple[str, ...] = ()
 
-    def observe(self, expert_ids_NK, scores_NE, score_func, training, aux_loss, dropped_fraction, domains_N, domain_names):
-        load_E = torch.bincount(expert_ids_NK.flatten(), minlength=self.n_experts)
+    def observe(self, expert_ids_NK, scores_NE, score_func, training, aux_loss, dropped_fraction, domains_N, domain_names,
+                load_E=None):
+        """load_E: the assignments per expert where the caller counted them already (else counted here)."""
+        load_E = expert_load(expert_ids_NK, self.n_experts) if load_E is None else load_E
         if training:
             self.train_load_SE.append(load_E)
             self.train_entropy_S.append(router_entropy(scores_NE, score_func))
@@ -147,14 +157,15 @@ class RoutingStats:
         records += [dict(step=s, metric="expert_load", value=int(c), layer=layer, index=e)
                     for s, row in enumerate(load_SE) for e, c in enumerate(row.tolist())]
         records += [dict(step=s, metric="aux_loss", value=float(v), layer=layer) for s, v in enumerate(self.train_aux_S)]
-        records += [dict(step=s, metric="dropped_fraction", value=v, layer=layer) for s, v in enumerate(self.train_dropped_S)]
+        dropped_S = [float(v) for v in self.train_dropped_S]
+        records += [dict(step=s, metric="dropped_fraction", value=v, layer=layer) for s, v in enumerate(dropped_S)]
         total_E = load_SE.sum(dim=0)
         summary = {
             "maxvio_batch": maxvio_S,
             "maxvio_train": float(maxvio(total_E)),
             "dead_expert_fraction": float((total_E == 0).float().mean()),
             "router_entropy": float(entropy_S.mean()),
-            "dropped_fraction": sum(self.train_dropped_S) / len(self.train_dropped_S),
+            "dropped_fraction": sum(dropped_S) / len(dropped_S),
             "aux_loss_final": float(self.train_aux_S[-1]) if self.train_aux_S else None,
         }
         return records, summary
