@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 AUTO = "auto"
+_COMPILED = "_compiled_pick_"  # + a family's name: the implementation its compiled calls took
 
 
 class KernelUnavailable(ValueError):
@@ -131,10 +132,21 @@ class Chooser:
         triton), and traces under torch.compile without an import."""
         fam = family_name if isinstance(family_name, Family) else family(family_name)
         name = self.choose(fam, *args, **kwargs)
-        if fam.name not in self.ran:
-            self.ran[fam.name] = set()
-        self.ran[fam.name].add(name)
+        if torch.compiler.is_compiling():
+            # Written, never read: reading `ran` in the trace would make its contents a guard, and
+            # the first call's record would recompile the second.
+            setattr(self, _COMPILED + fam.name, name)
+        else:
+            self.ran.setdefault(fam.name, set()).add(name)
         return fam.implementations[name]
+
+    def all_ran(self) -> dict[str, set]:
+        """`ran`, with what compiled calls took."""
+        ran = {f: set(names) for f, names in self.ran.items()}
+        for attr, name in vars(self).items():
+            if attr.startswith(_COMPILED):
+                ran.setdefault(attr[len(_COMPILED):], set()).add(name)
+        return ran
 
     def choose(self, fam: Family, *args, **kwargs) -> str:
         pin = self.pins.get(fam.name, AUTO)
@@ -203,7 +215,7 @@ class Chooser:
     def columns(self) -> dict:
         """kernel_<family> and kernel_<family>_why for every family a call went through."""
         row = {}
-        for fam_name, names in sorted(self.ran.items()):
+        for fam_name, names in sorted(self.all_ran().items()):
             row[f"kernel_{fam_name}"] = next(iter(names)) if len(names) == 1 else "mixed"
             whys = [f"{d.name}: {d.why}" if len(names) > 1 else d.why
                     for (f, _), d in self.decisions.items() if f == fam_name]

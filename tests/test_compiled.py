@@ -158,6 +158,7 @@ def test_every_ffn_precision_and_balance_compiles_as_one_graph(ffn, precision, b
     tokens = torch.randint(0, eager.cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(1))
     fused = copy.deepcopy(eager)
     torch._dynamo.reset()
+    counters.clear()  # dynamo's reset leaves its counters
     watch = compiled.CompileWatch("compile").start()
     try:
         fused.forward_losses = torch.compile(fused.forward_losses, fullgraph=True)
@@ -176,6 +177,43 @@ def test_every_ffn_precision_and_balance_compiles_as_one_graph(ffn, precision, b
     finally:
         compiled.stop()
         torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("balance", ["aux", "bias"])
+def test_a_compiled_routed_train_loop_compiles_once_and_records_what_eager_records(balance):
+    """The routing records a compiled forward writes in place (variants/balance.py RoutingStats):
+    no Python container grows in the trace, so step after step reuses the first graph (a list's
+    length as a guard recompiled every step until dynamo's limit, then ran eager)."""
+    def train(model, forward, steps=4):
+        model.train()
+        for step in range(steps):
+            tokens = torch.randint(0, model.cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(step))
+            model.set_token_domains(torch.tensor([0, 1]), ("a", "b"))
+            model.begin_step(step)
+            forward(tokens, tokens.roll(-1, dims=1)).total({}).backward()
+            model.after_optimizer_step()
+        return model.collect_metrics()
+
+    eager = tiny_model("mha", "deepseekmoe", "fp32", {"balance": balance})
+    fused = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    counters.clear()  # dynamo's reset leaves its counters
+    try:
+        records_e, columns_e = train(eager, eager.forward_losses)
+        records_c, columns_c = train(fused, torch.compile(fused.forward_losses))
+        assert counters["frames"]["total"] == 1 and not counters["graph_break"]
+    finally:
+        torch._dynamo.reset()
+    assert columns_c["moe_dispatch"] == "grouped_mm"
+    assert len(records_c) == len(records_e)
+    for key in ("maxvio_batch_mean", "maxvio_train", "router_entropy", "dead_expert_fraction", "aux_loss_final"):
+        if columns_e[key] is None:  # bias balancing leaves no aux loss
+            assert columns_c[key] is None, key
+        else:
+            assert columns_c[key] == pytest.approx(columns_e[key], rel=1e-5, abs=1e-7), key
+    if balance == "bias":  # the bias update read the same loads
+        torch.testing.assert_close(fused.blocks[0].ffn.router.expert_bias_E, eager.blocks[0].ffn.router.expert_bias_E)
 
 
 def spec(compile_value, device="cpu", workloads=("prefill",)) -> dict:

@@ -234,24 +234,32 @@ class GroupedExperts(nn.Module):
         self.fp8_recipe = fp8_recipe  # the experts' GEMMs in FP8 too (V3 §3.3), under fp8 precisions
         if fp8_recipe is not None:
             self.fp8_probe = None  # set by fp8.QuantisationProbe while it measures SQNR
-        self.paths_run: set[str] = set()  # the moe_dispatch column: every implementation a call took
+        self.paths_run: set[str] = set()  # the moe_dispatch column: every implementation an eager call took
+        self.compiled_path: str | None = None  # what compiled calls took (written, never read, in the trace)
+
+    def _took(self, name: str) -> None:
+        if torch.compiler.is_compiling():  # reading the set would make its contents a guard: a recompile
+            self.compiled_path = name
+        else:
+            self.paths_run.add(name)
 
     def dispatch_label(self) -> str | None:
         """The implementation the calls took, "mixed" where they took more than one; None before any call."""
-        if not self.paths_run:
+        paths = self.paths_run | ({self.compiled_path} if self.compiled_path else set())
+        if not paths:
             return None
-        return next(iter(self.paths_run)) if len(self.paths_run) == 1 else "mixed"
+        return next(iter(paths)) if len(paths) == 1 else "mixed"
 
     def forward(self, x_MC: torch.Tensor, ends_E: torch.Tensor, weight_M: torch.Tensor | None = None) -> torch.Tensor:
         """Each row through its expert's SwiGLU, times its gate weight where one is given."""
         if self.fp8_recipe is not None:
-            self.paths_run.add("fp8_grouped_mm")
+            self._took("fp8_grouped_mm")
             return self._fp8(x_MC, ends_E, weight_M)
         dtype = compute_dtype(x_MC)
         args = (x_MC.to(dtype), self.w1_ECF.to(dtype), self.w3_ECF.to(dtype), self.w2_EFC.to(dtype), ends_E,
                 None if weight_M is None else weight_M.to(dtype))
         impl = choice.active().pick(MOE_EXPERTS, *args)
-        self.paths_run.add(impl.name)
+        self._took(impl.name)
         return impl.fn(*args)
 
     def _fp8(self, x_MC, ends_E, weight_M) -> torch.Tensor:
@@ -412,6 +420,17 @@ class MoEFeedForward(FeedForward):
 
     def set_token_domains(self, domains_B: torch.Tensor, names: tuple[str, ...]) -> None:
         self.token_domains = (domains_B, tuple(names))
+        self.stats.prepare(self.router.weight.device, tuple(names))  # eager, before the forward
+
+    def begin_step(self, step: int) -> None:
+        """A slot for this step's routing record, which a compiled forward fills in place."""
+        self.stats.open_step(self.router.weight.device, self.has_aux_loss())
+
+    def has_aux_loss(self) -> bool:
+        """Whether a training forward leaves a balance loss (balance_loss returns one)."""
+        f = self.ffn_cfg
+        return bool(self.balance == "aux" and (f.aux_alpha or f.aux_device_alpha)
+                    or self.balance in ("aux", "bias") and f.seq_aux_alpha)
 
     # --- forward ---
     def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
