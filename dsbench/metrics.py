@@ -176,8 +176,9 @@ _ENTRIES = (
     _host("model_flops_per_s", "speed", "FLOP/s", "flops_per_token × tokens/s", better="higher"),
     _host("peak_flops_per_s", "speed", "FLOP/s", "peak of the arithmetic in use (peak_source)"),
     _host("peak_source", "speed", "", "datasheet or this machine's calibrated matmul", fmt="text"),
-    _host("moe_dispatch", "speed", "", "routed FFN: the expert matmuls' path (variants/moe.py DispatchChooser): grouped_mm | "
-          "padded_bmm | fp8_grouped_mm, or mixed when layers or shapes took different ones", fmt="text"),
+    _host("moe_dispatch", "speed", "", "routed FFN: the experts' implementation (op family moe_experts, kernels/grouped_mm.py, "
+          "through the cell's chooser): grouped_mm | padded_bmm | expert_loop | reference | fp8_grouped_mm, or mixed when "
+          "layers or shapes took different ones", fmt="text"),
     _m("sol_bound", "sol", "", "compute | memory: the side holding most of the light-speed step (dsbench/roofline.py light_columns)",
        fmt="text"),
     _host("sol_step_ms", "sol", "ms", "light-speed step: Σ over parts of max(FLOPs ÷ peak, bytes ÷ bandwidth) at this device's "

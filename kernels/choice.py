@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 AUTO = "auto"
+_COMPILED = "_compiled_pick_"  # + a family's name: the implementation its compiled calls took
 
 
 class KernelUnavailable(ValueError):
@@ -125,12 +126,32 @@ class Chooser:
     decisions: dict[tuple, Decision] = field(default_factory=dict)  # (family, key) → what was chosen
     ran: dict[str, set] = field(default_factory=dict)  # family → implementations that ran
 
-    def run(self, family_name: str, *args, **kwargs):
+    def run(self, family_name: str | Family, *args, **kwargs):
         """Call the family's chosen implementation on these arguments."""
-        fam = family(family_name)
+        return self.pick(family_name, *args, **kwargs).fn(*args, **kwargs)
+
+    def pick(self, family_name: str | Family, *args, **kwargs) -> Implementation:
+        """The implementation these arguments take (recorded as having run), without calling it:
+        for a caller that keeps its own record of what ran (the MoE layer's moe_dispatch column).
+        A Family object, rather than its name, loads no other family (importing one may import
+        triton), and traces under torch.compile without an import."""
+        fam = family_name if isinstance(family_name, Family) else family(family_name)
         name = self.choose(fam, *args, **kwargs)
-        self.ran.setdefault(fam.name, set()).add(name)
-        return fam.implementations[name].fn(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            # Written, never read: reading `ran` in the trace would make its contents a guard, and
+            # the first call's record would recompile the second.
+            setattr(self, _COMPILED + fam.name, name)
+        else:
+            self.ran.setdefault(fam.name, set()).add(name)
+        return fam.implementations[name]
+
+    def all_ran(self) -> dict[str, set]:
+        """`ran`, with what compiled calls took."""
+        ran = {f: set(names) for f, names in self.ran.items()}
+        for attr, name in vars(self).items():
+            if attr.startswith(_COMPILED):
+                ran.setdefault(attr[len(_COMPILED):], set()).add(name)
+        return ran
 
     def choose(self, fam: Family, *args, **kwargs) -> str:
         pin = self.pins.get(fam.name, AUTO)
@@ -212,7 +233,7 @@ class Chooser:
     def columns(self) -> dict:
         """kernel_<family> and kernel_<family>_why for every family a call went through."""
         row = {}
-        for fam_name, names in sorted(self.ran.items()):
+        for fam_name, names in sorted(self.all_ran().items()):
             row[f"kernel_{fam_name}"] = next(iter(names)) if len(names) == 1 else "mixed"
             whys = [f"{d.name}: {d.why}" if len(names) > 1 else d.why
                     for (f, _), d in self.decisions.items() if f == fam_name]

@@ -22,7 +22,6 @@ from dsbench.variants.moe import (
     GroupedExperts,
     MoEFeedForward,
     Router,
-    _padded_bmm,
     combine,
     dispatch_reference,
     group_limited,
@@ -31,6 +30,7 @@ from dsbench.variants.moe import (
     uniform_assignment,
 )
 from dsbench.variants.precision import PRECISIONS
+from dsbench.kernels.grouped_mm import padded_bmm
 from dsbench.workloads import Context, run_train
 
 
@@ -179,7 +179,7 @@ def test_padded_bmm_matches_grouped_mm():
     w = torch.randn(4, 8, 12)
     ends = torch.tensor([3, 3, 10, 11])  # expert 1 empty
     expected = torch.cat([x[0:3] @ w[0], x[3:10] @ w[2], x[10:11] @ w[3]])
-    torch.testing.assert_close(_padded_bmm(x, w, ends), expected)
+    torch.testing.assert_close(padded_bmm(x, w, ends), expected)
     torch.testing.assert_close(torch._grouped_mm(x, w, offs=ends.to(torch.int32)), expected)
 
 

@@ -7,14 +7,22 @@ D data domains, S training steps.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+def expert_load(expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """(E,) int64 assignments per expert, on the device: a scatter_add, where bincount's output
+    length depends on the data (torch.compile breaks the graph on it)."""
+    flat = expert_ids.flatten()
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def _selected_fraction(expert_ids_NK: torch.Tensor, n_experts: int) -> torch.Tensor:
     """f_i = E/(K·N) · #tokens choosing expert i: 1 for every expert under perfect balance."""
     N, K = expert_ids_NK.shape
-    counts_E = torch.bincount(expert_ids_NK.flatten(), minlength=n_experts).float()
-    return counts_E * n_experts / (K * N)
+    return expert_load(expert_ids_NK, n_experts).float() * n_experts / (K * N)
 
 
 def per_token_share(scores_NE: torch.Tensor, score_func: str) -> torch.Tensor:
@@ -62,6 +70,13 @@ def update_bias(bias_E: torch.Tensor, load_E: torch.Tensor, rate: float, zero_me
         bias_E -= bias_E.mean()
 
 
+def _accumulate(total: torch.Tensor | None, add: torch.Tensor) -> torch.Tensor:
+    """total + add; in place where total exists (a compiled forward: no new Python state)."""
+    if total is None:
+        return add if torch.compiler.is_compiling() else add.clone()
+    return total.add_(add) if torch.compiler.is_compiling() else total + add
+
+
 def maxvio(load_E: torch.Tensor) -> torch.Tensor:
     """MaxVio = (max_i load_i − mean load) / mean load (Wang et al. 2408.15664, eq. 4)."""
     load_E = load_E.float()
@@ -75,33 +90,82 @@ def router_entropy(scores_NE: torch.Tensor, score_func: str) -> torch.Tensor:
     return -(p_NE * p_NE.clamp_min(1e-20).log()).sum(dim=-1).mean()
 
 
+@dataclass
+class StepRecord:
+    """What one training forward saw. `written`: None for a record an eager forward appended; for
+    a slot opened before a compiled forward (open_step), a 0-d tensor the forward sets to 1."""
+
+    load_E: torch.Tensor
+    entropy: torch.Tensor
+    aux: torch.Tensor | None
+    dropped: torch.Tensor | float
+    written: torch.Tensor | None = None
+
+
 class RoutingStats:
-    """What one routed layer saw: kept on the device and read once, at the end of the cell."""
+    """What one routed layer saw: kept on the device and read once, at the end of the cell.
+
+    Nothing in `observe` reads a value on the host, and under torch.compile nothing in it grows
+    a Python container either (a list's length is a guard: one recompilation per step): there
+    the forward writes, in place, into tensors allocated before it by `prepare` (every workload's
+    set_token_domains) and `open_step` (each training step's begin_step), which run eager."""
 
     def __init__(self, n_experts: int):
         self.n_experts = n_experts
-        self.train_load_SE: list[torch.Tensor] = []  # one row per training forward (= step)
-        self.train_entropy_S: list[torch.Tensor] = []
-        self.train_aux_S: list[torch.Tensor] = []
-        self.train_dropped_S: list[float] = []
+        self.records: list[StepRecord] = []  # one per training forward (= step)
+        self.open: StepRecord | None = None  # the slot a compiled training forward writes
         self.pending_load_E: torch.Tensor | None = None  # since the last bias update
         self.eval_load_E: torch.Tensor | None = None  # held-out / inference forwards
+        self.eval_forwards = 0  # eager forwards counted here; compiled ones leave eval_load_E > 0
         self.domain_load_DE: torch.Tensor | None = None
         self.domain_names: tuple[str, ...] = ()
 
-    def observe(self, expert_ids_NK, scores_NE, score_func, training, aux_loss, dropped_fraction, domains_N, domain_names):
-        load_E = torch.bincount(expert_ids_NK.flatten(), minlength=self.n_experts)
+    # --- eager, before a forward ---
+    def prepare(self, device, domain_names: tuple[str, ...]) -> None:
+        """Allocate the accumulators a compiled forward adds to in place."""
+        if self.pending_load_E is None:
+            self.pending_load_E = torch.zeros(self.n_experts, dtype=torch.int64, device=device)
+        if self.eval_load_E is None:
+            self.eval_load_E = torch.zeros(self.n_experts, dtype=torch.int64, device=device)
+        if self.domain_load_DE is None:
+            self.domain_names = tuple(domain_names)
+            self.domain_load_DE = torch.zeros(len(domain_names), self.n_experts, device=device)
+
+    def open_step(self, device, has_aux: bool) -> None:
+        """A slot for the next training forward, if it runs compiled (an eager one appends its own)."""
+        zero = torch.zeros((), device=device)
+        self.open = StepRecord(torch.zeros(self.n_experts, dtype=torch.int64, device=device), zero.clone(),
+                               zero.clone() if has_aux else None, zero.clone(), torch.zeros((), dtype=torch.int64, device=device))
+        self.records.append(self.open)
+
+    # --- in the forward ---
+    def observe(self, expert_ids_NK, scores_NE, score_func, training, aux_loss, dropped_fraction, domains_N, domain_names,
+                load_E=None):
+        """load_E: the assignments per expert where the caller counted them already (else counted here)."""
+        load_E = expert_load(expert_ids_NK, self.n_experts) if load_E is None else load_E
         if training:
-            self.train_load_SE.append(load_E)
-            self.train_entropy_S.append(router_entropy(scores_NE, score_func))
-            if aux_loss is not None:
-                self.train_aux_S.append(aux_loss.detach())
-            self.train_dropped_S.append(dropped_fraction)
-            self.pending_load_E = load_E if self.pending_load_E is None else self.pending_load_E + load_E
+            entropy = router_entropy(scores_NE, score_func)
+            aux = None if aux_loss is None else aux_loss.detach()
+            if torch.compiler.is_compiling():
+                self._write_open(load_E, entropy, aux, dropped_fraction)
+            else:
+                self.records.append(StepRecord(load_E, entropy, aux, dropped_fraction))
+            self.pending_load_E = _accumulate(self.pending_load_E, load_E)
         else:
-            self.eval_load_E = load_E if self.eval_load_E is None else self.eval_load_E + load_E
+            self.eval_load_E = _accumulate(self.eval_load_E, load_E)
+            self.eval_forwards += not torch.compiler.is_compiling()
         if domains_N is not None:
             self._observe_domains(expert_ids_NK, domains_N, domain_names)
+
+    def _write_open(self, load_E, entropy, aux, dropped) -> None:
+        slot = self.open
+        if slot is None:  # a compiled forward outside a training step (no open_step): not a step
+            return
+        slot.load_E.copy_(load_E), slot.entropy.copy_(entropy), slot.written.fill_(1)
+        if slot.aux is not None and aux is not None:
+            slot.aux.copy_(aux)
+        if isinstance(slot.dropped, torch.Tensor):
+            slot.dropped.copy_(dropped)
 
     def _observe_domains(self, expert_ids_NK, domains_N, domain_names):
         if self.domain_load_DE is None:
@@ -111,11 +175,22 @@ class RoutingStats:
         rows = domains_N.repeat_interleave(K)
         self.domain_load_DE.index_put_((rows, expert_ids_NK.flatten()), torch.ones_like(rows, dtype=torch.float), accumulate=True)
 
+    # --- eager, after ---
+    def steps(self) -> list[StepRecord]:
+        """The training forwards' records (a slot no forward wrote, left out; reads its flag)."""
+        return [r for r in self.records if r.written is None or bool(r.written)]
+
+    @property
+    def train_load_SE(self) -> list[torch.Tensor]:
+        return [r.load_E for r in self.steps()]
+
     def sum_loads(self, reduce) -> None:
         """Replace the loads by reduce(load): an expert-parallel layer's, summed over its ranks, so
         the balance metrics describe the global batch, not one rank's share."""
-        if self.train_load_SE:
-            self.train_load_SE = list(reduce(torch.stack(self.train_load_SE)).unbind(0))
+        steps = self.steps()
+        if steps:
+            for r, load in zip(steps, reduce(torch.stack([r.load_E for r in steps])).unbind(0)):
+                r.load_E = load
         if self.eval_load_E is not None:
             self.eval_load_E = reduce(self.eval_load_E)
         if self.domain_load_DE is not None:
@@ -123,39 +198,43 @@ class RoutingStats:
 
     def take_pending_load(self) -> torch.Tensor | None:
         load, self.pending_load_E = self.pending_load_E, None
+        self.open = None
         return load
 
     def layer_metrics(self, layer: int, bias_E: torch.Tensor | None) -> tuple[list[dict], dict]:
         """(series records, per-layer summary) of everything observed."""
         records, summary = [], {}
-        if self.train_load_SE:
-            records, summary = self._train_metrics(layer)
-        if self.eval_load_E is not None:
+        steps = self.steps()
+        if steps:
+            records, summary = self._train_metrics(layer, steps)
+        if self.eval_load_E is not None and (self.eval_forwards or bool(self.eval_load_E.sum() > 0)):
             summary["maxvio_eval"] = float(maxvio(self.eval_load_E))
-        if self.domain_load_DE is not None:
+        if self.domain_load_DE is not None and bool(self.domain_load_DE.sum() > 0):
             records += self._domain_records(layer)
         if bias_E is not None:
             records += [dict(step=-1, metric="expert_bias", value=float(b), layer=layer, index=e) for e, b in enumerate(bias_E.cpu())]
         return records, summary
 
-    def _train_metrics(self, layer: int) -> tuple[list[dict], dict]:
-        load_SE = torch.stack(self.train_load_SE).cpu()
+    def _train_metrics(self, layer: int, steps: list[StepRecord]) -> tuple[list[dict], dict]:
+        load_SE = torch.stack([r.load_E for r in steps]).cpu()
         maxvio_S = torch.stack([maxvio(row) for row in load_SE])
-        entropy_S = torch.stack(self.train_entropy_S).cpu()
+        entropy_S = torch.stack([r.entropy for r in steps]).cpu()
+        aux_S = [r.aux for r in steps if r.aux is not None]
         records = [dict(step=s, metric="maxvio_batch", value=float(v), layer=layer) for s, v in enumerate(maxvio_S)]
         records += [dict(step=s, metric="router_entropy", value=float(v), layer=layer) for s, v in enumerate(entropy_S)]
         records += [dict(step=s, metric="expert_load", value=int(c), layer=layer, index=e)
                     for s, row in enumerate(load_SE) for e, c in enumerate(row.tolist())]
-        records += [dict(step=s, metric="aux_loss", value=float(v), layer=layer) for s, v in enumerate(self.train_aux_S)]
-        records += [dict(step=s, metric="dropped_fraction", value=v, layer=layer) for s, v in enumerate(self.train_dropped_S)]
+        records += [dict(step=s, metric="aux_loss", value=float(v), layer=layer) for s, v in enumerate(aux_S)]
+        dropped_S = [float(r.dropped) for r in steps]
+        records += [dict(step=s, metric="dropped_fraction", value=v, layer=layer) for s, v in enumerate(dropped_S)]
         total_E = load_SE.sum(dim=0)
         summary = {
             "maxvio_batch": maxvio_S,
             "maxvio_train": float(maxvio(total_E)),
             "dead_expert_fraction": float((total_E == 0).float().mean()),
             "router_entropy": float(entropy_S.mean()),
-            "dropped_fraction": sum(self.train_dropped_S) / len(self.train_dropped_S),
-            "aux_loss_final": float(self.train_aux_S[-1]) if self.train_aux_S else None,
+            "dropped_fraction": sum(dropped_S) / len(dropped_S),
+            "aux_loss_final": float(aux_S[-1]) if aux_S else None,
         }
         return records, summary
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,14 +29,17 @@ from .balance import (
     RoutingStats,
     per_token_share,
     device_balance_loss,
+    expert_load,
     expert_balance_loss,
     sequence_balance_loss,
     update_bias,
 )
-from . import expert_parallel, profiling
+from . import expert_parallel
 from .base import FeedForward, PartConfig, PartCost, PassShape, add_cost, at_least, choices
 from .ffn import DenseFFN, DenseFFNConfig, swiglu_costs
 from .fp8 import fp8_grouped_mm
+from dsbench.kernels import choice
+from dsbench.kernels.grouped_mm import MOE_EXPERTS
 from .precision import PRECISIONS
 from .profiling import part
 
@@ -210,31 +212,6 @@ def uniform_assignment(n_tokens: int, n_experts: int, top_k: int, device) -> tor
 # --- experts and dispatch ---
 
 
-GROUPED_MM, PADDED_BMM = "grouped_mm", "padded_bmm"
-DISPATCH_PATHS = (GROUPED_MM, PADDED_BMM)
-
-
-def grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor, path: str | None = None) -> torch.Tensor:
-    """Rows ends[e−1]:ends[e] of x times w[e], for every expert e, as one grouped matmul.
-
-    Two paths give the same rows (to fp32 rounding): torch._grouped_mm, where it runs (CPUs;
-    CUDA GPUs with compute capability ≥ 9.0 in bf16), and a padded batched matmul. `path` None:
-    CHOOSER's pick for this shape; else forced (the benchmark and tests), grouped_mm only where it runs.
-    """
-    dtype = compute_dtype(x_MK)
-    x_MK, w_EKN = x_MK.to(dtype), w_EKN.to(dtype)
-    path = path or CHOOSER.choose(x_MK, w_EKN, ends_E)
-    if path == GROUPED_MM and not _grouped_mm_runs(x_MK, w_EKN):
-        raise ValueError(f"path: grouped_mm does not run on {x_MK.device.type} {x_MK.dtype} with rows {tuple(w_EKN.shape[1:])}")
-    return _run_path(path, x_MK, w_EKN, ends_E)
-
-
-def _run_path(path: str, x_MK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor) -> torch.Tensor:
-    if path == GROUPED_MM:
-        return torch._grouped_mm(x_MK, w_EKN, offs=ends_E.to(torch.int32))
-    return _padded_bmm(x_MK, w_EKN, ends_E)
-
-
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """Autocast does not cover grouped matmuls: follow it by hand, as nn.Linear would."""
     if torch.is_autocast_enabled(x.device.type):
@@ -242,116 +219,12 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _grouped_mm_runs(x: torch.Tensor, w_EKN: torch.Tensor) -> bool:
-    # Its kernels need every row stride to be a multiple of 16 bytes.
-    aligned = all(n * x.element_size() % 16 == 0 for n in w_EKN.shape[1:])
-    if not hasattr(torch, "_grouped_mm") or not aligned:
-        return False
-    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
-        # Its meta function, which torch.compile traces through, takes bf16 only (torch 2.13:
-        # "Expected inputs of BF16 type"), though the CPU kernel runs fp32 too
-        # (tests/test_moe_dispatch.py pins it, and fails once torch lifts it).
-        return False
-    if x.device.type == "cpu":
-        return True
-    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
-
-
-def _padded_bmm(x_MK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor) -> torch.Tensor:
-    E = w_EKN.shape[0]
-    counts_E = torch.diff(ends_E, prepend=ends_E.new_zeros(1))
-    starts_E = ends_E - counts_E
-    expert_M = torch.repeat_interleave(torch.arange(E, device=x_MK.device), counts_E, output_size=x_MK.shape[0])
-    slot_M = torch.arange(x_MK.shape[0], device=x_MK.device) - starts_E[expert_M]
-    capacity = int(counts_E.max()) if E else 0
-    padded_ECK = x_MK.new_zeros(E, capacity, x_MK.shape[1])
-    padded_ECK[expert_M, slot_M] = x_MK
-    return torch.bmm(padded_ECK, w_EKN)[expert_M, slot_M]
-
-
-def _rows_bucket(n_rows: int) -> int:
-    """The power of two at or above n_rows: row counts within a factor of 2 share a pick."""
-    return 1 << max(n_rows - 1, 0).bit_length()
-
-
-class DispatchChooser:
-    """The faster of grouped_mm and padded_bmm, measured per process for each shape.
-
-    scripts/moe_dispatch_bench.py finds no clean crossover on a CPU: which path wins moves with
-    dtype, mode, load and E, and by more than the spread between runs, so a rule would be wrong
-    somewhere. The first eager call of a key (device, dtype, E, K, N, rows bucket, padding
-    bucket, backward or not) times both paths on that call's own rows, interleaved, and keeps
-    the faster; later calls reuse it, so the same key always takes the same path. A step in which a
-    key is measured is no sample (profiling.note_untimed_work). On a GPU it takes grouped_mm where
-    that runs (no GPU measurement yet, and the key would sync every call). Under torch.compile
-    nothing can be timed inside the trace (and the rows may be symbolic), so there the rule is
-    grouped_mm wherever it runs (bf16): no graph break, where padded_bmm's int(counts.max())
-    breaks the graph and recompiles as the busiest expert's count changes.
-    """
-
-    def __init__(self, reps: int = 3, clock=time.perf_counter):
-        self.reps, self.clock = reps, clock
-        self.picks: dict[tuple, str] = {}
-        self.trials_s: dict[tuple, dict[str, float]] = {}  # what each pick saw: path → median seconds
-
-    @staticmethod
-    def key(x_MK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor) -> tuple:
-        """What the winner depends on: the shapes, backward or not, and the padding bucket, the
-        power of two at or above E·max(count) ÷ M (the rows padded_bmm multiplies ÷ those
-        grouped_mm does): the same shapes flip winner as the load skews (the benchmark's
-        uniform and skewed rows). Reading max(count) syncs a GPU once per call."""
-        counts_E = torch.diff(ends_E, prepend=ends_E.new_zeros(1))
-        pad = math.ceil(w_EKN.shape[0] * int(counts_E.max()) / max(x_MK.shape[0], 1)) if counts_E.numel() else 1
-        return (x_MK.device.type, x_MK.dtype, *w_EKN.shape, _rows_bucket(x_MK.shape[0]), _rows_bucket(pad),
-                _needs_grad(x_MK, w_EKN))
-
-    def choose(self, x_MK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor) -> str:
-        if not _grouped_mm_runs(x_MK, w_EKN):
-            return PADDED_BMM
-        if torch.compiler.is_compiling():
-            return GROUPED_MM
-        if x_MK.device.type != "cpu":  # measured on CPUs only; on a GPU the key's max(count) would sync every call
-            return GROUPED_MM
-        key = self.key(x_MK, w_EKN, ends_E)
-        if key in self.picks:
-            return self.picks[key]
-        profiling.note_untimed_work()  # the step that measures is no sample
-        self.trials_s[key] = self._measure(x_MK, w_EKN, ends_E, key[-1])
-        self.picks[key] = min(DISPATCH_PATHS, key=lambda p: (self.trials_s[key][p], p))  # a tie: by name
-        return self.picks[key]
-
-    def _measure(self, x_MK, w_EKN, ends_E, backward: bool) -> dict[str, float]:
-        """Median seconds of each path on detached copies (forward, and backward where the call
-        has one); one untimed call each first, then `reps` alternating rounds."""
-        samples_s: dict[str, list[float]] = {p: [] for p in DISPATCH_PATHS}
-        for i in range(self.reps + 1):
-            for path in DISPATCH_PATHS if i % 2 else DISPATCH_PATHS[::-1]:
-                start = self.clock()
-                _trial(path, x_MK, w_EKN, ends_E, backward)
-                if i:
-                    samples_s[path].append(self.clock() - start)
-        return {p: sorted(v)[len(v) // 2] for p, v in samples_s.items()}
-
-
-def _needs_grad(x_MK: torch.Tensor, w_EKN: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and (x_MK.requires_grad or w_EKN.requires_grad)
-
-
-def _trial(path: str, x_MK, w_EKN, ends_E, backward: bool) -> None:
-    with torch.enable_grad() if backward else torch.no_grad():
-        x, w = x_MK.detach().requires_grad_(backward), w_EKN.detach().requires_grad_(backward)
-        out = _run_path(path, x, w, ends_E)
-        if backward:
-            out.backward(torch.ones_like(out))
-    if x_MK.device.type == "cuda":
-        torch.cuda.synchronize(x_MK.device)
-
-
-CHOOSER = DispatchChooser()  # one per process: every layer of a shape shares its pick
-
-
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts stored as stacked weights, applied to expert-sorted rows."""
+    """E SwiGLU experts stored as stacked weights, applied to expert-sorted rows.
+
+    Which implementation runs (kernels/grouped_mm.py: reference, grouped_mm, padded_bmm,
+    expert_loop) is the active chooser's (kernels/choice.py: auto measures each shape once, or
+    the cell's pin); every one this layer took is its moe_dispatch column."""
 
     def __init__(self, n_experts: int, d_model: int, d_ff: int, fp8_recipe: str | None = None):
         super().__init__()
@@ -361,27 +234,38 @@ class GroupedExperts(nn.Module):
         self.fp8_recipe = fp8_recipe  # the experts' GEMMs in FP8 too (V3 §3.3), under fp8 precisions
         if fp8_recipe is not None:
             self.fp8_probe = None  # set by fp8.QuantisationProbe while it measures SQNR
-        self.paths_run: set[str] = set()  # the moe_dispatch column: every path a call took
+        self.paths_run: set[str] = set()  # the moe_dispatch column: every implementation an eager call took
+        self.compiled_path: str | None = None  # what compiled calls took (written, never read, in the trace)
 
-    def _mm(self, x_MK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor, path: str | None) -> torch.Tensor:
-        if self.fp8_recipe is not None:
-            self.paths_run.add("fp8_grouped_mm")
-            return fp8_grouped_mm(x_MK, w_EKN, ends_E, self.fp8_recipe, self.fp8_probe)
-        dtype = compute_dtype(x_MK)
-        x_MK, w_EKN = x_MK.to(dtype), w_EKN.to(dtype)
-        path = path or CHOOSER.choose(x_MK, w_EKN, ends_E)
-        self.paths_run.add(path)
-        return grouped_mm(x_MK, w_EKN, ends_E, path)
+    def _took(self, name: str) -> None:
+        if torch.compiler.is_compiling():  # reading the set would make its contents a guard: a recompile
+            self.compiled_path = name
+        else:
+            self.paths_run.add(name)
 
     def dispatch_label(self) -> str | None:
-        """The path the calls took, "mixed" where they took more than one; None before any call."""
-        if not self.paths_run:
+        """The implementation the calls took, "mixed" where they took more than one; None before any call."""
+        paths = self.paths_run | ({self.compiled_path} if self.compiled_path else set())
+        if not paths:
             return None
-        return next(iter(self.paths_run)) if len(self.paths_run) == 1 else "mixed"
+        return next(iter(paths)) if len(paths) == 1 else "mixed"
 
-    def forward(self, x_MC: torch.Tensor, ends_E: torch.Tensor, path: str | None = None) -> torch.Tensor:
-        hidden_MF = F.silu(self._mm(x_MC, self.w1_ECF, ends_E, path)) * self._mm(x_MC, self.w3_ECF, ends_E, path)
-        return self._mm(hidden_MF, self.w2_EFC, ends_E, path)
+    def forward(self, x_MC: torch.Tensor, ends_E: torch.Tensor, weight_M: torch.Tensor | None = None) -> torch.Tensor:
+        """Each row through its expert's SwiGLU, times its gate weight where one is given."""
+        if self.fp8_recipe is not None:
+            self._took("fp8_grouped_mm")
+            return self._fp8(x_MC, ends_E, weight_M)
+        dtype = compute_dtype(x_MC)
+        args = (x_MC.to(dtype), self.w1_ECF.to(dtype), self.w3_ECF.to(dtype), self.w2_EFC.to(dtype), ends_E,
+                None if weight_M is None else weight_M.to(dtype))
+        impl = choice.active().pick(MOE_EXPERTS, *args)
+        self._took(impl.name)
+        return impl.fn(*args)
+
+    def _fp8(self, x_MC, ends_E, weight_M) -> torch.Tensor:
+        mm = lambda x, w: fp8_grouped_mm(x, w, ends_E, self.fp8_recipe, self.fp8_probe)  # noqa: E731
+        out_MC = mm(F.silu(mm(x_MC, self.w1_ECF)) * mm(x_MC, self.w3_ECF), self.w2_EFC)
+        return out_MC if weight_M is None else out_MC * weight_M[:, None].to(out_MC.dtype)
 
     def expert(self, e: int, x_MC: torch.Tensor) -> torch.Tensor:
         """One expert alone (the naive reference's building block)."""
@@ -391,12 +275,14 @@ class GroupedExperts(nn.Module):
 
 @dataclass
 class Dispatch:
-    """Assignments sorted by expert: which token each row is, its gate weight, expert bounds."""
+    """Assignments sorted by expert: which token each row is, its gate weight, expert bounds.
+    Everything stays on the device (no host sync): dropped is a 0-d tensor."""
 
     token_M: torch.Tensor
     weight_M: torch.Tensor
     ends_E: torch.Tensor
-    dropped: int
+    dropped: torch.Tensor  # assignments past their expert's capacity (0 when dropless)
+    load_E: torch.Tensor | None = None  # assignments each expert was chosen for, before any drop
 
 
 def plan_dispatch(expert_ids_NK: torch.Tensor, weights_NK: torch.Tensor, n_experts: int, capacity: int | None) -> Dispatch:
@@ -408,22 +294,31 @@ def plan_dispatch(expert_ids_NK: torch.Tensor, weights_NK: torch.Tensor, n_exper
     K = expert_ids_NK.shape[1]
     flat_ids = expert_ids_NK.flatten()
     order_M = flat_ids.argsort(stable=True)
-    counts_E = torch.bincount(flat_ids, minlength=n_experts)
-    dropped = 0
+    load_E = counts_E = expert_load(flat_ids, n_experts)
+    dropped = torch.zeros((), dtype=torch.int64, device=flat_ids.device)
     if capacity is not None:
         starts_E = counts_E.cumsum(0) - counts_E
         slot_M = torch.arange(order_M.numel(), device=order_M.device) - starts_E[flat_ids[order_M]]
         kept = slot_M < capacity
-        dropped = int(order_M.numel() - kept.sum())
+        dropped = order_M.numel() - kept.sum()
         order_M, counts_E = order_M[kept], counts_E.clamp(max=capacity)
-    return Dispatch(order_M // K, weights_NK.flatten()[order_M], counts_E.cumsum(0), dropped)
+    return Dispatch(order_M // K, weights_NK.flatten().index_select(0, order_M), counts_E.cumsum(0), dropped, load_E)
+
+
+def gather_rows(x_NC: torch.Tensor, plan: Dispatch) -> torch.Tensor:
+    """Each assignment's token row, in plan order. index_select, not x[token_M]: 3.5× faster on
+    a CPU forward, and its backward is an index_add_, not an accumulating index_put_ (2×)."""
+    return x_NC.index_select(0, plan.token_M)
+
+
+def sum_rows(rows_MC: torch.Tensor, plan: Dispatch, n_tokens: int) -> torch.Tensor:
+    """Sum gate-weighted rows back onto their tokens."""
+    return rows_MC.new_zeros(n_tokens, rows_MC.shape[1]).index_add_(0, plan.token_M, rows_MC)
 
 
 def combine(expert_out_MC: torch.Tensor, plan: Dispatch, n_tokens: int) -> torch.Tensor:
     """Scale each row by its gate weight and sum the rows back onto their tokens."""
-    weighted_MC = expert_out_MC * plan.weight_M[:, None].to(expert_out_MC.dtype)
-    out_NC = weighted_MC.new_zeros(n_tokens, weighted_MC.shape[1])
-    return out_NC.index_add_(0, plan.token_M, weighted_MC)
+    return sum_rows(expert_out_MC * plan.weight_M[:, None].to(expert_out_MC.dtype), plan, n_tokens)
 
 
 def dispatch_reference(x_NC, expert_ids_NK, weights_NK, experts: GroupedExperts) -> torch.Tensor:
@@ -525,6 +420,17 @@ class MoEFeedForward(FeedForward):
 
     def set_token_domains(self, domains_B: torch.Tensor, names: tuple[str, ...]) -> None:
         self.token_domains = (domains_B, tuple(names))
+        self.stats.prepare(self.router.weight.device, tuple(names))  # eager, before the forward
+
+    def begin_step(self, step: int) -> None:
+        """A slot for this step's routing record, which a compiled forward fills in place."""
+        self.stats.open_step(self.router.weight.device, self.has_aux_loss())
+
+    def has_aux_loss(self) -> bool:
+        """Whether a training forward leaves a balance loss (balance_loss returns one)."""
+        f = self.ffn_cfg
+        return bool(self.balance == "aux" and (f.aux_alpha or f.aux_device_alpha)
+                    or self.balance in ("aux", "bias") and f.seq_aux_alpha)
 
     # --- forward ---
     def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
@@ -537,10 +443,10 @@ class MoEFeedForward(FeedForward):
                 routing.weights_NK = self.router.gate_weights(routing.scores_NE, routing.expert_ids_NK)
         with part("dispatch", self):
             plan = plan_dispatch(routing.expert_ids_NK, routing.weights_NK, self.lay.n_routed, self.capacity(B * T))
-        expert_out_MC = self.run_experts(x_NC, plan, routing)
+        weighted_MC = self.run_experts(x_NC, plan, routing)
         shared_NC = self.shared(x_NC) if self.shared is not None else None
         with part("dispatch", self):
-            out_NC = combine(expert_out_MC, plan, B * T)
+            out_NC = sum_rows(weighted_MC, plan, B * T)
             if shared_NC is not None:
                 out_NC = out_NC + shared_NC
         with part("balance", self):
@@ -550,14 +456,17 @@ class MoEFeedForward(FeedForward):
         return out_NC.view(B, T, C)
 
     def run_experts(self, x_NC: torch.Tensor, plan: Dispatch, routing: Routing) -> torch.Tensor:
-        """Each assignment row's expert output, in plan order: here, or on the ranks holding them."""
+        """Each assignment row's gate-weighted expert output, in plan order: here, or on the
+        ranks holding the experts (which send back unweighted rows, weighted here)."""
         if self.shard is not None:
-            return expert_parallel.run_experts(x_NC, plan.token_M, plan.ends_E, self.experts, self.shard,
-                                               routing.expert_ids_NK, self.training, self)
+            out_MC = expert_parallel.run_experts(x_NC, plan.token_M, plan.ends_E, self.experts, self.shard,
+                                                 routing.expert_ids_NK, self.training, self)
+            with part("dispatch", self):
+                return out_MC * plan.weight_M[:, None].to(out_MC.dtype)
         with part("dispatch", self):
-            x_MC = x_NC[plan.token_M]
+            x_MC = gather_rows(x_NC, plan)
         with part("experts", self):
-            return self.experts(x_MC, plan.ends_E)
+            return self.experts(x_MC, plan.ends_E, plan.weight_M)
 
     def shard_experts(self, shard: expert_parallel.ExpertShard) -> None:
         """Keep only this rank's block of routed experts; the rest of the layer stays replicated."""
@@ -588,9 +497,9 @@ class MoEFeedForward(FeedForward):
         if self.token_domains is not None:
             domains_B, names = self.token_domains
             domains_N = domains_B.to(routing.expert_ids_NK.device).repeat_interleave(T)
-        dropped = plan.dropped / routing.expert_ids_NK.numel()
+        dropped = plan.dropped / routing.expert_ids_NK.numel()  # a tensor: read at the end of the cell
         self.stats.observe(routing.expert_ids_NK, routing.scores_NE, self.router.score_func, self.training,
-                           self.aux_loss, dropped, domains_N, names)
+                           self.aux_loss, dropped, domains_N, names, load_E=plan.load_E)
 
     def after_optimizer_step(self) -> None:
         load_E = self.stats.take_pending_load()
