@@ -1,3 +1,16 @@
-"""Importing this registers every built-in op family (each in the file of its kernels)."""
+"""Every built-in op family and the kernel file that registers it (importing the file registers)."""
 
-from . import fp8_gemm  # noqa: F401  fp8_gemm
+from __future__ import annotations
+
+import importlib
+
+MODULES = {
+    "fp8_gemm": "fp8_gemm",
+}
+
+
+def load(name: str | None = None) -> None:
+    """Import the file of family `name` (every family's where None; an unknown name: none)."""
+    names = MODULES if name is None else [name] if name in MODULES else []
+    for module in dict.fromkeys(MODULES[n] for n in names):
+        importlib.import_module(f"{__package__}.{module}")
