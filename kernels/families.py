@@ -6,6 +6,9 @@ import importlib
 
 MODULES = {
     "fp8_gemm": "fp8_gemm",
+    "dsa_index_scores": "dsa_indexer",
+    "dsa_topk": "dsa_indexer",
+    "dsa_attention": "dsa_attention",
 }
 
 
