@@ -316,15 +316,36 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
 
     @staticmethod
     def part_costs(cfg: ModelConfig, shape: PassShape) -> dict[str, PartCost]:
+        """MLA's parts, with the indexer's and the sparse main attention's traffic as they run:
+        - indexer: the projections' weights; the cached keys read once per query chunk (once a
+          step decoding), in E4M3 and their scales under fp8; each score written and read once by
+          the top-k (fp32, 8 bytes a query and key; the blocked scores keep the per-head logits in
+          cache, the reference's (T·n, S) logits are not counted).
+        - attn.core, where fewer than every key is selected: each query's selected latent rows read
+          from the cache, written by the gather and read back by the two matmuls (3 row reads or
+          writes a selected key), q and o in the latent form, the new rows written; the masked
+          whole-sequence form reads every key of its chunk once per query chunk instead."""
         costs = MultiHeadLatentAttention.part_costs(cfg, shape)
-        dense = MultiHeadLatentAttention.flops_per_token(cfg, shape.mean_context_len, shape.decode)
-        total = DeepSeekSparseAttention.flops_per_token(cfg, shape.mean_context_len, shape.decode)
-        indexer = DeepSeekSparseAttention.indexer_flops_per_token(cfg, shape.mean_context_len)
-        costs["attn.core"].flops += shape.tokens * (total - indexer - dense)  # the main attention's sparse saving (≤ 0)
-        i = indexer_dims(cfg)
-        keys = shape.tokens * shape.mean_context_len if not shape.decode else shape.batch * shape.mean_context_len
-        index_bytes = keys * i.D * (1 if fp8_indexer(cfg) else shape.act_bytes)  # every scored key read once
-        costs["indexer"] = PartCost(shape.tokens * indexer, index_bytes + DeepSeekSparseAttention._indexer_params(cfg) * shape.weight_bytes)
+        ctx, N, act = shape.mean_context_len, shape.tokens, shape.act_bytes
+        dense = MultiHeadLatentAttention.flops_per_token(cfg, ctx, shape.decode)
+        total = DeepSeekSparseAttention.flops_per_token(cfg, ctx, shape.decode)
+        indexer = DeepSeekSparseAttention.indexer_flops_per_token(cfg, ctx)
+        costs["attn.core"].flops += N * (total - indexer - dense)  # the main attention's sparse saving (≤ 0)
+        i, d = indexer_dims(cfg), mla_dims(cfg)
+        chunks = shape.batch if shape.decode else N / min(QUERY_CHUNK, max(1.0, N / shape.batch))  # key passes a step
+        chunk_keys = ctx if shape.decode else ctx + min(QUERY_CHUNK, N / shape.batch) / 2  # keys a chunk's last query sees
+        key_bytes = i.D + 4 * -(-i.D // GROUP) if fp8_indexer(cfg) else i.D * act
+        index_bytes = chunks * chunk_keys * key_bytes + N * ctx * 8
+        costs["indexer"] = PartCost(N * indexer, index_bytes + DeepSeekSparseAttention._indexer_params(cfg) * shape.weight_bytes)
+        selected = DeepSeekSparseAttention.selected_keys(cfg, ctx, shape.decode)
+        if selected < ctx:  # the sparse path (else MLA's own dense path runs, and its traffic stands)
+            row = (d.Dc + d.Dr) * act
+            qo = d.H * (2 * d.Dc + d.Dr) * act
+            if not shape.decode and cfg.attention.dsa_prefill == "masked":
+                reads = chunks * chunk_keys * row
+            else:
+                reads = N * 3 * selected * row
+            costs["attn.core"].bytes = reads + N * (qo + row)
         return costs
 
     @staticmethod
