@@ -33,7 +33,7 @@ def gather_rows(kv: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = 
     out: a reused buffer of at least B·t·K rows; a fresh allocation this large costs more in page
     faults than the gather itself (×4 on a CPU at 512K rows)."""
     B, S, W = kv.shape
-    flat = (idx + S * torch.arange(B, device=idx.device)[:, None, None]).reshape(-1)
+    flat = idx.reshape(-1) if B == 1 else (idx + S * torch.arange(B, device=idx.device)[:, None, None]).reshape(-1)
     if out is None:
         return kv.reshape(B * S, W).index_select(0, flat).view(*idx.shape, W)
     rows = out.view(-1, W)[:flat.numel()]

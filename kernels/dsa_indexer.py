@@ -134,9 +134,12 @@ def select_threshold(scores: torch.Tensor, start_pos: int, K: int) -> tuple[torc
     masked = causal_masked(scores, start_pos, q_pos)
     threshold = masked.topk(K, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
     chosen = masked >= threshold  # (B, T, S): more than K in a row only where ties straddle the K-th place
-    if not bool((chosen.sum(dim=-1) == K).all()):
+    if B * T > 1 and not bool((chosen.sum(dim=-1) == K).all()):  # (one row: its count is nonzero's)
         return _tie_rule(masked, threshold, q_pos, K)
-    idx = chosen.nonzero()[:, -1].view(B, T, K)  # ascending position in each row
+    picks = chosen.nonzero()
+    if picks.shape[0] != B * T * K:
+        return _tie_rule(masked, threshold, q_pos, K)
+    idx = picks[:, -1].view(B, T, K)  # ascending position in each row
     return idx, idx <= q_pos
 
 

@@ -503,7 +503,7 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
             self.kl_loss = torch.stack(kl_terms).sum() / q.shape[2]
         _, w_uv = self._up_weights()
         with part("attn.proj", self):
-            o = torch.einsum("bhtc,hvc->bhtv", torch.cat(outs, dim=2), w_uv)
+            o = torch.einsum("bhtc,hvc->bhtv", outs[0] if len(outs) == 1 else torch.cat(outs, dim=2), w_uv)
         return self._out(o)
 
     def _masked_chunk(self, q, kv, idx, valid):
