@@ -11,7 +11,8 @@ untimed (warm-up, compilation), its output is checked against the reference's (R
 error ≤ the family's tolerance), then the survivors are timed in `reps` alternating rounds
 (the median counts). The step in which that happens is no sample (profiling.note_untimed_work).
 Under torch.compile nothing can be timed inside the trace: there `auto` takes the first
-candidate of the family's `compile_order` that runs. On CUDA the measurement synchronises,
+candidate of the family's `compile_order` that runs. Under a TorchDispatchMode (FlopCounterMode,
+FakeTensorMode) the reference runs and nothing is measured. On CUDA the measurement synchronises,
 once per key, outside the timed steps.
 
 What ran, and why, is recorded per family: `kernel_<family>` (the implementation, or "mixed"
@@ -28,6 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 AUTO = "auto"
 _COMPILED = "_compiled_pick_"  # + a family's name: the implementation its compiled calls took
@@ -88,7 +90,8 @@ def register(family: Family) -> Family:
 
 
 def family(name: str) -> Family:
-    _load_builtin_families()
+    if name not in FAMILIES:
+        _load_builtin_families(name)
     return FAMILIES[name]
 
 
@@ -97,9 +100,13 @@ def families() -> tuple[str, ...]:
     return tuple(FAMILIES)
 
 
-def _load_builtin_families() -> None:
-    """Each family registers in the file of its kernels; importing them is what registers."""
-    from . import families  # noqa: F401  (kernels/families.py imports every kernel file)
+def _load_builtin_families(name: str | None = None) -> None:
+    """Each family registers in the file of its kernels; importing it is what registers. One
+    family's file only where a name is given: fp8_gemm's imports triton, which a cell that never
+    runs FP8 should not pay for (~1 s and ~85 MB at its start)."""
+    from . import families
+
+    families.load(name)
 
 
 def rms_relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -163,15 +170,12 @@ class Chooser:
             return pin
         if torch.compiler.is_compiling():
             return self._compile_pick(fam, *args, **kwargs)
+        if is_in_torch_dispatch_mode():  # FlopCounterMode, FakeTensorMode: nothing to time, and it would see every candidate
+            return fam.reference
         key = (fam.name, fam.key(*args, **kwargs))
         if key in self.decisions:
             return self.decisions[key].name
-        # Outside any dispatch mode (a FlopCounterMode, a memory tracker): what it counts is the
-        # call, not the trials of every candidate.
-        from torch.utils._python_dispatch import _disable_current_modes
-
-        with _disable_current_modes():
-            decision = self._measure(fam, *args, **kwargs)
+        decision = self._measure(fam, *args, **kwargs)
         _forget_trial_memory(_device_of(args))
         if decision is None:  # no finite reference output to check against: decide on a later call
             return fam.reference
@@ -285,6 +289,11 @@ def _forget_trial_memory(device: torch.device | None) -> None:
         pass
     if device is not None:
         reset_peak_memory(device)
+
+
+def under_autograd(*tensors: torch.Tensor) -> bool:
+    """Whether a call on these tensors records an autograd graph (for runs_on and keys)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _why_not(why_not: dict[str, str]) -> str:

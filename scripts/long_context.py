@@ -5,13 +5,15 @@ FLOPs per token, variants/dsa.py and variants/mla.py).
     python scripts/long_context.py results/long-context-cpu [--figure out.png]
 
 Decode: per-token time is the median step (one generated token per row); prefill: the median
-step ÷ its tokens. Prints a Markdown table per workload and the crossovers; with --figure, time
-and FLOPs per token against context (log-log), one line per attention value (and dsa prefill form).
+step ÷ its tokens; of a cell's replicates, the fastest. Prints a Markdown table per workload,
+dsa ÷ mla, and the crossovers; with --figure, time and FLOPs per token against context
+(log-log), one line per attention value (and dsa prefill form).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -30,12 +32,15 @@ def per_token(cells: pd.DataFrame) -> pd.DataFrame:
     ok["ms_per_token"] = ok["step_time_ms_median"] / ok["tokens_per_step"]
     form = ok.get("dsa_prefill", pd.Series(None, index=ok.index))
     ok["variant"] = ok["attention"].where(~((ok["attention"] == "dsa") & prefill), "dsa-" + form.fillna("gather").astype(str))
-    return ok[["workload", "variant", "context", "ms_per_token", "flops_per_token", "kv_cache_bytes_per_token"]]
+    columns = ["workload", "variant", "context", "ms_per_token", "flops_per_token", "kv_cache_bytes_per_token"]
+    # Replicates of a cell (measure.replicates): the fastest, the one the machine's other processes slowed least.
+    return ok[columns].groupby(["workload", "variant", "context"], as_index=False).min()
 
 
 def crossover(table: pd.DataFrame, column: str, sparse: str, dense: str = "mla") -> str:
     """The first context where `sparse` costs less than `dense` in `column` (between the two
-    contexts measured around it), or 'none measured'."""
+    contexts measured around it, and where the log of the ratio interpolates, log-linearly in
+    context, to 0), or 'none measured'."""
     pivot = table.pivot_table(index="context", columns="variant", values=column)
     if sparse not in pivot or dense not in pivot:
         return "not in these results"
@@ -47,20 +52,33 @@ def crossover(table: pd.DataFrame, column: str, sparse: str, dense: str = "mla")
         return f"none up to {int(both.index.max())}"
     first = holds.idxmax()
     before = [c for c in both.index if c < first]
-    return f"between {int(before[-1])} and {int(first)}" if before else f"at or below {int(first)}"
+    if not before:
+        return f"at or below {int(first)}"
+    lo = before[-1]
+    r_lo, r_hi = (math.log(both.loc[c, sparse] / both.loc[c, dense]) for c in (lo, first))
+    at = math.exp(math.log(lo) + (math.log(first) - math.log(lo)) * r_lo / (r_lo - r_hi))
+    return f"between {int(lo)} and {int(first)} (interpolated {at:.0f})"
 
 
 def predicted_crossover(size: str, attention: dict, decode: bool, upto: int = 1 << 20) -> str:
-    """Smallest context (powers of √2) where dsa's analytic FLOPs per token fall below mla's."""
+    """Smallest context (powers of √2) where dsa's analytic FLOPs per token fall below mla's, and
+    the exact context (bisection between the grid points around it)."""
     keys = {k: v for k, v in attention.items() if k in registry.config_fields("attention", "dsa")}
     sparse_cfg = config_from_size(size, "dsa", "dense", **keys)
     dense_cfg = config_from_size(size, "mla", "dense", **{k: v for k, v in keys.items() if k in registry.config_fields("attention", "mla")})
     mla_module = registry.ATTENTION["mla"].module
+
+    def wins(context: float) -> bool:
+        mean = context if decode else (context + 1) / 2
+        return dsa.DeepSeekSparseAttention.flops_per_token(sparse_cfg, mean, decode) < mla_module.flops_per_token(dense_cfg, mean, decode)
+
     context = 64.0
     while context <= upto:
-        mean = context if decode else (context + 1) / 2
-        if dsa.DeepSeekSparseAttention.flops_per_token(sparse_cfg, mean, decode) < mla_module.flops_per_token(dense_cfg, mean, decode):
-            return f"{int(context)} (one attention layer's analytic FLOPs, dsa's gather form)"
+        if wins(context):
+            lo, hi = context / 2 ** 0.5, context
+            for _ in range(40):
+                lo, hi = (lo, (lo + hi) / 2) if wins((lo + hi) / 2) else ((lo + hi) / 2, hi)
+            return f"{int(context)} (exactly {hi:.0f}; one attention layer's analytic FLOPs, dsa's gather form)"
         context *= 2 ** 0.5
     return f"none up to {upto}"
 
@@ -75,6 +93,25 @@ def markdown(table: pd.DataFrame) -> str:
         lines.append("|---" * (len(pivot.columns) + 1) + "|")
         for context, r in pivot.iterrows():
             cells = [f"{r[c]:.4g} ({flops.loc[context, c]:.3g})" if pd.notna(r[c]) else "–" for c in pivot.columns]
+            lines.append(f"| {int(context)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ratios(table: pd.DataFrame, dense: str = "mla") -> str:
+    """Per workload: each dsa variant's ms per token ÷ mla's, measured and analytic."""
+    lines = []
+    for workload, rows in table.groupby("workload"):
+        ms = rows.pivot_table(index="context", columns="variant", values="ms_per_token")
+        flops = rows.pivot_table(index="context", columns="variant", values="flops_per_token")
+        sparse = [v for v in ms.columns if str(v).startswith("dsa")]
+        if dense not in ms or not sparse:
+            continue
+        lines.append(f"\n### {workload}: dsa ÷ {dense}, measured ms per token (analytic FLOPs per token)\n")
+        lines.append("| context | " + " | ".join(sparse) + " |")
+        lines.append("|---" * (len(sparse) + 1) + "|")
+        for context in ms.index:
+            cells = [f"{ms.loc[context, v] / ms.loc[context, dense]:.2f} ({flops.loc[context, v] / flops.loc[context, dense]:.2f})"
+                     if pd.notna(ms.loc[context, v]) and pd.notna(ms.loc[context, dense]) else "–" for v in sparse]
             lines.append(f"| {int(context)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -109,6 +146,7 @@ def main(argv: list[str]) -> int:
     res = load_results(args.results)
     table = per_token(res.cells)
     print(markdown(table))
+    print(ratios(table))
     spec = res.run.get("spec") or {}
     size = spec.get("size", "debug")
     attention = spec.get("attention") or {}

@@ -415,3 +415,24 @@ def test_fp8_constants_are_the_kernels_and_importing_dsa_leaves_triton_unloaded(
     assert (dsa.FP8_DTYPE, dsa.FP8_MAX, dsa.GROUP) == (fp8_quant.FP8_DTYPE, fp8_quant.FP8_MAX, fp8_quant.GROUP)
     code = "import sys, dsbench.variants.registry; print('triton' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_sparse_part_costs_are_the_traffic_that_runs():
+    """Decoding past index_topk: the main attention moves each selected latent row three times
+    (read by the gather, written, read back by the two matmuls), whatever the context; the indexer
+    reads every cached key once and writes and reads each fp32 score once."""
+    from dsbench.variants.base import PassShape
+
+    cfg = dsa_config(topk=8)
+    d, i = mla_dims(cfg), dsa.indexer_dims(cfg)
+    row, qo = (d.Dc + d.Dr) * 4, d.H * (2 * d.Dc + d.Dr) * 4
+    params = dsa.DeepSeekSparseAttention._indexer_params(cfg) * 4
+    for context in (100, 1000):
+        costs = dsa.DeepSeekSparseAttention.part_costs(cfg, PassShape(tokens=2, mean_context_len=context, decode=True, batch=2,
+                                                                      act_bytes=4, weight_bytes=4))
+        assert costs["attn.core"].bytes == 2 * (3 * 8 * row + qo + row)
+        assert costs["indexer"].bytes == 2 * context * (i.D * 4 + 8) + params
+    dense = dsa.DeepSeekSparseAttention.part_costs(cfg, PassShape(tokens=2, mean_context_len=6, decode=True, batch=2, act_bytes=4, weight_bytes=4))
+    mla_costs = dsa.MultiHeadLatentAttention.part_costs(cfg, PassShape(tokens=2, mean_context_len=6, decode=True, batch=2, act_bytes=4,
+                                                                       weight_bytes=4))
+    assert dense["attn.core"].bytes == mla_costs["attn.core"].bytes  # every key selected: MLA's own path and traffic

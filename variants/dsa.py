@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsbench.kernels import choice, dsa_indexer
+
 from .base import PartCost, PassShape, at_least, choices
 from .layers import RotaryEmbedding
 from .mla import LatentCache, MLAConfig, MultiHeadLatentAttention, mla_dims, yarn_inv_freq
@@ -128,8 +130,15 @@ def dequant_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     from dsbench.kernels.fp8_quant import to_float  # on first use: it imports triton
 
     D = q.shape[-1]
-    tiles = F.pad(to_float(q), (0, -D % GROUP)).unflatten(-1, (-1, GROUP))
-    return (tiles * scale[..., None]).flatten(-2)[..., :D]
+    # A fresh copy, scaled in place: whole groups, then the ragged tail. Never padded: padding a
+    # 32-wide key cache to 128 channels cost 4× the work every decode step, and a strided result.
+    x = to_float(q) if q.dtype == FP8_DTYPE else q.float().clone()
+    full = D // GROUP * GROUP
+    if full:
+        x[..., :full].unflatten(-1, (-1, GROUP)).mul_(scale[..., :full // GROUP, None])
+    if full < D:
+        x[..., full:].mul_(scale[..., -1:])
+    return x
 
 
 class LightningIndexer(nn.Module):
@@ -169,15 +178,26 @@ class LightningIndexer(nn.Module):
         """The keys as the scores read them: (B, S, D) fp32."""
         return dequant_rows(*keys) if self.fp8 else keys.float()
 
+    def project(self, q_in: torch.Tensor, h: torch.Tensor, start_pos: int):
+        """`keys(h)` and `queries(q_in, h)` of the T new tokens with one RoPE call for both (the
+        same positions and frequencies; RoPE is elementwise, so the numbers are the same)."""
+        i = self.dims
+        B, T, _ = h.shape
+        k = F.layer_norm(self.wk(h).float(), (i.D,), self.k_norm.weight.float(), self.k_norm.bias.float(), 1e-6)  # (B, T, D)
+        q = self.wq_b(q_in).view(B, T, i.n, i.D).transpose(1, 2)  # (B, n, T, D)
+        both = self._rotate(torch.cat([q.float(), k.unsqueeze(1)], dim=1), start_pos)  # (B, n + 1, T, D) fp32
+        q, k = both[:, :i.n].contiguous().type_as(q), both[:, i.n].contiguous()  # the layouts keys() and queries() return
+        w = F.linear(h.float(), self.weights_proj.weight.float()) * (i.n ** -0.5 * i.D ** -0.5)
+        if self.fp8:
+            keys = quant_ue8m0(k @ self.rotation.float())
+            return keys, dequant_rows(*quant_ue8m0(q.float() @ self.rotation.float())), w
+        return k.type_as(h), q.float(), w
+
     @staticmethod
     def score(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, buffer: torch.Tensor | None = None) -> torch.Tensor:
-        """I(t, s) = Σ_j w_{t,j}·ReLU(q_{t,j}·k_s): q (B, n, T, D), w (B, T, n), k (B, S, D) → (B, T, S) fp32.
-        Two batched matmuls in the (B, T, n, S) layout, so the (T·n·S) product is never transposed.
-        buffer: reused storage of at least B·T·n·S fp32 for that product (see gather_rows)."""
-        B, n, T, D = q.shape
-        out = None if buffer is None else buffer[:B * T * n * k.shape[1]].view(B, T * n, k.shape[1])
-        logits = torch.bmm(q.transpose(1, 2).reshape(B, T * n, D), k.transpose(1, 2), out=out).relu_()  # (B, T·n, S)
-        return torch.bmm(w.reshape(B * T, 1, n), logits.view(B * T, n, -1)).view(B, T, -1)
+        """I(t, s) = Σ_j w_{t,j}·ReLU(q_{t,j}·k_s): q (B, n, T, D), w (B, T, n), k (B, S, D) → (B, T, S) fp32,
+        the reference (kernels/dsa_indexer.py; the module calls the family dsa_index_scores)."""
+        return dsa_indexer.scores_reference(q, w, k, buffer)
 
 
 class IndexedLatentCache(LatentCache):
@@ -209,38 +229,11 @@ class IndexedLatentCache(LatentCache):
 
 
 def select(scores: torch.Tensor, start_pos: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-K keys of each query under the causal mask: (indices (B, T, K), valid (B, T, K)), as
-    DeepSeek's `index_score.topk(k)` after adding the mask: a query with fewer than K earlier keys
-    gets masked picks, marked invalid. Equal scores at the K-th place go to the lower positions, so a
-    query selects the same keys alone (decode) as in a batch of queries (prefill), which topk alone
-    does not promise (FP8 scores tie often). Indices come in ascending position. One topk pass
-    and a cumsum: O(S) per query, where a full sort is O(S log S)."""
-    T, S = scores.shape[1], scores.shape[2]
-    positions = torch.arange(S, device=scores.device)
-    q_pos = torch.arange(start_pos, start_pos + T, device=scores.device)[:, None]
-    masked = scores.masked_fill(positions[None, :] > q_pos, float("-inf"))
-    threshold = masked.topk(K, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-    above, tie = masked > threshold, masked == threshold
-    chosen = above | (tie & (tie.cumsum(dim=-1) <= K - above.sum(dim=-1, keepdim=True)))
-    picks = chosen.nonzero()  # exactly K per query (fewer only where a score is NaN)
-    if picks.shape[0] == chosen.shape[0] * T * K:
-        idx = picks[:, -1].view(chosen.shape[0], T, K)
-    else:
-        idx = torch.where(chosen, S - positions, 0).topk(K, dim=-1, sorted=False).indices
-    return idx, idx <= q_pos
-
-
-def gather_rows(kv: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """kv (B, S, W), idx (B, t, K) → the selected rows (B, t, K, W): one index_select of
-    contiguous rows over the flattened batch (advanced indexing per row is several times slower).
-    out: a reused buffer of at least B·t·K rows; a fresh allocation this large costs more in page
-    faults than the gather itself (×4 on a CPU at 512K rows)."""
-    B, S, W = kv.shape
-    flat = (idx + S * torch.arange(B, device=idx.device)[:, None, None]).reshape(-1)
-    if out is None:
-        return kv.reshape(B * S, W).index_select(0, flat).view(*idx.shape, W)
-    rows = out.view(-1, W)[:flat.numel()]
-    return torch.index_select(kv.reshape(B * S, W), 0, flat, out=rows).view(*idx.shape, W)
+    """Top-K keys of each query under the causal mask: (indices (B, T, K), valid (B, T, K)), the
+    reference (kernels/dsa_indexer.py select_reference; the module calls the family dsa_topk).
+    A query with fewer than K earlier keys gets masked picks, marked invalid; equal scores at the
+    K-th place go to the lower positions; indices come in ascending position."""
+    return dsa_indexer.select_reference(scores, start_pos, K)
 
 
 def kl_to_indexer(p: torch.Tensor, index_scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -323,15 +316,36 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
 
     @staticmethod
     def part_costs(cfg: ModelConfig, shape: PassShape) -> dict[str, PartCost]:
+        """MLA's parts, with the indexer's and the sparse main attention's traffic as they run:
+        - indexer: the projections' weights; the cached keys read once per query chunk (once a
+          step decoding), in E4M3 and their scales under fp8; each score written and read once by
+          the top-k (fp32, 8 bytes a query and key; the blocked scores keep the per-head logits in
+          cache, the reference's (T·n, S) logits are not counted).
+        - attn.core, where fewer than every key is selected: each query's selected latent rows read
+          from the cache, written by the gather and read back by the two matmuls (3 row reads or
+          writes a selected key), q and o in the latent form, the new rows written; the masked
+          whole-sequence form reads every key of its chunk once per query chunk instead."""
         costs = MultiHeadLatentAttention.part_costs(cfg, shape)
-        dense = MultiHeadLatentAttention.flops_per_token(cfg, shape.mean_context_len, shape.decode)
-        total = DeepSeekSparseAttention.flops_per_token(cfg, shape.mean_context_len, shape.decode)
-        indexer = DeepSeekSparseAttention.indexer_flops_per_token(cfg, shape.mean_context_len)
-        costs["attn.core"].flops += shape.tokens * (total - indexer - dense)  # the main attention's sparse saving (≤ 0)
-        i = indexer_dims(cfg)
-        keys = shape.tokens * shape.mean_context_len if not shape.decode else shape.batch * shape.mean_context_len
-        index_bytes = keys * i.D * (1 if fp8_indexer(cfg) else shape.act_bytes)  # every scored key read once
-        costs["indexer"] = PartCost(shape.tokens * indexer, index_bytes + DeepSeekSparseAttention._indexer_params(cfg) * shape.weight_bytes)
+        ctx, N, act = shape.mean_context_len, shape.tokens, shape.act_bytes
+        dense = MultiHeadLatentAttention.flops_per_token(cfg, ctx, shape.decode)
+        total = DeepSeekSparseAttention.flops_per_token(cfg, ctx, shape.decode)
+        indexer = DeepSeekSparseAttention.indexer_flops_per_token(cfg, ctx)
+        costs["attn.core"].flops += N * (total - indexer - dense)  # the main attention's sparse saving (≤ 0)
+        i, d = indexer_dims(cfg), mla_dims(cfg)
+        chunks = shape.batch if shape.decode else N / min(QUERY_CHUNK, max(1.0, N / shape.batch))  # key passes a step
+        chunk_keys = ctx if shape.decode else ctx + min(QUERY_CHUNK, N / shape.batch) / 2  # keys a chunk's last query sees
+        key_bytes = i.D + 4 * -(-i.D // GROUP) if fp8_indexer(cfg) else i.D * act
+        index_bytes = chunks * chunk_keys * key_bytes + N * ctx * 8
+        costs["indexer"] = PartCost(N * indexer, index_bytes + DeepSeekSparseAttention._indexer_params(cfg) * shape.weight_bytes)
+        selected = DeepSeekSparseAttention.selected_keys(cfg, ctx, shape.decode)
+        if selected < ctx:  # the sparse path (else MLA's own dense path runs, and its traffic stands)
+            row = (d.Dc + d.Dr) * act
+            qo = d.H * (2 * d.Dc + d.Dr) * act
+            if not shape.decode and cfg.attention.dsa_prefill == "masked":
+                reads = chunks * chunk_keys * row
+            else:
+                reads = N * 3 * selected * row
+            costs["attn.core"].bytes = reads + N * (qo + row)
         return costs
 
     @staticmethod
@@ -408,9 +422,8 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         train_indexer = torch.is_grad_enabled() and self.training
         h_in, q_in = (x.detach(), q_latent.detach()) if train_indexer else (x, q_latent)  # V3.2: detached
         with part("indexer", self):
-            keys = self.indexer.keys(h_in, start_pos)
+            keys, q_idx, w_idx = self.indexer.project(q_in, h_in, start_pos)
             k_all = self.indexer.key_values(cache.update_index(start_pos, keys) if cache is not None else keys)
-            q_idx, w_idx = self.indexer.queries(q_in, h_in, start_pos)
         self.kl_loss = None
         if min(self.K, S) >= S or self.stage == "dense":  # every key selected, or the warm-up: MLA's own path
             out = super().forward(x, start_pos, cache)
@@ -455,7 +468,7 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
     def _sparse(self, x, q_latent, start_pos, cache, q_idx, w_idx, k_all, train_indexer: bool) -> torch.Tensor:
         """Per chunk of QUERY_CHUNK queries: the indexer's scores against the chunk's causal keys
         (every key up to its last query), the top-K selection, and the main attention over the
-        gathered latent rows of the selection."""
+        gathered latent rows of the selection. Each of the three is an op family (kernels/)."""
         d, K = self.dims, self.K
         kv = self._latent_rows(x, start_pos, cache)  # (B, S, Dc + Dr)
         q = self._latent_queries(q_latent, start_pos)  # (B, H, T, Dc + Dr)
@@ -468,14 +481,19 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         for t0 in range(0, q.shape[2], QUERY_CHUNK):
             sl = slice(t0, t0 + QUERY_CHUNK)
             keys = start_pos + min(t0 + QUERY_CHUNK, q.shape[2])  # the chunk's causal keys: later ones are masked for all of it
+            k_sel = min(K, keys)
             with part("indexer", self):
-                index_scores = self.indexer.score(q_idx[:, :, sl], w_idx[:, sl], k_all[:, :keys], logits)  # (B, t, keys)
-                idx, valid = select(index_scores, start_pos + t0, min(K, keys))
+                index_scores = choice.run("dsa_index_scores", q_idx[:, :, sl], w_idx[:, sl], k_all[:, :keys], buffer=logits)  # (B, t, keys)
+                idx, valid = choice.run("dsa_topk", index_scores, start_pos + t0, k_sel)
             with part("attn.core", self):
                 if self.masked and q.shape[2] > 1:
                     o, probs = self._masked_chunk(q[:, :, sl], kv[:, :keys], idx, valid)
                 else:
-                    o, probs = self._gathered_chunk(q[:, :, sl], kv, idx, valid, rows)
+                    # The chunk's first query has ≥ k_sel causal keys: every pick is causal (ties go to
+                    # the lower positions, the future's -inf last; unless a score is NaN), no mask to apply.
+                    every_pick_causal = start_pos + t0 + 1 >= k_sel
+                    o, probs = choice.run("dsa_attention", q[:, :, sl], kv, idx, None if every_pick_causal else valid, self.scale, d.Dc,
+                                          need_probs=train_indexer, buffer=rows)
                 outs.append(o)
             if train_indexer:
                 p = probs.detach().float()  # (B, t, K): summed over heads
@@ -485,18 +503,8 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
             self.kl_loss = torch.stack(kl_terms).sum() / q.shape[2]
         _, w_uv = self._up_weights()
         with part("attn.proj", self):
-            o = torch.einsum("bhtc,hvc->bhtv", torch.cat(outs, dim=2), w_uv)
+            o = torch.einsum("bhtc,hvc->bhtv", outs[0] if len(outs) == 1 else torch.cat(outs, dim=2), w_uv)
         return self._out(o)
-
-    def _gathered_chunk(self, q, kv, idx, valid, buffer=None):
-        """Scores and AV over the gathered rows, one (H × K) matmul per query in the (B·t, H, ·)
-        layout: (o (B, H, t, Dc), probs summed over heads (B, t, K))."""
-        B, H, t, C = q.shape
-        rows = gather_rows(kv, idx, buffer).view(B * t, -1, C)  # (B·t, K, Dc + Dr)
-        scores = torch.bmm(q.transpose(1, 2).reshape(B * t, H, C), rows.transpose(1, 2)) * self.scale
-        probs = scores.masked_fill(~valid.view(B * t, 1, -1), float("-inf")).float().softmax(dim=-1).type_as(rows)
-        o = torch.bmm(probs, rows[..., :self.dims.Dc])  # V = the first Dc channels
-        return o.view(B, t, H, -1).transpose(1, 2), probs.view(B, t, H, -1).sum(dim=2)
 
     def _masked_chunk(self, q, kv, idx, valid):
         """The same attention from dense latent scores with every unselected key masked."""
