@@ -349,6 +349,11 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         return costs
 
     @staticmethod
+    def kernel_families(cfg: ModelConfig, decodes: bool) -> tuple[str, ...]:
+        # the indexer and its selection (past index_topk keys), and MLA's own below them
+        return (*MultiHeadLatentAttention.kernel_families(cfg, decodes), "dsa_index_scores", "dsa_topk", "dsa_attention")
+
+    @staticmethod
     def row_columns(cfg: ModelConfig) -> dict:
         i = indexer_dims(cfg)
         return {**MultiHeadLatentAttention.row_columns(cfg), "index_topk": i.K, "index_n_heads": i.n, "index_head_dim": i.D,

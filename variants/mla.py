@@ -239,7 +239,8 @@ class MultiHeadLatentAttention(Attention):
 
     @staticmethod
     def kernel_families(cfg: ModelConfig, decodes: bool) -> tuple[str, ...]:
-        return ("attention",)  # causal attention of train, prefill and the prompt
+        # causal attention of train, prefill and the prompt; absorbed decode over the latent cache
+        return ("attention", "mla_decode") if decodes and cfg.attention.mla_impl == "absorbed" else ("attention",)
 
     @staticmethod
     def row_columns(cfg: ModelConfig) -> dict:

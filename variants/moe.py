@@ -411,6 +411,10 @@ class MoEFeedForward(FeedForward):
         return costs
 
     @staticmethod
+    def kernel_families(cfg: ModelConfig, decodes: bool) -> tuple[str, ...]:
+        return ("moe_experts",)  # FP8 experts add fp8_gemm through the precision
+
+    @staticmethod
     def row_columns(cfg: ModelConfig) -> dict:
         """The resolved layout and router."""
         f, lay = cfg.ffn, layout(cfg.ffn)
