@@ -181,6 +181,9 @@ def compile_model(model: torch.nn.Module, mode: str, trains: bool) -> CompileWat
     from dsbench.variants import eager
 
     eager.prepare()  # the parts that run eager under compile (variants/eager.py)
+    from dsbench.kernels import choice
+
+    choice.families()  # every op family registered now: an import inside the trace is a graph break
 
     if next(model.parameters()).device.type == "cpu":
         # Compile in this process: inductor's pool of compile workers otherwise keeps running

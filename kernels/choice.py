@@ -183,9 +183,10 @@ class Chooser:
         return decision.name
 
     def _compile_pick(self, fam: Family, *args, **kwargs) -> str:
-        runs, _ = fam.candidates(*args, **kwargs)
-        for name in (*fam.compile_order, fam.reference):
-            if name in runs:
+        """The first of compile_order that runs; only those are asked (a runs_on that reads a
+        torch flag would break the graph)."""
+        for name in fam.compile_order:
+            if fam.implementations[name].runs_on(*args, **kwargs) is None:
                 return name
         return fam.reference
 

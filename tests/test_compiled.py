@@ -119,8 +119,12 @@ def test_compiled_equals_eager(attention, ffn, precision, phase, extra):
         assert counters["frames"]["ok"] > 0, "nothing compiled: the case ran eager"
         columns = watch.columns()
         assert columns["compiles"] >= 1 and columns["compile_mode"] == "compile"
-        # the FP8 parts are opaque custom ops, the routed path has no host sync: every case compiles whole
-        assert columns["graph_breaks"] == 0, columns["graph_break_reasons"]
+        # the FP8 parts are opaque custom ops, the routed path has no host sync: every case compiles
+        # whole but DSA's, whose top-k selection has data-dependent sizes (recorded as breaks)
+        if attention == "dsa":
+            assert columns["graph_breaks"] > 0 and columns["graph_break_reasons"]
+        else:
+            assert columns["graph_breaks"] == 0, columns["graph_break_reasons"]
     finally:
         compiled.stop()
         torch._dynamo.reset()
@@ -171,6 +175,10 @@ def test_fp8_grouped_mm_traces_in_one_graph(recipe):
     def experts(x, w, ends):
         return fp8_grouped_mm(torch.nn.functional.silu(x), w, ends, recipe) * 2
 
+    from dsbench.kernels import choice
+
+    pinned = choice.use(choice.Chooser(pins={"fp8_gemm": "reference"}))  # one implementation on both sides
+    pinned.__enter__()
     out_e = experts(x, w, ends)
     dx_e, dw_e = torch.autograd.grad(out_e, (x, w), dy)
     torch._dynamo.reset()
@@ -181,6 +189,7 @@ def test_fp8_grouped_mm_traces_in_one_graph(recipe):
         assert counters["stats"]["unique_graphs"] >= 1, "nothing compiled"
     finally:
         torch._dynamo.reset()
+        pinned.__exit__(None, None, None)
     assert torch.equal(out_c, out_e) and torch.equal(dw_c, dw_e)
     assert rel(dx_c, dx_e) < 1e-6  # fp32: inductor's fused SiLU backward, the FP8 part is the op's own
 
