@@ -167,7 +167,10 @@ class _ExpertLoop(torch.autograd.Function):
             if t > s:
                 x = x_MC[s:t]
                 h1, h3 = torch.mm(x, w1_ECF[e], out=h1_MF[s:t]), torch.mm(x, w3_ECF[e], out=h3_MF[s:t])
-                torch.mm(_gate(F.silu(h1).mul_(h3), _rows(weight_M, s, t)), w2_EFC[e], out=y_MC[s:t])
+                a = F.silu(h1).mul_(h3)
+                if weight_M is not None:
+                    a.mul_(weight_M[s:t, None])
+                torch.mm(a, w2_EFC[e], out=y_MC[s:t])
         ctx.bounds = bounds
         ctx.save_for_backward(x_MC, w1_ECF, w3_ECF, w2_EFC, weight_M, h1_MF, h3_MF)
         return y_MC

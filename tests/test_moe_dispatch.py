@@ -304,3 +304,12 @@ def test_the_benchmark_refuses_a_bad_count():
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "moe_dispatch_bench.py"), "--experts", "0"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 2 and out.stderr.strip() == "--experts: 0 is not allowed (a positive integer)"
+
+
+def test_the_layer_benchmark_prints_its_ratios_on_a_tiny_shape():
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "moe_layer_bench.py"), "--size", "debug", "--experts", "4",
+                          "--tokens", "64", "--rounds", "2", "--warmup", "1", "--threads", "1", "--clock", "cpu", "--pin", "grouped_mm"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "experts ran grouped_mm" in out.stdout
+    assert {"dense", "moe", "moe_uniform", "naive_loop"} <= {line.split()[0] for line in out.stdout.splitlines() if line.startswith("  ")}
