@@ -25,10 +25,11 @@ the same keys alone, decoding, as in a batch of queries, prefilling).
   the keys ≥ the K-th value are read off by one nonzero, and the tie rule runs only on the rows
   where ties straddle the K-th place (or where a score is NaN, all of them), on the same
   threshold: the reference's selection exactly, in 4 passes. ~2× faster than the reference
-  decoding at 4K-16K keys, 1.5-1.9× prefilling (a chunk of 256 queries over 16K keys).
+  decoding at 4K-16K keys, 1.1-1.9× on a prefill chunk of 256 queries over 16K keys (less where
+  ReLU'd scores tie at 0 in many rows).
 Neither fuses the two families: torch's topk needs the scores of a query's whole context first.
 On a GPU DeepSeek's fp8_index kernel fuses the scores with the FP8 products; dsbench has no such
-kernel yet (torch._scaled_mm on a CPU is ~20× slower than dequantising and an fp32 matmul).
+kernel yet (on a CPU torch._scaled_mm over the E4M3 keys is 4× dequantising them and an fp32 matmul).
 """
 
 from __future__ import annotations
