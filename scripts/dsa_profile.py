@@ -4,6 +4,7 @@ beside it), and what bounds the stages that the FLOP count leaves out (top-k, ga
     OMP_NUM_THREADS=1 python scripts/dsa_profile.py --size debug --contexts 4096 16384
     OMP_NUM_THREADS=1 python scripts/dsa_profile.py --size small --contexts 2896 4096 5793 \\
         --attention n_heads=16 kv_lora_rank=512 qk_rope_head_dim=64 index_n_heads=8 index_head_dim=128
+    OMP_NUM_THREADS=1 python scripts/dsa_profile.py --families     # each op family's implementations
 
 The caches are filled with random latent rows and the indexer keys of random hidden states (no
 prefill: a decode step reads the cache, not how it was written). Stages, each timed alone (its
@@ -111,13 +112,44 @@ def bounds(context: int, K: int, width: int, reps: int) -> dict:
             "gather ns/row": 1e3 * t["gather"][0] / K, "copy ns/row": 1e3 * t["copy rows"][0] / K}
 
 
+def families_table() -> None:
+    """Each DSA op family's implementations against its reference, decoding (1 query) and on a
+    prefill chunk (256 queries), at the debug model's dims: µs, median."""
+    from dsbench.kernels import dsa_attention as da, dsa_indexer as di
+
+    def us(fn, reps):
+        return timed({"f": fn}, reps)["f"][0]
+
+    n, D, H, C, Dc, K = 4, 32, 4, 72, 64, 2048
+    print("| queries | keys | scores reference / blocked | top-k reference / threshold | attention reference / blocked |")
+    print("|---|---|---|---|---|")
+    for T, S in ((1, 4096), (1, 16384), (256, 4096), (256, 16384)):
+        reps = 60 if T == 1 else 7
+        gen = torch.Generator().manual_seed(0)
+        q, w, k = torch.randn(1, n, T, D, generator=gen), torch.randn(1, T, n, generator=gen), torch.randn(1, S, D, generator=gen)
+        buffer = torch.empty(T * n * S)
+        scores = di.scores_reference(q, w, k, buffer).clone()
+        idx, _ = di.select_reference(scores, S - T, K)
+        qa, kv, rows = torch.randn(1, H, T, C, generator=gen), torch.randn(1, S, C, generator=gen), torch.empty(T * K, C)
+        t = [us(lambda: di.scores_reference(q, w, k, buffer), reps), us(lambda: di.scores_blocked(q, w, k), reps),
+             us(lambda: di.select_reference(scores, S - T, K), reps), us(lambda: di.select_threshold(scores, S - T, K), reps),
+             us(lambda: da.attention_reference(qa, kv, idx, None, 0.1, Dc, buffer=rows), reps),
+             us(lambda: da.attention_blocked(qa, kv, idx, None, 0.1, Dc, buffer=rows), reps)]
+        print(f"| {T} | {S} | " + " | ".join(f"{t[i]:.0f} / {t[i + 1]:.0f}" for i in (0, 2, 4)) + " |")
+    print(f"\nµs, median; n {n} × D {D} indexer, H {H}, latent {Dc} + {C - Dc}, K {K}; the indexer's scores as the top-k's input")
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="debug")
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--attention", nargs="*", default=[], help="key=value attention fields (index_topk defaults to 2048)")
     parser.add_argument("--reps", type=int, default=60)
+    parser.add_argument("--families", action="store_true", help="each op family's implementations instead (kernels/dsa_*.py)")
     args = parser.parse_args(argv)
+    if args.families:
+        families_table()
+        return 0
     attention = {"index_topk": 2048, "index_n_heads": 4, "index_head_dim": 32}
     attention.update({k: int(v) for k, v in (a.split("=") for a in args.attention)})
     code = "op families (kernels/dsa_*.py)" if families_exist() else "before the op families"

@@ -16,7 +16,8 @@ from dsbench.pairing import norm, pairs
 from dsbench.results import Results
 
 PRESET = "long-context-cpu"
-RUN_LONG = f"run `dsbench run sweep --preset {PRESET}` (long-context-gpu on a GPU) and pass its folder"
+RUN_LONG = (f"run `dsbench run sweep --preset {PRESET}` (long-context-gpu on a GPU; dsa-crossover-cpu for decode at V3.2's "
+            "indexer share) and pass its folder")
 # dsa's own settings and accounting differ from mla's by construction: not part of a pair's identity.
 DSA_DIFFER = ("index_topk", "index_n_heads", "index_head_dim", "index_stage", "index_dense_steps", "index_warmup_steps",
               "dsa_prefill", "params_total", "params_active", "flops_per_token", "kv_cache_bytes_per_token",
