@@ -269,9 +269,9 @@ def _key(x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M=None) -> tuple:
     return (*key, padding_bucket(ends_E, x_MC.shape[0])) if x_MC.device.type == "cpu" else key
 
 
-def _trial(fn, needs_grad: bool, x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M=None) -> None:
+def _trial(fn, x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M=None) -> None:
     """One timed call: forward, and backward into fresh leaves where the call trains."""
-    if not (needs_grad or _needs_grad(x_MC, w1_ECF, w3_ECF, w2_EFC, weight_M)):
+    if not _needs_grad(x_MC, w1_ECF, w3_ECF, w2_EFC, weight_M):
         with torch.no_grad():
             fn(x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M)
         return
@@ -306,6 +306,6 @@ MOE_EXPERTS = choice.register(choice.Family(
     key=_key,
     tolerance=_tolerance,
     compile_order=("grouped_mm",),
-    trial=_trial,
+    trial=lambda fn, needs_grad, *args: _trial(fn, *args),  # the call's own tensors say whether it trains
     description="the routed experts' gate-weighted SwiGLU over rows sorted by expert",
 ))

@@ -162,7 +162,7 @@ def test_auto_picks_an_implementation_that_agrees_and_says_why():
         idx, valid = chooser.run("dsa_topk", scores, 3000, 256)
     assert torch.equal(idx, dsa_indexer.select_reference(scores, 3000, 256)[0])
     row = chooser.columns()
-    assert row["kernel_dsa_topk"] in ("reference", "threshold") and "auto: fastest correct of" in row["kernel_dsa_topk_why"]
+    assert row["kernel_dsa_topk"] in ("reference", "threshold") and "auto: " in row["kernel_dsa_topk_why"]
     assert "threshold" in row["kernel_dsa_topk_why"] and "reference" in row["kernel_dsa_topk_why"]
 
 

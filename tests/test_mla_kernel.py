@@ -142,7 +142,7 @@ def test_the_interpreter_tunes_nothing():
 def test_the_family_is_registered():
     from dsbench.kernels import families
 
-    assert "mla_decode" in families.__dict__ and choice.FAMILIES["mla_decode"] is FAMILY
+    assert families.MODULES["mla_decode"] == "mla_decode" and choice.family("mla_decode") is FAMILY
     assert set(FAMILY.implementations) == {"reference", "sdpa", "triton"} and FAMILY.reference == "reference"
     assert choice.preview("mla_decode", "auto", "cuda") == "auto(reference|sdpa|triton)"
 

@@ -192,7 +192,7 @@ def test_a_real_measurement_is_made_once_and_reused():
     x, w1, w3, w2, ends, weight = case(5, 16, 8, 5)
     first = chooser.pick(G.MOE_EXPERTS, x, w1, w3, w2, ends, weight).name
     assert first in IMPLEMENTATIONS and len(chooser.decisions) == 1
-    assert "auto: fastest correct of" in next(iter(chooser.decisions.values())).why
+    assert "auto: " in next(iter(chooser.decisions.values())).why
     assert all(chooser.pick(G.MOE_EXPERTS, x, w1, w3, w2, ends, weight).name == first for _ in range(5))
     assert len(chooser.decisions) == 1
 
@@ -222,7 +222,7 @@ def test_a_pinned_implementation_is_what_runs_and_what_the_column_says(pin):
     with choice.use(chooser):
         model(torch.randint(0, cfg.vocab_size, (2, 16)))
     assert model.collect_metrics()[1]["moe_dispatch"] == pin
-    assert chooser.ran == {"moe_experts": {pin}}
+    assert chooser.ran["moe_experts"] == {pin}  # the attention family ran too
 
 
 @pytest.mark.parametrize("values, combined", [
