@@ -102,7 +102,9 @@ def measure_cell(cell: Cell, runtime: Runtime, profile: ProfileRequest | None = 
     of a multi-process cell (dsbench/distributed.py), whose process group it has joined. Every
     op-family call goes through the cell's own kernel chooser (its `kernels.*` pins, else auto).
     """
-    with kernel_choice.use(kernel_choice.Chooser(pins=dict(cell.measure.get("kernels", {})))) as kernels:
+    chooser = kernel_choice.Chooser(pins=dict(cell.measure.get("kernels", {})),
+                                    after_trials=lambda: reset_peak_memory(torch.device(cell.device)))
+    with kernel_choice.use(chooser) as kernels:
         return _measure_cell(cell, runtime, profile, ranks, kernels)
 
 

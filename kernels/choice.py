@@ -132,6 +132,9 @@ class Chooser:
     clock: Callable[[], float] = time.perf_counter
     decisions: dict[tuple, Decision] = field(default_factory=dict)  # (family, key) → what was chosen
     ran: dict[str, set] = field(default_factory=dict)  # family → implementations that ran
+    # Called after a decision's trials (the worker: restart the peak-memory counters, so a cell's
+    # peak is what its own steps hold; the steps after this one rerun the same work).
+    after_trials: Callable[[], None] | None = None
 
     def run(self, family_name: str | Family, *args, **kwargs):
         """Call the family's chosen implementation on these arguments."""
@@ -176,7 +179,9 @@ class Chooser:
         if key in self.decisions:
             return self.decisions[key].name
         decision = self._measure(fam, *args, **kwargs)
-        _forget_trial_memory(_device_of(args))
+        _forget_trial_memory()
+        if self.after_trials is not None:
+            self.after_trials()
         if decision is None:  # no finite reference output to check against: decide on a later call
             return fam.reference
         self.decisions[key] = decision
@@ -274,22 +279,17 @@ def triton_device_ok(device: str) -> str | None:
     return "a Triton kernel needs a GPU (TRITON_INTERPRET=1 runs it on a CPU, for tests)"
 
 
-def _forget_trial_memory(device: torch.device | None) -> None:
+def _forget_trial_memory() -> None:
     """The trials' memory is no sample either: hand freed heap back to the OS (glibc keeps it,
-    and it would stay in RSS) and restart the peak counters, so a cell's peak memory is what its
-    own steps hold (the steps after this one rerun the same work, and set the peak again)."""
+    and it would stay in RSS until a Chooser.after_trials reset of the peak counters)."""
     import ctypes
     import gc
-
-    from dsbench.measure import reset_peak_memory
 
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
-    if device is not None:
-        reset_peak_memory(device)
 
 
 def under_autograd(*tensors: torch.Tensor) -> bool:
