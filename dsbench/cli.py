@@ -408,6 +408,7 @@ def cells_table(cells, title: str) -> Table:
     named = ("workload", "ffn", "attention", "precision", "balance")
     dotted = list(dict.fromkeys(k for cell in cells for k in cell.axes if k not in named))  # dotted-key axes
     table = Table("cell_id", *named, *dotted, "shape", "params_total", "params_active", "flops/token", "kv B/token", "est. MiB", "kernels", title=title)
+    table.columns[-1].overflow = "fold"  # the plan wraps, never cut to an ellipsis
     for cell in cells:
         row = static_row(cell)
         shape = cell.label().split(" ")[-1]
