@@ -156,50 +156,79 @@ def experts_padded_bmm(x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M=None) -> t
     return _gate(padded_bmm(hidden_MF, w2_EFC, ends_E), weight_M)
 
 
-class _ExpertLoop(torch.autograd.Function):
-    """One expert at a time, forward and backward; keeps x (the caller's), h1 = x·w1, h3 = x·w3."""
+@torch.library.custom_op("dsbench::expert_loop", mutates_args=())
+def expert_loop(x_MC: torch.Tensor, w1_ECF: torch.Tensor, w3_ECF: torch.Tensor, w2_EFC: torch.Tensor,
+                ends_E: torch.Tensor, weight_M: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One expert at a time: y, and h1 = x·w1, h3 = x·w3 kept for the backward. An opaque op, so
+    reading the bounds on the host is no graph break under torch.compile (CPU: no sync either)."""
+    M, F_ = x_MC.shape[0], w1_ECF.shape[2]
+    h1_MF, h3_MF, y_MC = x_MC.new_empty(M, F_), x_MC.new_empty(M, F_), x_MC.new_empty(M, w2_EFC.shape[2])
+    for e, (s, t) in enumerate(_bounds(ends_E)):
+        if t > s:
+            x = x_MC[s:t]
+            h1, h3 = torch.mm(x, w1_ECF[e], out=h1_MF[s:t]), torch.mm(x, w3_ECF[e], out=h3_MF[s:t])
+            a = F.silu(h1).mul_(h3)
+            if weight_M is not None:
+                a.mul_(weight_M[s:t, None])
+            torch.mm(a, w2_EFC[e], out=y_MC[s:t])
+    return y_MC, h1_MF, h3_MF
 
-    @staticmethod
-    def forward(ctx, x_MC, w1_ECF, w3_ECF, w2_EFC, weight_M, bounds):
-        M, F_ = x_MC.shape[0], w1_ECF.shape[2]
-        h1_MF, h3_MF, y_MC = x_MC.new_empty(M, F_), x_MC.new_empty(M, F_), x_MC.new_empty(M, w2_EFC.shape[2])
-        for e, (s, t) in enumerate(bounds):
-            if t > s:
-                x = x_MC[s:t]
-                h1, h3 = torch.mm(x, w1_ECF[e], out=h1_MF[s:t]), torch.mm(x, w3_ECF[e], out=h3_MF[s:t])
-                a = F.silu(h1).mul_(h3)
-                if weight_M is not None:
-                    a.mul_(weight_M[s:t, None])
-                torch.mm(a, w2_EFC[e], out=y_MC[s:t])
-        ctx.bounds = bounds
-        ctx.save_for_backward(x_MC, w1_ECF, w3_ECF, w2_EFC, weight_M, h1_MF, h3_MF)
-        return y_MC
 
-    @staticmethod
-    def backward(ctx, dy_MC):
-        x_MC, w1_ECF, w3_ECF, w2_EFC, weight_M, h1_MF, h3_MF = ctx.saved_tensors
-        dx_MC = torch.empty_like(x_MC)
-        dw1, dw3, dw2 = torch.empty_like(w1_ECF), torch.empty_like(w3_ECF), torch.empty_like(w2_EFC)
-        dweight_M = None if weight_M is None else torch.empty_like(weight_M)
-        dy_MC = dy_MC.contiguous()
-        for e, (s, t) in enumerate(ctx.bounds):
-            if t == s:
-                dw1[e].zero_(), dw3[e].zero_(), dw2[e].zero_()
-                continue
-            x, dy, h1, h3 = x_MC[s:t], dy_MC[s:t], h1_MF[s:t], h3_MF[s:t]
-            act = F.silu(h1)
-            a = act * h3  # the hidden before its gate weight
-            g = _rows(weight_M, s, t)
-            torch.mm(_gate(a, g).t(), dy, out=dw2[e])
-            da = dy @ w2_EFC[e].t()  # d(g·a)
-            if g is not None:
-                torch.sum(da * a, dim=1, out=dweight_M[s:t])
-                da.mul_(g[:, None])
-            dh3 = da * act
-            dh1 = torch.ops.aten.silu_backward(da.mul_(h3), h1)
-            torch.mm(dh1, w1_ECF[e].t(), out=dx_MC[s:t]).addmm_(dh3, w3_ECF[e].t())
-            torch.mm(x.t(), dh1, out=dw1[e]), torch.mm(x.t(), dh3, out=dw3[e])
-        return dx_MC, dw1, dw3, dw2, dweight_M, None
+@expert_loop.register_fake
+def _(x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M):
+    M, F_ = x_MC.shape[0], w1_ECF.shape[2]
+    return x_MC.new_empty(M, w2_EFC.shape[2]), x_MC.new_empty(M, F_), x_MC.new_empty(M, F_)
+
+
+@torch.library.custom_op("dsbench::expert_loop_backward", mutates_args=())
+def expert_loop_backward(dy_MC: torch.Tensor, x_MC: torch.Tensor, w1_ECF: torch.Tensor, w3_ECF: torch.Tensor,
+                         w2_EFC: torch.Tensor, ends_E: torch.Tensor, weight_M: torch.Tensor | None,
+                         h1_MF: torch.Tensor, h3_MF: torch.Tensor) -> list[torch.Tensor]:
+    """dx, dw1, dw3, dw2 and the gate weights' gradient (empty where there is no gate weight)."""
+    dx_MC = torch.empty_like(x_MC)
+    dw1, dw3, dw2 = torch.empty_like(w1_ECF), torch.empty_like(w3_ECF), torch.empty_like(w2_EFC)
+    dweight_M = x_MC.new_empty(0) if weight_M is None else torch.empty_like(weight_M)
+    dy_MC = dy_MC.contiguous()
+    for e, (s, t) in enumerate(_bounds(ends_E)):
+        if t == s:
+            dw1[e].zero_(), dw3[e].zero_(), dw2[e].zero_()
+            continue
+        x, dy, h1, h3 = x_MC[s:t], dy_MC[s:t], h1_MF[s:t], h3_MF[s:t]
+        act = F.silu(h1)
+        a = act * h3  # the hidden before its gate weight
+        g = _rows(weight_M, s, t)
+        torch.mm(_gate(a, g).t(), dy, out=dw2[e])
+        da = dy @ w2_EFC[e].t()  # d(g·a)
+        if g is not None:
+            torch.sum(da * a, dim=1, out=dweight_M[s:t])
+            da.mul_(g[:, None])
+        dh3 = da * act
+        dh1 = torch.ops.aten.silu_backward(da.mul_(h3), h1)
+        torch.mm(dh1, w1_ECF[e].t(), out=dx_MC[s:t]).addmm_(dh3, w3_ECF[e].t())
+        torch.mm(x.t(), dh1, out=dw1[e]), torch.mm(x.t(), dh3, out=dw3[e])
+    return [dx_MC, dw1, dw3, dw2, dweight_M]
+
+
+@expert_loop_backward.register_fake
+def _(dy_MC, x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M, h1_MF, h3_MF):
+    dweight_M = x_MC.new_empty(0) if weight_M is None else torch.empty_like(weight_M)
+    return [torch.empty_like(x_MC), torch.empty_like(w1_ECF), torch.empty_like(w3_ECF), torch.empty_like(w2_EFC), dweight_M]
+
+
+def _expert_loop_setup(ctx, inputs, output) -> None:
+    x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M = inputs
+    ctx.has_weight = weight_M is not None
+    ctx.save_for_backward(x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M, output[1], output[2])
+
+
+def _expert_loop_autograd(ctx, dy_MC, _dh1, _dh3):
+    x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M, h1_MF, h3_MF = ctx.saved_tensors
+    dx, dw1, dw3, dw2, dweight = expert_loop_backward(dy_MC, x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E,
+                                                      weight_M if ctx.has_weight else None, h1_MF, h3_MF)
+    return dx, dw1, dw3, dw2, None, dweight if ctx.has_weight else None
+
+
+expert_loop.register_autograd(_expert_loop_autograd, setup_context=_expert_loop_setup)
 
 
 def _rows(weight_M: torch.Tensor | None, s: int, t: int) -> torch.Tensor | None:
@@ -207,7 +236,7 @@ def _rows(weight_M: torch.Tensor | None, s: int, t: int) -> torch.Tensor | None:
 
 
 def experts_loop(x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M=None) -> torch.Tensor:
-    return _ExpertLoop.apply(x_MC.contiguous(), w1_ECF, w3_ECF, w2_EFC, weight_M, _bounds(ends_E))
+    return expert_loop(x_MC.contiguous(), w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,9 +269,10 @@ def _host_reads(what: str):
 
 
 def _loop_runs(x_MC, *args, **kwargs) -> str | None:
+    """A CPU path; an opaque op, so it reads the bounds on the host without a graph break."""
     if x_MC.device.type != "cpu":
         return "a CPU path: on a GPU its per-expert launches and host bounds lose to grouped_mm"
-    return _host_reads("the experts' bounds")(x_MC)
+    return None
 
 
 def _rows_bucket(n_rows: int) -> int:
@@ -305,7 +335,7 @@ MOE_EXPERTS = choice.register(choice.Family(
     },
     key=_key,
     tolerance=_tolerance,
-    compile_order=("grouped_mm",),
+    compile_order=("expert_loop", "grouped_mm"),  # expert_loop: CPU only
     trial=lambda fn, needs_grad, *args: _trial(fn, *args),  # the call's own tensors say whether it trains
     description="the routed experts' gate-weighted SwiGLU over rows sorted by expert",
 ))

@@ -291,7 +291,7 @@ def test_a_compiled_routed_train_loop_compiles_once_and_records_what_eager_recor
         assert counters["frames"]["total"] == 1 and not counters["graph_break"]
     finally:
         torch._dynamo.reset()
-    assert columns_c["moe_dispatch"] == "grouped_mm"
+    assert columns_c["moe_dispatch"] == "expert_loop"  # on a CPU: the first of moe_experts' compile_order that runs
     assert len(records_c) == len(records_e)
     for key in ("maxvio_batch_mean", "maxvio_train", "router_entropy", "dead_expert_fraction", "aux_loss_final"):
         if columns_e[key] is None:  # bias balancing leaves no aux loss

@@ -61,7 +61,7 @@ SHAPES = [(1, 16, 8), (7, 24, 40), (64, 16, 24), (7, 12, 10)]  # (E, C, F); the 
 def test_the_family_is_registered_with_its_implementations():
     fam = choice.family("moe_experts")
     assert tuple(fam.implementations) == IMPLEMENTATIONS and fam.reference == "reference"
-    assert fam.compile_order == ("grouped_mm",) and fam.trial is not None
+    assert fam.compile_order == ("expert_loop", "grouped_mm") and fam.trial is not None
     assert choice.check_pins({"moe_experts": "padded_bmm"}, "cpu") is None
     assert "'expert_loop' cannot run on cuda" in choice.check_pins({"moe_experts": "expert_loop"}, "cuda")
 
@@ -262,20 +262,28 @@ def test_the_routed_training_forward_reads_nothing_on_the_host(balance, extra):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("pin", ["auto", "grouped_mm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_the_experts_compile_whole_with_grouped_mm_and_match_eager(dtype):
+def test_the_experts_compile_whole_and_match_eager(dtype, pin):
+    """Both custom-op paths trace whole: on a CPU auto compiles expert_loop (the first of the
+    family's compile_order that runs here), a pin compiles grouped_mm."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     experts = GroupedExperts(4, 16, 8).to(dtype)
     for p in experts.parameters():
         torch.nn.init.normal_(p, std=0.3)
     x, ends, weight = torch.randn(20, 16, dtype=dtype), torch.tensor([5, 5, 12, 20]), torch.rand(20, dtype=dtype)
-    with choice.use(choice.Chooser()):
+    x.requires_grad_(True)
+    chooser = choice.Chooser() if pin == "auto" else choice.Chooser(pins={"moe_experts": pin})
+    with choice.use(chooser):
         eager = experts(x, ends, weight)
+        (eager_dx,) = torch.autograd.grad(eager.sum(), x)
         experts.paths_run.clear()
         compiled = torch.compile(experts, fullgraph=True)(x, ends, weight)
-    assert experts.compiled_path == "grouped_mm" and experts.dispatch_label() == "grouped_mm"
-    assert rel_err(compiled, eager) < TOLERANCE[dtype]
+        (compiled_dx,) = torch.autograd.grad(compiled.sum(), x)
+    expected = "expert_loop" if pin == "auto" else pin
+    assert experts.compiled_path == expected and experts.dispatch_label() == expected
+    assert rel_err(compiled, eager) < TOLERANCE[dtype] and rel_err(compiled_dx, eager_dx) < TOLERANCE[dtype]
     torch._dynamo.reset()
 
 
