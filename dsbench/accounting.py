@@ -9,7 +9,8 @@ from __future__ import annotations
 from dsbench import memory_estimate
 from dsbench.cell import Cell
 from dsbench.variants import decoder, registry
-from dsbench.variants.precision import PRECISIONS, dtype_bytes
+from dsbench.precisions import precision_of
+from dsbench.variants.precision import dtype_bytes
 from dsbench.workloads import workload_of
 
 
@@ -28,7 +29,7 @@ def flops_per_token(cell: Cell) -> float:
 
 def accounting(cell: Cell) -> dict:
     cfg = cell.model
-    kv_dtype = PRECISIONS[cfg.precision].inference_dtype
+    kv_dtype = precision_of(cfg).inference_dtype
     return {
         **decoder.param_counts(cfg),
         "flops_per_token": flops_per_token(cell),

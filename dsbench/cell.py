@@ -8,12 +8,11 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from dsbench.schema import AXES, PART_SECTIONS
 from dsbench.variants import registry
 from dsbench.variants.config import ModelConfig
 from dsbench.workloads import WORKLOADS
 
-AXES = ("workload", "ffn", "attention", "precision", "balance")  # the named axes, in expansion order
-PART_SECTIONS = ("attention", "ffn")  # the model's parts, each a variant with its own config
 
 
 @dataclass(frozen=True)

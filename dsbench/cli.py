@@ -30,8 +30,10 @@ except ImportError:  # older typer runs on click
 
 from dsbench import spec as spec_lib
 from dsbench.errors import UsageError, UserError
+from dsbench.schema import AXES
 from dsbench.terminal import stderr_console, stdout_console, styled
 from dsbench.variants import registry
+from dsbench.workloads import WORKLOADS, CellFlags
 
 class OneLineErrors(TyperGroup):
     """Typer's own usage errors (an unknown flag, a value of the wrong type, a missing argument)
@@ -128,7 +130,7 @@ def run_sweep_cmd(
 
 @run_app.command("cell")
 def run_cell_cmd(
-    workload: Annotated[str, typer.Option(help="train | prefill | decode | speculative")] = "train",
+    workload: Annotated[str, typer.Option(help="A workload (axes.workload; `dsbench workloads` lists them).")] = spec_lib.default_axes()["workload"][0],
     ffn: Annotated[str, typer.Option(help="FFN variant (axes.ffn).")] = "dense",
     attention: Annotated[str, typer.Option(help="Attention variant (axes.attention).")] = "mha",
     precision: Annotated[str, typer.Option(help="fp32 | bf16 | … (axes.precision).")] = "fp32",
@@ -162,13 +164,11 @@ def run_cell_cmd(
 def cell_spec(workload, ffn, attention, precision, balance, size, batch_size, seq_len, context_len, new_tokens,
               steps, mtp, warmup, repeats, seed, device, data) -> spec_lib.SweepSpec:
     """The one-cell spec that `run cell`'s flags describe."""
+    flags = CellFlags(batch_size=batch_size, seq_len=seq_len, context_len=context_len, new_tokens=new_tokens, steps=steps)
     raw = {
         "name": "cell", "device": device, "seed": seed, "data": data, "model": {"size": size, **({"mtp": mtp} if mtp else {})},
         "axes": {"workload": workload, "ffn": ffn, "attention": attention, "precision": precision, "balance": balance},
-        "train": {"steps": steps, "batch_size": batch_size, "seq_len": seq_len},
-        "prefill": {"batch_size": batch_size, "seq_lens": [seq_len]},
-        "decode": {"batch_size": batch_size, "context_lens": [context_len], "new_tokens": new_tokens},
-        "speculative": {"batch_size": batch_size, "context_lens": [context_len], "new_tokens": new_tokens, "train_steps": [steps]},
+        **{name: w.section_from_flags(flags) for name, w in WORKLOADS.items()},  # each workload's own keys
         "measure": {"warmup": warmup, "repeats": repeats},
     }
     return spec_lib.parse_spec(raw)
@@ -255,6 +255,15 @@ def presets_cmd() -> None:
         s = spec_lib.load_preset(name)
         device = "cuda" if s.device == "cuda" else "cpu"  # a GPU preset may hold what only CUDA runs (CUDA graphs)
         table.add_row(name, str(len(spec_lib.expand(s, device))), device, s.description)
+    out_console.print(table)
+
+
+@app.command("workloads")
+def workloads_cmd() -> None:
+    """List the workloads (axes.workload values), each with its spec section's keys."""
+    table = Table("workload", "description", "[section] keys")
+    for name, keys, description in spec_lib.workload_sections():
+        table.add_row(name, description, ", ".join(keys))
     out_console.print(table)
 
 
@@ -405,7 +414,7 @@ def cells_table(cells, title: str) -> Table:
     from dsbench.accounting import static_row
     from dsbench.spec import kernel_plan
 
-    named = ("workload", "ffn", "attention", "precision", "balance")
+    named = AXES
     dotted = list(dict.fromkeys(k for cell in cells for k in cell.axes if k not in named))  # dotted-key axes
     table = Table("cell_id", *named, *dotted, "shape", "params_total", "params_active", "flops/token", "kv B/token", "est. MiB", "kernels", title=title)
     table.columns[-1].overflow = "fold"  # the plan wraps, never cut to an ellipsis

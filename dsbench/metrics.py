@@ -26,6 +26,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+from dsbench.schema import AXES, DOTTED_MEASURE_KEYS, dotted_sections
+
 GROUPS = ("identity", "axis", "config", "variant", "accounting", "speed", "memory", "energy", "loss", "balance", "fp8",
           "speculative", "flag", "contention", "overhead", "profile", "implementation", "sol")
 DESCRIBES_THE_CELL = ("axis", "config", "variant")  # what a cell is: the identity dsbench.pairing compares
@@ -85,7 +87,7 @@ _ENTRIES = (
     _m("label", "identity", "", "workload/ffn/attention/precision[/balance] shape", fmt="text"),
     _m("status", "identity", "", "ok | oom | error | timeout | diverged | killed (SIGKILL, not known to be the OOM killer) | preempted | cancelled | node_fail", fmt="text"),
     _m("error", "identity", "", "the error's last line (failed cells)", fmt="text"),
-    *(_cell(a, "", f"axis: {a}", group="axis", fmt="text") for a in ("workload", "ffn", "attention", "precision", "balance")),
+    *(_cell(a, "", f"axis: {a}", group="axis", fmt="text") for a in AXES),
     _cell("device", "", "axis: cpu | cuda", group="axis", fmt="text"),
     _cell("d_model", "1", "model width", fmt="int"),
     _cell("n_layers", "1", "decoder layers", fmt="int"),
@@ -355,19 +357,22 @@ for _entry in _ENTRIES:
     register(_entry)
 
 
-# spec.DOTTED_SECTIONS (tests/test_metrics.py holds them equal; importing spec here would load torch)
-DOTTED_SECTIONS = ("model", "attention", "ffn", "train", "prefill", "decode", "speculative", "measure", "parallel", "kernels")
-DOTTED_MEASURE_KEYS = ("compile",)  # spec.DOTTED_MEASURE_KEYS
-
-
 def dotted_axis(name: str) -> Metric | None:
     """A dotted-key axis column ("model.size", "ffn.n_experts"): named by the spec, so registered
     by its form rather than one entry each."""
     section, dot, field = name.partition(".")
-    if not (dot and field and section in DOTTED_SECTIONS) or (section == "measure" and field not in DOTTED_MEASURE_KEYS):
+    if not (dot and field) or (section == "measure" and field not in DOTTED_MEASURE_KEYS):
+        return None
+    if section not in dotted_sections(()) and section not in _workload_names():
         return None
     return Metric(name, "axis", "", f"dotted-key axis: the cell's [{section}] {field} (n/a where its variant or workload does not read it)",
                   fmt="text")
+
+
+def _workload_names() -> tuple[str, ...]:
+    from dsbench.workloads import WORKLOADS  # on use (it loads torch): only a dotted column of a workload's section asks
+
+    return tuple(WORKLOADS)
 
 
 def kernel_column(name: str) -> Metric | None:

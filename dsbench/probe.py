@@ -12,13 +12,13 @@ import sys
 import torch
 
 from dsbench.hardware import calibrate, environment, peak_flops_per_s
-from dsbench.variants.precision import PRECISIONS
+from dsbench.precisions import precision_of
 
 
 def probe(device: str, precisions: list[str], do_calibrate: bool, budget_s: float = 3.0) -> dict:
     peaks = {}
     for name in precisions:
-        precision = PRECISIONS[name]
+        precision = precision_of(name)
         # The arithmetic that runs: autocast dtype in training, the inference dtype otherwise.
         dtype = precision.autocast_dtype or precision.inference_dtype
         # FP8 GEMMs are no torch.mm in the autocast dtype: a calibration of that dtype would never

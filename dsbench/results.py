@@ -11,32 +11,20 @@ tidy tables that pandas, polars or DuckDB read directly. Nothing is pickled.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from dsbench.atomic import write_atomic  # noqa: F401 (importable from here)
+from dsbench.schema import AXES
+
 SCHEMA_VERSION = 1
-FIRST_COLUMNS = ("run_id", "cell_id", "status", "error", "label", "workload", "ffn", "attention", "precision", "balance")
+FIRST_COLUMNS = ("run_id", "cell_id", "status", "error", "label", *AXES)
 SERIES_COLUMNS = ("run_id", "cell_id", "step", "metric", "value", "layer", "index", "domain")
 
 
 from dsbench.errors import ResultsError  # noqa: E402,F401 (kept importable from here)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over the target."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # disk full, a kill: no stale temp file, the old file (if any) intact
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 class ResultStore:

@@ -22,14 +22,15 @@ from dsbench import accounting
 from dsbench.cell import Cell
 from dsbench.variants import registry
 from dsbench.variants.base import PartCost, PassShape
-from dsbench.variants.precision import PRECISIONS, dtype_bytes
+from dsbench.precisions import precision_of
+from dsbench.variants.precision import dtype_bytes
 from dsbench.workloads import workload_of
 
 
 def part_costs(cell: Cell) -> dict[str, PartCost]:
     """FLOPs and compulsory bytes per step of every part the cell's step runs."""
     cfg, workload = cell.model, workload_of(cell)
-    precision = PRECISIONS[cfg.precision]
+    precision = precision_of(cfg)
     train = workload.trains
     act = dtype_bytes(precision.autocast_dtype or precision.inference_dtype) if train else dtype_bytes(precision.inference_dtype)
     weight = 4 if train else dtype_bytes(precision.inference_dtype)  # train: FP32 master weights
@@ -134,7 +135,7 @@ def light_columns(cell: Cell, runtime: dict, step_s: float | None, devices: int 
     roof = ceilings(runtime, cell.device)
     empty = {"sol_bound": None, "sol_step_ms": None, "sol_fraction": None, "sol_note": None,
              "achieved_bytes_per_s": None, "mbu": None}
-    if PRECISIONS[cell.model.precision].emulated_on(_torch_device(cell.device)):
+    if precision_of(cell.model).emulated_on(_torch_device(cell.device)):
         return {**empty, "sol_note": f"{cell.model.precision} emulated on {cell.device}: no ceiling for arithmetic "
                                      "the device does not have, so no bound"}
     if not step_s or not roof.peak_flops_per_s or not roof.bandwidth_bytes_per_s:

@@ -34,8 +34,9 @@ from dsbench.measure import NvmlSampler, current_rss_bytes, peak_memory, reset_p
 from dsbench.cell import Cell
 from dsbench.task import CellResult, CellTask, ProfileRequest, Runtime
 from dsbench.checkpoints import WeightCache
+from dsbench.atomic import write_atomic
 from dsbench.variants.decoder import build_model
-from dsbench.variants.precision import PRECISIONS
+from dsbench.precisions import precision_of
 from dsbench.workloads import Context, Diverged, WorkloadRun, point, workload_of
 
 OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory", "cannot allocate memory")
@@ -111,7 +112,7 @@ def measure_cell(cell: Cell, runtime: Runtime, profile: ProfileRequest | None = 
 def _measure_cell(cell: Cell, runtime: Runtime, profile: ProfileRequest | None, ranks: distributed.Ranks | None,
                   kernels: kernel_choice.Chooser) -> tuple[dict, list]:
     device = torch.device(cell.device)
-    precision = PRECISIONS[cell.model.precision]
+    precision = precision_of(cell.model)
     workload = workload_of(cell)
     threads, threads_source = choose_threads(runtime.threads) if ranks is None else distributed.threads_per_rank(runtime.threads, ranks)
     torch.set_num_threads(threads)
@@ -227,15 +228,6 @@ def run_task(task: CellTask) -> CellResult:
         if task.cell.ep > 1:
             message = distributed.failure_message(message)
         return CellResult(status, message, {"worker_startup_s": startup_s}, [])
-
-
-def write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_first(path: str, text: str) -> None:

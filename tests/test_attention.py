@@ -332,14 +332,14 @@ def test_flops_match_the_flop_counter(name):
 
 def test_prefill_in_row_parts_fills_the_same_caches():
     # Max-batch decode cells prefill a few rows per forward into views of the batch's caches.
-    from dsbench.workloads import _prefill
+    from dsbench.workloads import prefill_caches
 
     for kind in ("mha", "mla", "mla-naive"):
         cfg = CONFIGS[kind]
         model, toks = seeded_model(cfg), tokens(cfg, 5, 12)
         whole, parts = (model.new_caches(5, 12, torch.float32, CPU) for _ in range(2))
         with torch.no_grad():
-            a, b = _prefill(model, toks, whole, rows=5), _prefill(model, toks, parts, rows=2)
+            a, b = prefill_caches(model, toks, whole, rows=5), prefill_caches(model, toks, parts, rows=2)
         assert rel_err(b, a) < 1e-6, kind
         for c_whole, c_parts in zip(whole, parts):
             assert all(rel_err(x, y) < 1e-6 for x, y in zip(c_parts.buffers(), c_whole.buffers())), kind

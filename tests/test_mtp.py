@@ -26,7 +26,7 @@ from dsbench.variants.decoder import build_model, forward_flops_per_token, param
 from dsbench.variants.mla import mla_dims
 from dsbench.variants.precision import PRECISIONS
 from dsbench.workloads import WORKLOADS, Context
-from dsbench.workloads.decode import _generate
+from dsbench.workloads import generate
 from dsbench.workloads.speculative import acceptance_by_position
 
 CPU = torch.device("cpu")
@@ -176,7 +176,7 @@ def test_roofline_prices_the_mtp_modules_and_sums_to_the_cells_flops(attention, 
 def greedy_tokens(model, context, n):
     caches = model.new_caches(context.shape[0], context.shape[1] + n, torch.float32, CPU)
     out, timer = [], StepTimer(CPU)
-    _generate(model, context, caches, n, timer, timer, on_token=out.append)
+    generate(model, context, caches, n, timer, timer, on_token=out.append)
     return torch.cat(out, dim=1)
 
 

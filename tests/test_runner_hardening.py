@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from dsbench import atomic
 from dsbench import results as results_lib
 from dsbench import runner
 from dsbench import spec as spec_lib
@@ -117,7 +118,7 @@ def test_a_failed_write_leaves_no_temp_file_and_the_old_file_intact(tmp_path, mo
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(results_lib.os, "fsync", full)
+    monkeypatch.setattr(atomic.os, "fsync", full)  # write_atomic lives in dsbench/atomic.py
     with pytest.raises(OSError):
         write_atomic(target, b"new")
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["run.json"]

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from dsbench import accounting, spec
 from dsbench.data import load_dataset
 from dsbench.task import ProfileOptions
-from dsbench.variants import registry
 from dsbench.variants.decoder import build_model
 from dsbench.variants.precision import PRECISIONS
 from dsbench.workloads import WORKLOADS, Context, Workload, workload_of
@@ -50,7 +49,7 @@ def context_for(cell, observe=True) -> Context:
 
 
 def test_registry_names_sections_and_axis_values_agree():
-    assert set(WORKLOADS) == set(registry.axis_values()["workload"]) == {"train", "prefill", "decode", "speculative"}
+    assert set(WORKLOADS) == set(spec.available_axis_values()["workload"]) == {"train", "prefill", "decode", "speculative"}
     for name, workload in WORKLOADS.items():
         assert isinstance(workload, Workload) and workload.name == name
         assert spec.SECTIONS[name] is workload.Settings and dataclasses.is_dataclass(workload.Settings)

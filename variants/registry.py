@@ -91,22 +91,13 @@ BALANCE: dict[str, str] = {
     "bias": "auxiliary-loss-free: per-expert routing bias updated by γ·sign(mean load − load) (V3 §2.1.2, 2408.15664)",
 }
 
-WORKLOADS: dict[str, str] = {
-    "train": "AdamW steps on batch×seq tokens: forward, backward, optimizer",
-    "prefill": "one forward over batch×seq tokens, filling a KV cache",
-    "decode": "prefill a context, then generate tokens one at a time from the KV cache",
-    "speculative": "train, then MTP self-speculative decoding (draft with the MTP modules, verify with the main model) against plain greedy",
-}
-
-
 def axis_values() -> dict[str, tuple[str, ...]]:
-    """Every axis and the values that are built today."""
+    """Every model axis and the values that are built today (the workloads: dsbench.spec.available_axis_values)."""
     return {
         "ffn": tuple(FFN),
         "attention": tuple(ATTENTION),
         "precision": tuple(PRECISIONS),
         "balance": tuple(BALANCE),
-        "workload": tuple(WORKLOADS),
     }
 
 

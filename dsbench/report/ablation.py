@@ -9,10 +9,10 @@ import pandas as pd
 
 from dsbench.metrics import METRICS
 from dsbench.pairing import pairs
-from dsbench.report.data import AXES, ReportData, present, short_shape, speed_flag
+from dsbench.report.data import HEADLINE_METRICS, ReportData, present, short_shape, speed_flag
+from dsbench.schema import AXES
 
-MAIN_METRICS = ("tokens_per_s_median", "step_time_ms_median", "peak_mem_bytes", "final_loss", "eval_loss",
-                "kv_cache_bytes_per_token", "mfu", "maxvio_global")
+MAIN_METRICS = HEADLINE_METRICS
 # Speeds mean nothing on emulated rows and little on numerics-only ones: their ratios carry a caveat.
 SPEED_METRICS = tuple(m for m in MAIN_METRICS if METRICS[m].group == "speed")
 LONG = ["axis", "comparison", "context", "run", "metric", "a", "b", "ratio", "speed_caveat"]

@@ -22,12 +22,15 @@ from dsbench.pairing import norm, pairs
 from dsbench.report.ablation import IMPLEMENTATION_BOUND, speed_caveat
 
 CAVEATS = ("numerics only", "emulated", "implementation-bound")  # speed_caveat's values
-from dsbench.report.data import AXES, ReportData, present
+from dsbench.report.data import HEADLINE_METRICS, ReportData, present
+from dsbench.schema import AXES
 
 # Headline metrics, in card order, with the card's label. Host-dependent ones (speed, memory)
 # mean different things per workload, so they get one line per workload; the others are pooled.
-HEADLINES = (("tokens_per_s_median", "tokens/s"), ("peak_mem_bytes", "peak memory"), ("final_loss", "final loss"),
-             ("eval_loss", "eval loss"), ("kv_cache_bytes_per_token", "KV bytes/token"), ("maxvio_global", "MaxVio"))
+# A card leaves out what restates tokens/s (step time, MFU); a line's label is the metric's short name
+# unless a card words it out.
+CARD_LABELS = {"peak_mem_bytes": "peak memory", "kv_cache_bytes_per_token": "KV bytes/token"}
+HEADLINES = tuple((m, CARD_LABELS.get(m, METRICS[m].short)) for m in HEADLINE_METRICS if METRICS[m].group != "speed" or m == "tokens_per_s_median")
 # Below this relative change (|B ÷ A − 1|) a verdict says "no clear difference": a cut-off for
 # words, not a statistical test. 1% is twice the check policy's seeded-loss tolerance (0.5%).
 NOISE = 0.01

@@ -11,9 +11,12 @@ import pandas as pd
 
 from dsbench.metrics import METRICS
 from dsbench.results import Results
+from dsbench.schema import AXES
 
-AXES = ("workload", "ffn", "attention", "precision", "balance")
 MIB = 2**20
+# The headline metrics, in order: the ablation's columns, the cards' lines (dsbench/report/cards.py).
+HEADLINE_METRICS = ("tokens_per_s_median", "step_time_ms_median", "peak_mem_bytes", "final_loss", "eval_loss",
+                    "kv_cache_bytes_per_token", "mfu", "maxvio_global")
 # A host-independent baseline (dsbench baseline) has no timings: its numeric host-dependent
 # columns are empty, not missing, so the sections and figures read them the same way.
 TIMED_COLUMNS = tuple(m.name for m in METRICS.values() if m.host_dependent and m.fmt not in ("text", "bool"))

@@ -17,6 +17,7 @@ from dsbench.report.data import ReportData, display_name, fmt_num, present, safe
 from dsbench.report.figures import FIGURES, render_figures
 from dsbench.report.render import Section, frame_rows, write_csv
 from dsbench.results import Results
+from dsbench.schema import AXES
 
 # The cells table: (header, column, display format), from the metric registry.
 CELL_COLUMNS = tuple((m.short, m.name, m.fmt) for m in table_columns())
@@ -44,9 +45,8 @@ def spec_table(data: ReportData) -> pd.DataFrame:
         spec = r.run.get("spec") or {}
         row = {"run": key, "description": spec.get("description"), "device": spec.get("device"), "size": spec.get("size"),
                "model overrides": _kv(spec.get("model")), "axes": "; ".join(f"{a}: {', '.join(map(str, v))}" for a, v in (spec.get("axes") or {}).items())}
-        axes_workloads = (spec.get("axes") or {}).get("workload") or []
-        for section in ("train", "prefill", "decode"):
-            if section in axes_workloads:
+        for section in (spec.get("axes") or {}).get("workload") or []:  # each workload's own section, as recorded
+            if isinstance(spec.get(section), dict):
                 row[section] = _kv(spec.get(section))
         row["measure"] = _kv(spec.get("measure"))
         rows.append(row)
@@ -115,7 +115,7 @@ def failures_section(data: ReportData, tables: Path) -> Section:
 
 
 def cells_section(data: ReportData, tables: Path) -> Section:
-    keep = [c for c in ("run", "cell_id", "label", "status", "workload", "ffn", "attention", "precision", "balance",
+    keep = [c for c in ("run", "cell_id", "label", "status", *AXES,
                         *(c[1] for c in CELL_COLUMNS), "step_time_ms_p10", "step_time_ms_p90", "emulated", "speed_note") if c in data.cells]
     write_csv(data.cells[keep], tables, "cells")
     header, rows, classes = cells_table(data)

@@ -1,5 +1,7 @@
 """The workloads a cell can run, by axes.workload value. Each is one class in its own file
-(the contract: base.py); registering one is one line here.
+(the contract: base.py) that carries its spec section, description, `run cell` flags and checks;
+registering one is one `register(...)` call (here for the built-ins, in a plug-in module for a
+user's), and the spec, the CLI and the report read them from WORKLOADS.
 
 - train: AdamW steps (forward, backward, clip, optimizer) on batch×seq tokens; loss every step.
 - prefill: one forward over batch×seq tokens that fills a fresh KV cache.
@@ -9,13 +11,28 @@
 
 from __future__ import annotations
 
-from .base import Context, Diverged, Workload, WorkloadRun, point
-from .decode import MAX_PREFILL_TOKENS, Decode, DecodeSettings, _prefill, max_batch
+from .base import CellFlags, Context, Diverged, Workload, WorkloadRun, point
+from .decode import MAX_PREFILL_TOKENS, Decode, DecodeSettings, generate, max_batch, prefill_caches
 from .prefill import Prefill, PrefillSettings
 from .speculative import Speculative, SpeculativeSettings
 from .train import Train, TrainSettings, lr_at, make_optimizer
 
-WORKLOADS: dict[str, Workload] = {w.name: w for w in (Train(), Prefill(), Decode(), Speculative())}
+WORKLOADS: dict[str, Workload] = {}
+
+
+def register(workload: Workload) -> Workload:
+    """Add a workload: its name becomes an axes.workload value and its Settings the spec section
+    [<name>]; one entry per name."""
+    if not isinstance(workload, Workload):
+        raise TypeError(f"register: {workload!r} is not a Workload")
+    if workload.name in WORKLOADS:
+        raise ValueError(f"workload {workload.name!r} is registered twice")
+    WORKLOADS[workload.name] = workload
+    return workload
+
+
+for _workload in (Train(), Prefill(), Decode(), Speculative()):
+    register(_workload)
 
 
 def workload_of(cell) -> Workload:
@@ -24,8 +41,9 @@ def workload_of(cell) -> Workload:
 
 
 # The runs as plain functions (ctx, settings) → WorkloadRun, for tests and scripts.
-run_train, run_prefill, run_decode = (WORKLOADS[name].run for name in ("train", "prefill", "decode"))
+run_train, run_prefill, run_decode = Train().run, Prefill().run, Decode().run
 
-__all__ = ["WORKLOADS", "Context", "Decode", "DecodeSettings", "Diverged", "MAX_PREFILL_TOKENS", "Prefill",
-           "PrefillSettings", "Speculative", "SpeculativeSettings", "Train", "TrainSettings", "Workload", "WorkloadRun", "_prefill", "lr_at",
-           "make_optimizer", "max_batch", "point", "run_decode", "run_prefill", "run_train", "workload_of"]
+__all__ = ["WORKLOADS", "CellFlags", "Context", "Decode", "DecodeSettings", "Diverged", "MAX_PREFILL_TOKENS", "Prefill",
+           "PrefillSettings", "Speculative", "SpeculativeSettings", "Train", "TrainSettings", "Workload", "WorkloadRun", "generate",
+           "lr_at", "make_optimizer", "max_batch", "point", "prefill_caches", "register", "run_decode", "run_prefill", "run_train",
+           "workload_of"]

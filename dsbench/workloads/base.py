@@ -1,9 +1,11 @@
 """The workload contract, and what every workload's run shares.
 
-A workload (train, prefill, decode; later speculative decode, long-context) is one class:
-its typed spec section, how that section expands into cells, the shape part of a cell's
-label, the tokens and context a timed step processes, the KV-cache slots it holds, its own
-spec checks, what its step costs beyond the model's forward (roofline), and `run`.
+A workload (train, prefill, decode; later speculative decode, long-context) is one class,
+registered once (dsbench/workloads/__init__.py `register`): its typed spec section and
+description, how `run cell`'s flags fill that section, how the section expands into cells, the
+shape part of a cell's label, the tokens and context a timed step processes, the KV-cache slots
+it holds, its own spec checks, what its step costs beyond the model's forward (roofline), and
+`run`. The spec, the CLI and the report iterate the registry; no harness file names a workload.
 Cell settings stay plain dicts: they are part of the cell's identity, hashed into its id.
 """
 
@@ -21,7 +23,6 @@ from dsbench.variants import decoder
 from dsbench.variants.precision import Precision
 
 if TYPE_CHECKING:
-    from dsbench.spec import SweepSpec
     from dsbench.task import ProfileOptions
     from dsbench.variants.config import ModelConfig
 
@@ -64,12 +65,28 @@ class Context:
     ranks: object = None  # a dsbench.distributed.Ranks: this process is one rank of a multi-process cell; None: the only one
 
 
+@dataclass(frozen=True)
+class CellFlags:
+    """The shape flags of `dsbench run cell`; each workload says which of its section's keys they set."""
+
+    batch_size: int
+    seq_len: int
+    context_len: int
+    new_tokens: int
+    steps: int
+
+
 class Workload(ABC):
     """One workload. `settings` below is a cell's settings dict (what `cells` returned);
-    `section` is the typed spec section `[<name>]`, an instance of `Settings`."""
+    `section` is the typed spec section `[<name>]`, an instance of `Settings`; `read` holds the
+    other sections named in `reads` (and only those)."""
 
     name: ClassVar[str]  # the axes.workload value and the spec section's key
     Settings: ClassVar[type]  # frozen dataclass: fields, defaults and bounds (metadata) drive validation
+    description: ClassVar[str] = ""  # one line: what a cell of it times
+    reads: ClassVar[tuple[str, ...]] = ()  # other spec sections its cells or checks read (speculative: train's)
+    expert_parallel: ClassVar[bool] = False  # its routed FFN cells run over [parallel] ep ranks
+    redundant_experts: ClassVar[bool] = False  # EPLB replicas ([parallel] redundant_experts) apply to its cells
     trains: ClassVar[bool] = False  # backward + optimizer: FP32 master weights under autocast, 3× forward FLOPs
     decodes: ClassVar[bool] = False  # timed tokens come one at a time from the KV cache
     trains_first: ClassVar[bool] = False  # trains its model before the timed work: built in FP32 like a train cell
@@ -78,9 +95,13 @@ class Workload(ABC):
     def cells(self, section, cfg: ModelConfig) -> list[dict]:
         """The cell settings this section expands to for one model config."""
 
-    def cells_for(self, spec: SweepSpec, cfg: ModelConfig) -> list[dict]:
+    def cells_for(self, section, cfg: ModelConfig, read: dict) -> list[dict]:
         """The cells of this workload in a spec (a workload that reads other sections overrides this)."""
-        return self.cells(getattr(spec, self.name), cfg)
+        return self.cells(section, cfg)
+
+    def section_from_flags(self, flags: CellFlags) -> dict:
+        """The [<name>] keys `dsbench run cell`'s flags set (a TOML table, validated as one)."""
+        return {}
 
     @abstractmethod
     def shape_label(self, settings: dict) -> str:
@@ -114,7 +135,7 @@ class Workload(ABC):
     def data_lengths(self, section) -> list[tuple[int, str]]:
         """(tokens per row, data split) the data must supply for this section's cells."""
 
-    def check(self, spec: SweepSpec, configs: list[tuple[dict, ModelConfig]]) -> None:
+    def check(self, section, configs: list[tuple[dict, ModelConfig]], read: dict) -> None:
         """Raise SpecError (one line) for a section the model cannot run; configs: (axes, model
         config) of this workload's cells."""
 

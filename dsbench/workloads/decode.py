@@ -15,7 +15,8 @@ from dsbench import compiled
 from dsbench.errors import SpecError
 from dsbench.measure import StepTimer
 from dsbench.variants import decoder
-from dsbench.variants.precision import PRECISIONS, dtype_bytes
+from dsbench.precisions import precision_of
+from dsbench.variants.precision import dtype_bytes
 from dsbench.variants.profiling import PREFILL, WARMUP, part
 
 from .base import Context, Workload, WorkloadRun, add_part_metrics, batch_label, check_finite, point
@@ -43,7 +44,7 @@ def max_batch(cfg, budget_bytes: int, positions: int) -> int:
     Activations are not counted: at decode they are O(batch × d_model), beside O(batch × context)
     for the cache; the prefill that fills the cache is the larger transient.
     """
-    width = dtype_bytes(PRECISIONS[cfg.precision].inference_dtype)
+    width = dtype_bytes(precision_of(cfg).inference_dtype)
     free = budget_bytes - decoder.weight_bytes(cfg, width)
     return max(0, free // (decoder.kv_cache_bytes_per_token(cfg, width) * positions))
 
@@ -51,6 +52,7 @@ def max_batch(cfg, budget_bytes: int, positions: int) -> int:
 class Decode(Workload):
     name = "decode"
     Settings = DecodeSettings
+    description = "prefill a context, then generate tokens one at a time from the KV cache"
     decodes = True
 
     def cells(self, section: DecodeSettings, cfg) -> list[dict]:
@@ -77,7 +79,7 @@ class Decode(Workload):
         """A max-batch cell: what the fit counted (analytic weights and KV cache at this batch)."""
         if "memory_budget_bytes" not in settings:
             return {}
-        width = dtype_bytes(PRECISIONS[cfg.precision].inference_dtype)
+        width = dtype_bytes(precision_of(cfg).inference_dtype)
         return {"memory_budget_bytes": settings["memory_budget_bytes"], "weights_bytes": decoder.weight_bytes(cfg, width),
                 "kv_cache_bytes": kv_bytes_per_token * settings["batch_size"] * self.cache_slots(settings)}
 
@@ -87,8 +89,11 @@ class Decode(Workload):
     def data_lengths(self, section: DecodeSettings) -> list[tuple[int, str]]:
         return [(L, "train") for L in section.context_lens]
 
-    def check(self, spec, configs) -> None:
-        d, limit = spec.decode, configs[0][1].max_seq_len
+    def section_from_flags(self, flags) -> dict:
+        return {"batch_size": flags.batch_size, "context_lens": [flags.context_len], "new_tokens": flags.new_tokens}
+
+    def check(self, section, configs, read) -> None:
+        d, limit = section, configs[0][1].max_seq_len
         for L in d.context_lens:
             if L + d.new_tokens > limit:
                 raise SpecError(f"decode.context_lens: {L} + decode.new_tokens {d.new_tokens} exceeds model.max_seq_len {limit}")
@@ -119,9 +124,9 @@ class Decode(Workload):
         # a time so the prefill's activations stay small beside them (as a server prefills requests).
         rows = max(1, MAX_PREFILL_TOKENS // L) if "memory_budget_bytes" in settings else B
         if ctx.warmup:
-            _generate(model, context, caches, min(ctx.warmup, N), StepTimer(ctx.device, WARMUP), StepTimer(ctx.device, WARMUP), rows, domains)
+            generate(model, context, caches, min(ctx.warmup, N), StepTimer(ctx.device, WARMUP), StepTimer(ctx.device, WARMUP), rows, domains)
         for _ in compiled.rounds(math.ceil(ctx.repeats / N), lambda: len(token_timer) >= ctx.repeats):
-            last_logits = _generate(model, context, caches, N, prefill_timer, token_timer, rows, domains)
+            last_logits = generate(model, context, caches, N, prefill_timer, token_timer, rows, domains)
         check_finite(last_logits.float(), "decode logits")
         run = WorkloadRun(token_timer.samples_s(), self.tokens_per_step(settings), self.mean_context_len(settings))
         prefill_s = prefill_timer.samples_s()
@@ -146,19 +151,19 @@ def _check_max_batch(d: DecodeSettings, configs) -> None:
         for L in d.max_batch_context_lens or d.context_lens:
             if max_batch(cfg, d.memory_budget_bytes, L + d.new_tokens) < 1:
                 what = "/".join(axes[a] for a in ("ffn", "attention", "precision"))
-                width = dtype_bytes(PRECISIONS[cfg.precision].inference_dtype)
+                width = dtype_bytes(precision_of(cfg).inference_dtype)
                 need = decoder.weight_bytes(cfg, width) + decoder.kv_cache_bytes_per_token(cfg, width) * (L + d.new_tokens)
                 raise SpecError(f"decode.memory_budget_bytes: {d.memory_budget_bytes} does not hold one sequence of "
                                 f"{what} at context {L} + {d.new_tokens} (weights and KV cache: {need} bytes); raise it")
 
 
-def _generate(model, context, caches, n_tokens: int, prefill_timer: StepTimer, token_timer: StepTimer,
+def generate(model, context, caches, n_tokens: int, prefill_timer: StepTimer, token_timer: StepTimer,
               rows: int | None = None, domains=None, on_token=None):
     """Prefill the context into the caches, then generate n_tokens greedily; return last logits.
     on_token(token (B, 1)) sees each generated token (outside the timed step's work)."""
     L = context.shape[1]
     with prefill_timer.step():
-        logits = _prefill(model, context, caches, rows or context.shape[0], domains)  # (B, V)
+        logits = prefill_caches(model, context, caches, rows or context.shape[0], domains)  # (B, V)
     for i in range(n_tokens):
         with token_timer.step():
             with part("sample"):
@@ -169,7 +174,7 @@ def _generate(model, context, caches, n_tokens: int, prefill_timer: StepTimer, t
     return logits
 
 
-def _prefill(model, context, caches, rows: int, domains=None) -> torch.Tensor:
+def prefill_caches(model, context, caches, rows: int, domains=None) -> torch.Tensor:
     """Fill the caches with the context, `rows` batch rows per forward; last logits (B, V)."""
     B = context.shape[0]
     if rows >= B:

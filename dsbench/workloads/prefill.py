@@ -22,6 +22,9 @@ class PrefillSettings:
 class Prefill(WholeSequences):
     name = "prefill"
     Settings = PrefillSettings
+    description = "one forward over batch×seq tokens, filling a KV cache"
+    expert_parallel = True
+    redundant_experts = True  # V3 deploys redundant experts for inference (§3.4.1)
 
     def cells(self, section: PrefillSettings, cfg) -> list[dict]:
         return [{"batch_size": section.batch_size, "seq_len": T} for T in section.seq_lens]
@@ -32,9 +35,12 @@ class Prefill(WholeSequences):
     def data_lengths(self, section: PrefillSettings) -> list[tuple[int, str]]:
         return [(T, "train") for T in section.seq_lens]
 
-    def check(self, spec, configs) -> None:
+    def section_from_flags(self, flags) -> dict:
+        return {"batch_size": flags.batch_size, "seq_lens": [flags.seq_len]}
+
+    def check(self, section, configs, read) -> None:
         limit = configs[0][1].max_seq_len
-        for T in spec.prefill.seq_lens:
+        for T in section.seq_lens:
             if T > limit:
                 raise SpecError(f"prefill.seq_lens: {T} exceeds model.max_seq_len {limit}")
 

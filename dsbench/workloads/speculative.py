@@ -24,7 +24,7 @@ from dsbench.variants.mtp import MAX_DEPTH, SelfSpeculative, draft_agreement
 from dsbench.variants.profiling import PREFILL, STEP, WARMUP
 
 from .base import Context, Workload, WorkloadRun, batch_label, check_finite, point
-from .decode import _generate
+from .decode import generate
 from .train import Train, check_mtp_rows, settings_for
 
 
@@ -42,15 +42,18 @@ class SpeculativeSettings:
 class Speculative(Workload):
     name = "speculative"
     Settings = SpeculativeSettings
+    description = ("train, then MTP self-speculative decoding (draft with the MTP modules, verify with the main model) "
+                   "against plain greedy")
+    reads = ("train",)
     decodes = True
     trains_first = True
 
     def cells(self, section: SpeculativeSettings, cfg) -> list[dict]:
         raise NotImplementedError("speculative cells need the spec's [train] section: use cells_for")
 
-    def cells_for(self, spec, cfg) -> list[dict]:
-        s = spec.speculative
-        pretrain = {k: v for k, v in settings_for(spec.train, cfg).items() if k in WEIGHT_SETTINGS}
+    def cells_for(self, section: SpeculativeSettings, cfg, read) -> list[dict]:
+        s = section
+        pretrain = {k: v for k, v in settings_for(read["train"], cfg).items() if k in WEIGHT_SETTINGS}
         return [{"batch_size": s.batch_size, "context_len": L, "new_tokens": s.new_tokens, "train_steps": steps, "train": pretrain}
                 for steps in s.train_steps for L in s.context_lens]
 
@@ -69,8 +72,12 @@ class Speculative(Workload):
     def data_lengths(self, section: SpeculativeSettings) -> list[tuple[int, str]]:
         return [(L, "train") for L in section.context_lens]
 
-    def check(self, spec, configs) -> None:
-        s = spec.speculative
+    def section_from_flags(self, flags) -> dict:
+        return {"batch_size": flags.batch_size, "context_lens": [flags.context_len], "new_tokens": flags.new_tokens,
+                "train_steps": [flags.steps]}
+
+    def check(self, section: SpeculativeSettings, configs, read) -> None:
+        s, train = section, read["train"]
         for axes, cfg in configs:
             if not cfg.mtp:
                 raise SpecError(f"axes.workload: speculative drafts with MTP modules; model.mtp is 0 for {axes['ffn']}/"
@@ -81,9 +88,9 @@ class Speculative(Workload):
                     raise SpecError(f"speculative.context_lens: {L} + speculative.new_tokens {s.new_tokens} + model.mtp "
                                     f"{cfg.mtp} + 1 (the verify window) exceeds model.max_seq_len {cfg.max_seq_len}")
         if any(s.train_steps):
-            if spec.train.seq_len > configs[0][1].max_seq_len:
-                raise SpecError(f"train.seq_len: {spec.train.seq_len} exceeds model.max_seq_len {configs[0][1].max_seq_len}")
-            check_mtp_rows("train.seq_len", spec.train.seq_len, configs)
+            if train.seq_len > configs[0][1].max_seq_len:
+                raise SpecError(f"train.seq_len: {train.seq_len} exceeds model.max_seq_len {configs[0][1].max_seq_len}")
+            check_mtp_rows("train.seq_len", train.seq_len, configs)
 
     def profiled(self, settings: dict, options) -> tuple[dict, int]:
         """The measured model decodes again (already trained: no second pre-training)."""
@@ -179,7 +186,7 @@ def _measure(ctx: Context, settings: dict) -> dict:
     spec = SelfSpeculative(model, B, L + N, dtype, ctx.device)
     if ctx.warmup:
         warm = StepTimer(ctx.device, WARMUP)
-        _generate(model, context, caches, min(ctx.warmup, N), warm, warm)
+        generate(model, context, caches, min(ctx.warmup, N), warm, warm)
         _speculative_round(spec, context, min(ctx.warmup, N), _Timers(ctx.device), record=False)
     timers = _Timers(ctx.device, profiled=not ctx.observe)
     accepted_rows, emitted, matches, plain_tokens = [], [], True, 0
@@ -202,7 +209,7 @@ def _measure(ctx: Context, settings: dict) -> dict:
 def _plain_round(model, context, caches, n: int, timers: _Timers) -> torch.Tensor:
     """Plain greedy decoding: the first n generated tokens (B, n), the prefill's argmax first."""
     tokens: list[torch.Tensor] = []
-    _generate(model, context, caches, n, timers.plain_prefill, timers.plain_token, on_token=tokens.append)
+    generate(model, context, caches, n, timers.plain_prefill, timers.plain_token, on_token=tokens.append)
     return torch.cat(tokens, dim=1)
 
 

@@ -41,7 +41,10 @@ class TrainSettings:
 class Train(WholeSequences):
     name = "train"
     Settings = TrainSettings
+    description = "AdamW steps on batch×seq tokens: forward, backward, optimizer"
+    reads = ("measure",)
     trains = True
+    expert_parallel = True
 
     def cells(self, section: TrainSettings, cfg) -> list[dict]:
         return [settings_for(section, cfg)]
@@ -56,17 +59,20 @@ class Train(WholeSequences):
     def data_lengths(self, section: TrainSettings) -> list[tuple[int, str]]:
         return [(section.seq_len, "train")] + ([(section.seq_len, "eval")] if section.eval_batches else [])
 
-    def check(self, spec, configs) -> None:
-        limit = configs[0][1].max_seq_len
-        if spec.train.seq_len > limit:
-            raise SpecError(f"train.seq_len: {spec.train.seq_len} exceeds model.max_seq_len {limit}")
-        check_mtp_rows("train.seq_len", spec.train.seq_len, configs)
+    def section_from_flags(self, flags) -> dict:
+        return {"steps": flags.steps, "batch_size": flags.batch_size, "seq_len": flags.seq_len}
+
+    def check(self, section, configs, read) -> None:
+        limit, measure = configs[0][1].max_seq_len, read["measure"]
+        if section.seq_len > limit:
+            raise SpecError(f"train.seq_len: {section.seq_len} exceeds model.max_seq_len {limit}")
+        check_mtp_rows("train.seq_len", section.seq_len, configs)
         for _, cfg in configs:  # a part's own training schedule (DSA's stages) must fit the steps
-            for section in ("attention", "ffn"):
-                if problem := registry.TABLES[section][getattr(cfg, section).kind].module.check_training(cfg, spec.train.steps):
+            for part in ("attention", "ffn"):
+                if problem := registry.TABLES[part][getattr(cfg, part).kind].module.check_training(cfg, section.steps):
                     raise SpecError(problem)
-        if spec.measure.warmup >= spec.train.steps:
-            raise SpecError(f"measure.warmup: {spec.measure.warmup} leaves no timed step of train.steps {spec.train.steps}; use warmup < steps")
+        if measure.warmup >= section.steps:
+            raise SpecError(f"measure.warmup: {measure.warmup} leaves no timed step of train.steps {section.steps}; use warmup < steps")
 
     def profiled(self, settings: dict, options) -> tuple[dict, int]:
         return {**settings, "steps": options.warmup + options.steps, "eval_batches": 0}, options.steps
