@@ -20,6 +20,7 @@ from dsbench.cell import AXES, PART_SECTIONS, Cell
 from dsbench import compiled
 from dsbench.kernels import choice as kernel_choice
 from dsbench.errors import SpecError
+from dsbench.presets import RENAMED
 from dsbench.executors import ExecutorSettings
 from dsbench.validate import as_table, check_choice, check_float, check_int, check_section, check_str, check_value, reject_unknown  # noqa: F401
 from dsbench.workloads import WORKLOADS, DecodeSettings, PrefillSettings, SpeculativeSettings, TrainSettings, max_batch  # noqa: F401 (importable from here)
@@ -150,6 +151,8 @@ def preset_names() -> list[str]:
 
 def load_preset(name: str) -> SweepSpec:
     names = preset_names()
+    if name in RENAMED:
+        raise SpecError(f"preset: {name!r} was renamed {RENAMED[name]!r} (names say the model size they hold); use --preset {RENAMED[name]}")
     if name not in names:
         raise SpecError(f"preset: unknown preset {name!r}; allowed: {', '.join(names)}")
     text = resources.files("dsbench.presets").joinpath(f"{name}.toml").read_text()
