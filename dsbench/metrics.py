@@ -5,7 +5,7 @@ it by default.
     METRICS["tokens_per_s_median"].better      # 'higher'
     host_dependent_columns()                   # what `dsbench baseline` strips
     default_check_rules()                      # the [metrics] table of the default check policy
-    python -m dsbench.metrics --markdown       # the README's results-schema table
+    python -m dsbench.metrics --markdown       # the results-schema table of docs/metrics.md
 
 Groups: `identity` (which cell, its outcome status), `axis` (the sweep's axes), `config` (the
 resolved model, workload and measurement settings), `variant` (config that a variant owns: `owner`
@@ -421,7 +421,7 @@ def timing_columns() -> tuple[str, ...]:
 
 
 def markdown_table() -> str:
-    """The README's results-schema table."""
+    """The results-schema table of docs/metrics.md."""
     lines = ["| column | group | unit | better | host-dependent | check | what |", "|---|---|---|---|---|---|---|"]
     for m in METRICS.values():
         check = m.check if m.check not in ("relative", "absolute") else _tolerance(m)

@@ -6,7 +6,7 @@
 #      when torch, triton, pandas, pyarrow, matplotlib, typer, rich and pytest are already there);
 #   3. the `gpu`-marked tests and the kernel tests (FP8 GEMM/quant and MLA decode against their
 #      references) on the GPU;
-#   4. a short `gpu-small` sweep (bf16 train, prefill, decode of the medium model) and its report,
+#   4. a short `medium-gpu` sweep (bf16 train, prefill, decode of the medium model) and its report,
 #      then `compiled-gpu` (eager vs torch.compile vs CUDA graphs) and its report;
 #   5. (run right after the tests) every op family's implementations side by side: the FP8 GEMM,
 #      MLA-decode and attention benchmarks (CUDA events per call, L2 flushed before each:
@@ -162,8 +162,8 @@ step attention_bench 90 python scripts/attention_bench.py --device cuda --reps 1
 step attention_bwd_bench 90 python scripts/attention_bench.py --device cuda --reps 10 --backward --json "$WORK/results/attention_bwd_bench.json"
 
 # --- 4. a short sweep and its report
-step gpu_small_sweep 200 dsbench run sweep --preset gpu-small --out "$WORK/results/gpu-small"
-step gpu_small_report 60 dsbench report "$WORK/results/gpu-small" --out "$WORK/results/gpu-small-report"
+step medium_gpu_sweep 200 dsbench run sweep --preset medium-gpu --out "$WORK/results/medium-gpu"
+step medium_gpu_report 60 dsbench report "$WORK/results/medium-gpu" --out "$WORK/results/medium-gpu-report"
 
 # --- 4b. eager vs torch.compile vs CUDA graphs (decode is launch-bound in eager on a GPU)
 step compiled_gpu_sweep 420 dsbench run sweep --preset compiled-gpu --out "$WORK/results/compiled-gpu"

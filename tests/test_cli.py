@@ -108,7 +108,7 @@ def test_env_json():
 def test_presets_command_lists_every_preset():
     done = dsbench("presets")
     assert done.returncode == 0
-    for name in ("smoke", "ci", "cpu-small", "gpu-small", "gpu-medium"):
+    for name in ("smoke", "ci", "cpu-small", "medium-gpu", "large-gpu"):
         assert name in done.stdout
 
 

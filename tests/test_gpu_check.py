@@ -57,7 +57,7 @@ def test_every_benchmark_flag_the_script_passes_exists(script):
         assert flag in help_text, f"{script} has no {flag}"
 
 
-@pytest.mark.parametrize("steps", ["nope", "kernel_tests,kernel_test", "gpu-small-sweep"])
+@pytest.mark.parametrize("steps", ["nope", "kernel_tests,kernel_test", "medium-gpu-sweep"])
 def test_an_unknown_step_in_gpu_check_steps_is_one_line_and_exit_2(tmp_path, steps):
     done = subprocess.run(["bash", str(SCRIPT)], env={**os.environ, "OUT": str(tmp_path / "out"), "GPU_CHECK_STEPS": steps},
                           capture_output=True, text=True, timeout=60)

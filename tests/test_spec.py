@@ -538,7 +538,14 @@ def test_labels():
 def test_preset_names():
     names = preset_names()
     assert names == sorted(names)
-    assert {"smoke", "ci", "cpu-small", "gpu-small", "gpu-medium"} <= set(names)
+    assert {"smoke", "ci", "cpu-small", "medium-gpu", "large-gpu"} <= set(names)
+
+
+@pytest.mark.parametrize("old, new", [("gpu-small", "medium-gpu"), ("gpu-medium", "large-gpu")])
+def test_a_renamed_preset_is_one_line_naming_its_new_name(old, new):
+    assert old not in preset_names() and new in preset_names()
+    with pytest.raises(SpecError, match=f"^preset: '{old}' was renamed '{new}' .*use --preset {new}$"):
+        load_preset(old)
 
 
 @pytest.mark.parametrize("name", preset_names())

@@ -7,6 +7,7 @@ from importlib import resources
 from pathlib import Path
 
 from dsbench.errors import SpecError
+from dsbench.presets import RENAMED
 
 from .sweep import SweepSpec, parse_spec
 
@@ -17,6 +18,8 @@ def preset_names() -> list[str]:
 
 def load_preset(name: str) -> SweepSpec:
     names = preset_names()
+    if name in RENAMED:
+        raise SpecError(f"preset: {name!r} was renamed {RENAMED[name]!r} (names say the model size they hold); use --preset {RENAMED[name]}")
     if name not in names:
         raise SpecError(f"preset: unknown preset {name!r}; allowed: {', '.join(names)}")
     text = resources.files("dsbench.presets").joinpath(f"{name}.toml").read_text()
