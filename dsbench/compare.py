@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from dsbench.pairing import RUN, pairs
+from dsbench.workloads import names_where
 
 PER_STEP = ["label", "cell_id_a", "cell_id_b", "step", "loss_a", "loss_b", "gap", "rel_error"]
 
@@ -35,7 +36,7 @@ def relative_loss_error(results, a: str = "bf16", b: str = "fp8") -> LossGap:
 
 
 def loss_gaps(cells: pd.DataFrame, series: pd.DataFrame, a: str = "bf16", b: str = "fp8") -> LossGap:
-    train = cells[(cells["workload"] == "train") & (cells["status"] == "ok")]
+    train = cells[cells["workload"].isin(names_where("trains")) & (cells["status"] == "ok")]
     loss = series[series["metric"] == "loss"] if not series.empty else series
     per_step, final = [], []
     for x, y in pairs(train, "precision", a, b):

@@ -21,8 +21,16 @@ Speed figures grey and label emulated rows (FP8 without FP8 tensor cores) and ha
 speed_note (bf16 on a CPU). All user-supplied text is escaped in the HTML and the Markdown.
 """
 
-# Importing the figure modules registers their figures, in this order.
-from dsbench.report import comparisons, heatmaps, mtp, profiles  # noqa: F401
+# Importing the figure modules registers their figures, in this order (each workload's own report
+# module after the routing heatmaps).
+import importlib
+
+from dsbench.report import comparisons, heatmaps  # noqa: F401
+from dsbench.workloads import report_sections
+
+for _section in report_sections():
+    importlib.import_module(_section.partition(":")[0])
+from dsbench.report import profiles  # noqa: F401, E402
 from dsbench.report.ablation import ablation, ablation_summary
 from dsbench.report.build import build_report
 from dsbench.report.data import ReportData, prepare

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import shutil
 import tempfile
@@ -14,12 +15,12 @@ from dsbench.report.compiled import compiled_section
 from dsbench.report.light import light_section
 from dsbench.report.data import prepare, safe_name
 from dsbench.report.first_screen import cards_section
-from dsbench.report.mtp import mtp_section
 from dsbench.report.profiles import profiles_section
 from dsbench.report.render import render_html, render_md
 from dsbench.report.sections import (ablation_section, baseline_section, cells_section, claims_section, failures_section,
                                      figures_section, overview_section)
 from dsbench.results import Results, ResultsError
+from dsbench.workloads import report_sections
 
 
 def build_report(results: list, out: str | Path | None = None, baseline: str | Path | None = None) -> Path:
@@ -53,6 +54,15 @@ def build_report(results: list, out: str | Path | None = None, baseline: str | P
     return out
 
 
+def workload_sections(data, tables_dir: Path) -> list:
+    """The sections registered workloads bring (Workload.report_section), in registration order."""
+    sections = []
+    for target in report_sections():
+        module, _, function = target.partition(":")
+        sections.append(getattr(importlib.import_module(module), function)(data, tables_dir))
+    return sections
+
+
 def _render(data, runs, out: Path, checks, baseline) -> None:
     figures_dir, tables_dir = out / "figures", out / "tables"
     for d in (figures_dir, tables_dir):
@@ -65,7 +75,7 @@ def _render(data, runs, out: Path, checks, baseline) -> None:
     details = [cells_section(data, tables_dir), ablation_section(data, tables_dir)]
     details.append(light_section(data, tables_dir))  # only when the rows carry implementations or their light
     details.append(compiled_section(data, tables_dir))  # only when some cell ran under torch.compile
-    details.append(mtp_section(data, tables_dir))  # only when some cell trained with MTP or decoded speculatively
+    details += workload_sections(data, tables_dir)  # each only when the results hold cells for it (MTP's: trained with MTP or decoded speculatively)
     details.append(profiles_section(data, out, tables_dir))  # only when cells were profiled
     details += [failures_section(data, tables_dir), overview_section(data, tables_dir)]
     for s in details:

@@ -24,6 +24,7 @@ from dsbench.report.ablation import IMPLEMENTATION_BOUND, speed_caveat
 CAVEATS = ("numerics only", "emulated", "implementation-bound")  # speed_caveat's values
 from dsbench.report.data import HEADLINE_METRICS, ReportData, present
 from dsbench.schema import AXES
+from dsbench.workloads import names_where
 
 # Headline metrics, in card order, with the card's label. Host-dependent ones (speed, memory)
 # mean different things per workload, so they get one line per workload; the others are pooled.
@@ -191,7 +192,7 @@ def device_of(data: ReportData, run: str, found) -> str:
 
 def card(data: ReportData, comparison: Comparison, run: str, found) -> Card:
     sizes = {(norm(a.get("d_model")), norm(a.get("n_layers"))) for a, _ in found}
-    steps = sorted({int(norm(a["steps"])) for a, _ in found if str(a["workload"]) == "train" and present(a.get("steps"))})
+    steps = sorted({int(norm(a["steps"])) for a, _ in found if str(a["workload"]) in names_where("trains") and present(a.get("steps"))})
     return Card(comparison, run, len(found), device_of(data, run, found), headlines(found, data.ok.columns),
                 len(sizes), steps)
 

@@ -11,6 +11,7 @@ from dsbench.compare import loss_gaps
 from dsbench.report.ablation import axis_pairs, held_fixed, side, speed_caveat
 from dsbench.report.data import MIB, ReportData, plain, present, speed_flag
 from dsbench.report.figures import GREY, LINE_COLORS, figure
+from dsbench.workloads import names_where
 
 DISTINCT = colormaps["tab10"].colors
 
@@ -45,7 +46,7 @@ def _finish(fig: Figure, axes: list) -> None:
         "context (kv_cache_bytes_per_token × context length). Right: decode tokens/s (batch ÷ step time). "
         "Grey dashed: emulated.", columns=("context_len", "kv_cache_bytes_per_token"))
 def draw_kv_context(data: ReportData):
-    ok = data.ok[(data.ok["workload"] == "decode") & data.ok["context_len"].notna()]
+    ok = data.ok[data.ok["workload"].isin(names_where("context_curve")) & data.ok["context_len"].notna()]
     if ok.empty:
         return []
     fig, (left, right) = _two_panels()

@@ -23,6 +23,7 @@ from dsbench.report.ablation import speed_caveat
 from dsbench.report.cards import comparisons
 from dsbench.report.data import MIB, ReportData, display_name, speed_flag
 from dsbench.report.plain_text import save_figure
+from dsbench.workloads import names_where
 
 GREY, HATCH_NOTED = "#b0b0b0", "//"
 LINE_COLORS = colormaps["tab20"].colors  # 20 distinguishable line colours before any repeats
@@ -257,7 +258,8 @@ def _loss_column(data: ReportData, top, bottom, comps: list[tuple]) -> int:
 
 def loss_panels(data: ReportData) -> Figure | None:
     """A column per swept axis: loss curves of its train pairs over the difference curves."""
-    grouped = {axis: [(c, [(a, b) for a, b in found if a["workload"] == "train"]) for c, found in comps]
+    trained = names_where("trains")
+    grouped = {axis: [(c, [(a, b) for a, b in found if a["workload"] in trained]) for c, found in comps]
                for axis, comps in by_axis(data).items()}
     grouped = {axis: comps for axis, comps in grouped.items() if any(found for _, found in comps)}
     if not grouped:

@@ -35,6 +35,17 @@ for _workload in (Train(), Prefill(), Decode(), Speculative()):
     register(_workload)
 
 
+def names_where(flag: str) -> tuple[str, ...]:
+    """The workloads whose class sets this flag (trains, decodes, context_curve, …): what harness
+    code filters rows by, instead of naming a workload."""
+    return tuple(name for name, w in WORKLOADS.items() if getattr(w, flag))
+
+
+def report_sections() -> list[str]:
+    """Every registered workload's own report section, as "module:function"."""
+    return [w.report_section for w in WORKLOADS.values() if w.report_section]
+
+
 def workload_of(cell) -> Workload:
     """The workload a Cell runs."""
     return WORKLOADS[cell.axes["workload"]]
@@ -45,5 +56,5 @@ run_train, run_prefill, run_decode = Train().run, Prefill().run, Decode().run
 
 __all__ = ["WORKLOADS", "CellFlags", "Context", "Decode", "DecodeSettings", "Diverged", "MAX_PREFILL_TOKENS", "Prefill",
            "PrefillSettings", "Speculative", "SpeculativeSettings", "Train", "TrainSettings", "Workload", "WorkloadRun", "generate",
-           "lr_at", "make_optimizer", "max_batch", "point", "prefill_caches", "register", "run_decode", "run_prefill", "run_train",
+           "lr_at", "make_optimizer", "max_batch", "names_where", "point", "prefill_caches", "register", "report_sections", "run_decode", "run_prefill", "run_train",
            "workload_of"]

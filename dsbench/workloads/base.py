@@ -89,6 +89,10 @@ class Workload(ABC):
     redundant_experts: ClassVar[bool] = False  # EPLB replicas ([parallel] redundant_experts) apply to its cells
     trains: ClassVar[bool] = False  # backward + optimizer: FP32 master weights under autocast, 3× forward FLOPs
     decodes: ClassVar[bool] = False  # timed tokens come one at a time from the KV cache
+    context_curve: ClassVar[bool] = False  # its cells sweep context_len: the report's KV-and-speed-vs-context figure
+    # "module:function" of a report section of its own, (ReportData, tables_dir) → Section | None (None when the
+    # results hold nothing for it); imported only when a report is built, and its figures register then
+    report_section: ClassVar[str | None] = None
     trains_first: ClassVar[bool] = False  # trains its model before the timed work: built in FP32 like a train cell
 
     @abstractmethod

@@ -54,6 +54,7 @@ class Decode(Workload):
     Settings = DecodeSettings
     description = "prefill a context, then generate tokens one at a time from the KV cache"
     decodes = True
+    context_curve = True
 
     def cells(self, section: DecodeSettings, cfg) -> list[dict]:
         d = section

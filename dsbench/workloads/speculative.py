@@ -47,6 +47,7 @@ class Speculative(Workload):
     reads = ("train",)
     decodes = True
     trains_first = True
+    report_section = "dsbench.workloads.speculative_report:mtp_section"  # MTP: loss by depth, speculative speed-up
 
     def cells(self, section: SpeculativeSettings, cfg) -> list[dict]:
         raise NotImplementedError("speculative cells need the spec's [train] section: use cells_for")

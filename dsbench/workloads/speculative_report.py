@@ -15,6 +15,7 @@ from dsbench.report.comparisons import DISTINCT
 from dsbench.report.data import ReportData, display_name, fmt_num, present
 from dsbench.report.figures import LINE_COLORS, figure
 from dsbench.report.render import Section, write_csv
+from dsbench.workloads import names_where
 
 MAX_POSITIONS = 8  # accept_rate_pos1 … accept_rate_pos8 (the contract's widest draft)
 # Formats until dsbench.metrics registers these columns (its entry wins once it does).
@@ -29,13 +30,18 @@ FALLBACK_FMT = {"mtp_lambda": "g", "params_mtp": "int", "train_steps": "int", "c
 def has_mtp(data: ReportData) -> bool:
     """Any ok cell trained with MTP (mtp or model.mtp > 0) or decoding speculatively."""
     ok = data.ok
-    if (ok["workload"] == "speculative").any():
+    if ok["workload"].isin(_speculative()).any():
         return True
     return any((pd.to_numeric(ok[c], errors="coerce") > 0).any() for c in ("mtp", "model.mtp") if c in ok)
 
 
-def of_workload(data: ReportData, workload: str) -> pd.DataFrame:
-    return with_depth(data.ok[data.ok["workload"] == workload])
+def of_workload(data: ReportData, workloads: tuple[str, ...]) -> pd.DataFrame:
+    return with_depth(data.ok[data.ok["workload"].isin(workloads)])
+
+
+def _speculative() -> tuple[str, ...]:
+    """The workloads that train and then decode with the model they trained: this section's."""
+    return tuple(set(names_where("trains_first")) & set(names_where("decodes")))
 
 
 def positions(cells: pd.DataFrame) -> list[str]:
@@ -69,7 +75,7 @@ def curve(data: ReportData, row: pd.Series) -> pd.Series:
 def loss_rows(data: ReportData) -> pd.DataFrame:
     """One row per mtp ≥ 1 train cell: its losses and, where a mtp = 0 cell pairs with it, that
     cell's at equal steps and at equal training FLOPs (dsbench.claims.mtp's arithmetic)."""
-    cells = of_workload(data, "train")
+    cells = of_workload(data, names_where("trains"))
     baseline = {(b["run"], b["cell_id"]): a for a, b in mtp_pairs(cells)}
     rows = []
     for _, r in cells[cells["mtp"] >= 1].iterrows():
@@ -112,7 +118,7 @@ def loss_table(frame: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
 
 
 def speculative_rows(data: ReportData) -> pd.DataFrame:
-    cells = of_workload(data, "speculative")
+    cells = of_workload(data, _speculative())
     keep = [c for c in ("run", "cell_id", "label", "mtp", "train_steps", "context_len", "new_tokens", *positions(cells),
                         *agreements(cells), "greedy_distinct_fraction", "pretrain_source", "accepted_len_mean", "spec_speedup", "verify_cost_ratio", "spec_tokens_per_s", "plain_tokens_per_s",
                         "spec_matches_greedy", "pretrain_final_loss", "device") if c in cells]
@@ -121,7 +127,7 @@ def speculative_rows(data: ReportData) -> pd.DataFrame:
 
 
 def speculative_table(data: ReportData) -> tuple[list[str], list[list[str]]]:
-    cells = of_workload(data, "speculative")
+    cells = of_workload(data, _speculative())
     columns = [c for c in ("train_steps", "context_len", *positions(cells), *agreements(cells), "greedy_distinct_fraction",
                            "accepted_len_mean", "spec_speedup", "verify_cost_ratio", "spec_matches_greedy") if c in cells]
     heads = {"train_steps": "train steps", "context_len": "context", "accepted_len_mean": "tokens per verify",
@@ -203,7 +209,7 @@ def _speedup(ax, cells: pd.DataFrame) -> None:
         "context length, one line per training length.",
         columns=("accept_rate_pos1", "spec_speedup", "train_steps", "context_len"))
 def draw_mtp_speculative(data: ReportData):
-    cells = of_workload(data, "speculative")
+    cells = of_workload(data, _speculative())
     cells = cells[cells["mtp"] >= 1]
     if cells.empty:
         return []
