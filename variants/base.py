@@ -80,6 +80,17 @@ class PassShape:
     weight_bytes: int  # bytes of a weight element as the pass reads it
 
 
+@dataclass(frozen=True)
+class Layout:
+    """A routed FFN's experts per routed layer, as the harness sizes them (memory estimate,
+    expert parallelism, EPLB); a routed variant's `layout(cfg)` returns it."""
+
+    n_routed: int  # E
+    top_k: int  # K routed experts per token
+    expert_d_ff: int  # F
+    shared_d_ff: int  # K_s · F, one fused SwiGLU (the sum of K_s experts is one wider FFN)
+
+
 @dataclass
 class PartCost:
     """FLOPs and compulsory bytes of one part per step; bytes None: no analytic count (time only)."""
