@@ -89,6 +89,20 @@ class Layout:
     top_k: int  # K routed experts per token
     expert_d_ff: int  # F
     shared_d_ff: int  # K_s · F, one fused SwiGLU (the sum of K_s experts is one wider FFN)
+    expert_groups: int = 1  # G: group-limited routing's groups (V3 §2.1.2); EPLB packs a group per node
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Elements per token that one layer's part keeps for its backward, by the dtype they are
+    kept in (the memory estimate multiplies each by its element size)."""
+
+    wide: int = 0  # model-width tensors: FP32 under autocast (it runs norms in FP32), else the activation dtype
+    narrow: int = 0  # in the activation dtype
+    fp32: int = 0  # FP32 whatever the precision (router logits and scores, softmax over selected keys)
+
+    def __add__(self, other: Activations) -> Activations:
+        return Activations(self.wide + other.wide, self.narrow + other.narrow, self.fp32 + other.fp32)
 
 
 @dataclass
@@ -164,6 +178,23 @@ class Part(nn.Module):
     def check_config(cfg) -> str | None:
         return None
 
+    @staticmethod
+    def train_activations(cfg, seq_len: int) -> Activations:
+        """Per token, what one layer's part keeps for the backward (memory estimate)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def inference_activations(cfg, seq_len: int) -> int:
+        """Per token, the elements of the part's largest live set in a forward without autograd,
+        in the activation dtype (memory estimate)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def metric_columns() -> tuple:
+        """The result columns this part's rows add (dsbench.metrics.Metric entries: row_columns'
+        and the `metrics` hook's names), registered with the variant."""
+        return ()
+
 
 class Attention(Part):
     """An attention variant: forward(x, start_pos, cache) over (B, T, C), and its cache."""
@@ -197,9 +228,29 @@ class Attention(Part):
 
 
 class FeedForward(Part):
-    """An FFN variant: forward(x) over (B, T, C). `routed` variants take the balance axis."""
+    """An FFN variant: forward(x) over (B, T, C). `routed` variants take the balance axis and
+    state their experts (`layout`), the balance values they implement and their expert-parallel
+    checks; a plain FFN keeps the defaults."""
 
     routed: ClassVar[bool] = False
+    balances: ClassVar[tuple[str, ...]] = ("none",)  # the `balance` values it implements (registry.BALANCE)
+
+    @staticmethod
+    def layout(cfg) -> Layout | None:
+        """A routed FFN's experts per routed layer; None: no routed experts."""
+        return None
+
+    @staticmethod
+    def check_parallel(cfg, ep: int, redundant: int) -> str | None:
+        """Can ep expert-parallel ranks (plus `redundant` EPLB replicas) hold this FFN? The first
+        problem as one line, or None. A routed FFN that shards its experts overrides this."""
+        return (f"ffn = {cfg.ffn.kind}: parallel.ep = {ep} needs expert parallelism, which this variant does not "
+                f"implement (FeedForward.check_parallel); use parallel.ep = 1")
+
+    @classmethod
+    def rank_param_count(cls, cfg, layer_idx: int, ep: int, redundant: int) -> int:
+        """The parameters one of ep expert-parallel ranks holds of this layer (default: all)."""
+        return cls.param_count(cfg, layer_idx)
 
     @classmethod
     def build(cls, cfg, layer_idx: int) -> nn.Module:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from dsbench.kernels import choice
-from .base import PartCost, PassShape, at_least, choices
+from .base import Activations, PartCost, PassShape, at_least, choices
 from .lightning_indexer import FP8_DTYPE, GROUP, LightningIndexer, fp8_indexer, indexer_dims, kl_to_indexer, select
 from .mla import LatentCache, MLAConfig, MultiHeadLatentAttention, mla_dims
 from .profiling import part
@@ -201,6 +201,22 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
                 reads = N * 3 * selected * row
             costs["attn.core"].bytes = reads + N * (qo + row)
         return costs
+
+    @staticmethod
+    def _selected_scores(cfg: ModelConfig, seq_len: int) -> int:
+        """V3.2 §2.1: main heads' and indexer heads' scores and probabilities over the selected keys."""
+        a = cfg.attention
+        return 2 * (a.n_heads + a.index_n_heads) * min(a.index_topk, seq_len)
+
+    @staticmethod
+    def train_activations(cfg: ModelConfig, seq_len: int) -> Activations:
+        """MLA's, and the FP32 scores over min(index_topk, T) keys."""
+        scores = Activations(fp32=DeepSeekSparseAttention._selected_scores(cfg, seq_len))
+        return MultiHeadLatentAttention.train_activations(cfg, seq_len) + scores
+
+    @staticmethod
+    def inference_activations(cfg: ModelConfig, seq_len: int) -> int:
+        return MultiHeadLatentAttention.inference_activations(cfg, seq_len) + DeepSeekSparseAttention._selected_scores(cfg, seq_len)
 
     @staticmethod
     def kernel_families(cfg: ModelConfig, decodes: bool) -> tuple[str, ...]:

@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from .attention import KVCache, _row_view, attention_costs, cached_attention, causal_attention, check_heads
-from .base import Attention, PartConfig, PartCost, PassShape, at_least, choices
+from .attention import KVCache, _row_view, attention_costs, cached_attention, causal_attention, check_heads, projection_activations
+from .base import Activations, Attention, PartConfig, PartCost, PassShape, at_least, choices
 from .layers import RMSNorm, RotaryEmbedding
 from .precision import linear
 from .profiling import part
@@ -236,6 +236,22 @@ class MultiHeadLatentAttention(Attention):
         qo_width = d.H * (2 * d.Dc + d.Dr) if absorbed else d.H * (d.Dn + d.Dr + d.Dv)  # q read, o written
         kv_layer = MultiHeadLatentAttention.kv_cache_bytes_per_token(cfg, shape.act_bytes)
         return attention_costs(shape, total, MultiHeadLatentAttention._matmul_params(cfg), proj_io, rope_io, qo_width, kv_layer)
+
+    @staticmethod
+    def _activations(cfg: ModelConfig) -> tuple[Activations, int]:
+        """Heads of Dn + Dr for q and k, v counted at that width too (an approximation: Dv ≤ Dn + Dr
+        here), a latent of Dc + Dr + Dq (V2 §2.1)."""
+        d = mla_dims(cfg)
+        qk = d.H * (d.Dn + d.Dr)
+        return projection_activations(q=qk, k=qk, v=qk, o=d.H * d.Dv, latent=d.Dc + d.Dr + d.Dq)
+
+    @staticmethod
+    def train_activations(cfg: ModelConfig, seq_len: int) -> Activations:
+        return MultiHeadLatentAttention._activations(cfg)[0]
+
+    @staticmethod
+    def inference_activations(cfg: ModelConfig, seq_len: int) -> int:
+        return MultiHeadLatentAttention._activations(cfg)[1]
 
     @staticmethod
     def kernel_families(cfg: ModelConfig, decodes: bool) -> tuple[str, ...]:

@@ -36,10 +36,10 @@ from .balance import (
     update_bias,
 )
 from . import expert_parallel
-from .base import FeedForward, Layout, PartConfig, PartCost, PassShape, add_cost, at_least, choices
+from .base import Activations, FeedForward, Layout, PartConfig, PartCost, PassShape, add_cost, at_least, choices
 from .dispatch import Dispatch, gather_rows, plan_dispatch, sum_rows
 from .experts import GroupedExperts
-from .ffn import DenseFFN, DenseFFNConfig, swiglu_costs
+from .ffn import DenseFFN, DenseFFNConfig, swiglu_costs, swiglu_inference_activations, swiglu_train_activations
 from .precision import PRECISIONS
 from .profiling import part
 from .router import Router, Routing, uniform_assignment
@@ -74,7 +74,7 @@ class RoutedFFNConfig(PartConfig):
     uniform_routing: bool = False  # force a perfectly balanced assignment (best-case throughput)
 
     def layout(self) -> Layout:
-        return Layout(self.n_experts, self.top_k, self.d_ff // self.top_k, 0)
+        return Layout(self.n_experts, self.top_k, self.d_ff // self.top_k, 0, self.n_group)
 
     def check_split(self) -> str | None:
         return None
@@ -94,7 +94,7 @@ class DeepSeekMoEConfig(RoutedFFNConfig):
 
     def layout(self) -> Layout:
         m, fine = self.granularity, self.d_ff // self.top_k // self.granularity
-        return Layout(m * self.n_experts - self.n_shared, m * self.top_k - self.n_shared, fine, self.n_shared * fine)
+        return Layout(m * self.n_experts - self.n_shared, m * self.top_k - self.n_shared, fine, self.n_shared * fine, self.n_group)
 
     def check_split(self) -> str | None:
         if (self.d_ff // self.top_k) % self.granularity:
@@ -143,6 +143,7 @@ class MoEFeedForward(FeedForward):
 
     Config = RoutedFFNConfig
     routed = True
+    balances = ("none", "aux", "bias")
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
@@ -168,6 +169,51 @@ class MoEFeedForward(FeedForward):
         return DenseFFN(cfg, layer_idx) if layer_idx < cfg.ffn.first_k_dense else cls(cfg, layer_idx)
 
     check_config = staticmethod(check_config)
+
+    @staticmethod
+    def layout(cfg: ModelConfig) -> Layout:
+        return layout(cfg.ffn)
+
+    @staticmethod
+    def check_parallel(cfg: ModelConfig, ep: int, redundant: int) -> str | None:
+        """ep ranks must split the routed experts (and the EPLB replicas) evenly; the device-level
+        loss must group the experts by the ranks that hold them."""
+        f, n_routed = cfg.ffn, layout(cfg.ffn).n_routed
+        if n_routed % ep:
+            return (f"parallel.ep: {ep} does not divide the {n_routed} routed experts of ffn = {f.kind}; "
+                    f"use an ep that divides it (or change ffn.n_experts / granularity / n_shared)")
+        if redundant and (n_routed + redundant) % ep:
+            return (f"parallel.redundant_experts: {redundant} + the {n_routed} routed experts of ffn = "
+                    f"{f.kind} do not split over parallel.ep = {ep} ranks; use a multiple of {ep}")
+        if f.aux_device_alpha and f.n_devices != ep:
+            return (f"ffn.n_devices: {f.n_devices} with parallel.ep = {ep}: the device-level balance loss "
+                    f"(aux_device_alpha) must group the experts by the ranks that hold them; set ffn.n_devices = {ep}")
+        return None
+
+    @classmethod
+    def rank_param_count(cls, cfg: ModelConfig, layer_idx: int, ep: int, redundant: int) -> int:
+        """A rank keeps ⌈(E + redundant)/ep⌉ of a routed layer's experts (redundant copies: V3
+        §3.4.1); the gate and shared experts are replicated."""
+        total = cls.param_count(cfg, layer_idx)
+        if layer_idx < cfg.ffn.first_k_dense:
+            return total
+        lay = layout(cfg.ffn)
+        local = -(-(lay.n_routed + redundant) // ep)
+        return total - 3 * cfg.d_model * lay.expert_d_ff * (lay.n_routed - local)
+
+    @staticmethod
+    def train_activations(cfg: ModelConfig, seq_len: int) -> Activations:
+        """The activated experts' SwiGLU (K·F + shared), each routed row's gathered input and
+        weighted output (model width), and the FP32 router logits and scores. Leading dense
+        layers are counted as routed ones (an upper bound)."""
+        lay, C = layout(cfg.ffn), cfg.d_model
+        swiglu = swiglu_train_activations(C, lay.top_k * lay.expert_d_ff + lay.shared_d_ff)
+        return swiglu + Activations(wide=lay.top_k * 2 * C, fp32=2 * lay.n_routed)
+
+    @staticmethod
+    def inference_activations(cfg: ModelConfig, seq_len: int) -> int:
+        lay = layout(cfg.ffn)
+        return swiglu_inference_activations(lay.top_k * lay.expert_d_ff + lay.shared_d_ff)
 
     # --- accounting ---
     @staticmethod

@@ -110,6 +110,11 @@ def axis_values() -> dict[str, tuple[str, ...]]:
     }
 
 
+def module_of(section: str, cfg) -> type:
+    """The module class of a model config's attention or ffn part."""
+    return TABLES[section][getattr(cfg, section).kind].module
+
+
 def config_fields(section: str, kind: str) -> dict[str, dataclasses.Field]:
     """The fields a variant's config reads, `kind` excluded."""
     return {f.name: f for f in dataclasses.fields(TABLES[section][kind].config) if f.name != "kind"}

@@ -73,6 +73,7 @@ class Workload(ABC):
     trains: ClassVar[bool] = False  # backward + optimizer: FP32 master weights under autocast, 3× forward FLOPs
     decodes: ClassVar[bool] = False  # timed tokens come one at a time from the KV cache
     trains_first: ClassVar[bool] = False  # trains its model before the timed work: built in FP32 like a train cell
+    cache_copies: ClassVar[int] = 1  # KV caches of cache_slots alive at once (the memory estimate)
 
     @abstractmethod
     def cells(self, section, cfg: ModelConfig) -> list[dict]:

@@ -22,6 +22,7 @@ class PrefillSettings:
 class Prefill(WholeSequences):
     name = "prefill"
     Settings = PrefillSettings
+    cache_copies = 2  # each repeat's fresh cache is allocated while the last one is still held
 
     def cells(self, section: PrefillSettings, cfg) -> list[dict]:
         return [{"batch_size": section.batch_size, "seq_len": T} for T in section.seq_lens]
