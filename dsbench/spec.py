@@ -409,17 +409,36 @@ def _check_combinations(spec: SweepSpec) -> None:
     cfg = configs[0][1]
     if spec.data in ("synthetic", "synthetic-long") and cfg.vocab_size < 256:
         raise SpecError(f"model.vocab_size: {cfg.vocab_size} is below 256, the byte vocabulary of the synthetic data")
-    for _, cell_cfg in configs:  # each variant refuses a config it cannot build, in one line
+    for axes, cell_cfg in configs:  # each variant refuses a config it cannot build, in one line
         problem = mtp.check_config(cell_cfg)
         if problem:
             raise SpecError(problem)
         for section in PART_SECTIONS:
-            problem = registry.TABLES[section][getattr(cell_cfg, section).kind].module.check_config(cell_cfg)
-            if problem:
+            if problem := _part_hook(section, cell_cfg, "check_config", str, cell_cfg):
                 raise SpecError(problem)
+            _part_hook(section, cell_cfg, "param_count", int, cell_cfg)
+        ffn = registry.module_of("ffn", cell_cfg)
+        if ffn.routed and axes["balance"] not in ffn.balances:
+            raise SpecError(f"axes.balance: {axes['balance']!r} is not implemented by ffn = {cell_cfg.ffn.kind}; "
+                            f"it implements: {', '.join(ffn.balances)}")
     _check_distinct_variants(spec)
     _check_workloads(spec)
     _check_parallel(spec, configs)
+
+
+def _part_hook(section: str, cfg: ModelConfig, hook: str, returns: type, *args):
+    """A variant's hook called at spec time: what it returns (None, or a `returns`), or a SpecError
+    naming the variant and its hook where it raises or returns something else (a plug-in's bug
+    reaches the user as one line, not a traceback)."""
+    module = registry.module_of(section, cfg)
+    where = f"{section} = {getattr(cfg, section).kind} ({module.__module__}.{module.__name__}.{hook})"
+    try:
+        value = getattr(module, hook)(*args)
+    except Exception as e:  # noqa: BLE001 — any failure of the plug-in's code is reported as its own
+        raise SpecError(f"{where} raised {type(e).__name__}: {e}") from None
+    if value is not None and (not isinstance(value, returns) or isinstance(value, bool)):
+        raise SpecError(f"{where} returned {value!r}; it must return None or a {returns.__name__}")
+    return value
 
 
 def _check_parallel(spec: SweepSpec, configs: list) -> None:
@@ -436,17 +455,10 @@ def _check_parallel(spec: SweepSpec, configs: list) -> None:
     if p.redundant_experts and not any(axes["workload"] == "prefill" for axes, _ in taking):
         raise SpecError(f"parallel.redundant_experts: {p.redundant_experts} applies to prefill cells only (V3 deploys "
                         f"redundant experts for inference, §3.4.1); add prefill to [axes] workload or drop the key")
-    for axes, cfg in taking:
-        n_routed = cfg.ffn.layout().n_routed
-        if n_routed % p.ep:
-            raise SpecError(f"parallel.ep: {p.ep} does not divide the {n_routed} routed experts of ffn = {axes['ffn']}; "
-                            f"use an ep that divides it (or change ffn.n_experts / granularity / n_shared)")
-        if axes["workload"] == "prefill" and (n_routed + p.redundant_experts) % p.ep:
-            raise SpecError(f"parallel.redundant_experts: {p.redundant_experts} + the {n_routed} routed experts of ffn = "
-                            f"{axes['ffn']} do not split over parallel.ep = {p.ep} ranks; use a multiple of {p.ep}")
-        if cfg.ffn.aux_device_alpha and cfg.ffn.n_devices != p.ep:
-            raise SpecError(f"ffn.n_devices: {cfg.ffn.n_devices} with parallel.ep = {p.ep}: the device-level balance loss "
-                            f"(aux_device_alpha) must group the experts by the ranks that hold them; set ffn.n_devices = {p.ep}")
+    for axes, cfg in taking:  # the routed FFN states what its expert parallelism needs
+        redundant = parallel_of(spec, axes).get("redundant_experts", 0)
+        if problem := _part_hook("ffn", cfg, "check_parallel", str, cfg, p.ep, redundant):
+            raise SpecError(problem)
 
 
 def parallel_applies(axes: dict) -> bool:
