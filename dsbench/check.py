@@ -37,6 +37,7 @@ from dsbench.metrics import host_dependent_columns, metric_of
 from dsbench.policy import MetricRule, Policy, PolicyError, TimingRule, load_policy  # noqa: F401
 from dsbench.results import Results, ResultsError, load_results
 from dsbench.stats import compare_samples
+from dsbench.variants import registry  # noqa: F401 — registering the variants declares their columns (host-dependent ones too)
 
 EXACT_RTOL = 1e-9  # "exact" on floats written through JSON and parquet: round-off only
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsbench.metrics import Metric, variant_column
+
 from .base import Activations, Attention, PartConfig, PartCost, PassShape, add_cost
 from .layers import RotaryEmbedding
 from .precision import linear
@@ -224,6 +226,10 @@ class MultiHeadAttention(Attention):
     @staticmethod
     def row_columns(cfg: ModelConfig) -> dict:
         return {"n_kv_heads": cfg.n_kv_heads()}
+
+    @staticmethod
+    def metric_columns() -> tuple[Metric, ...]:
+        return (variant_column("n_kv_heads", "attention", "1", "KV heads (MHA = n_heads, GQA groups, MQA 1; MLA: none)", "int"),)
 
     @staticmethod
     def kernel_families(cfg: ModelConfig, decodes: bool) -> tuple[str, ...]:

@@ -133,6 +133,14 @@ class Part(nn.Module):
     aux_loss: torch.Tensor | None = None
 
     def metrics(self, layer: int) -> tuple[list[dict], dict] | None:
+        """Read once at the end of a cell: (series records, summary), or None.
+
+        records: dicts {step, metric, value} with optional layer, index (an expert) and domain,
+        one series.parquet row each. summary: a routed layer's balance summary as
+        variants/balance.py `routing_metrics` returns it (the decoder combines the layers' into
+        maxvio_global and the other balance columns), and/or "columns": {name: value}, the part's
+        own cell columns (numbers averaged over the layers giving them; text that differs between
+        layers becomes "mixed"). Every column named here is declared in `metric_columns()`."""
         return None
 
     def after_optimizer_step(self) -> None:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from dsbench.kernels import choice
+from dsbench.metrics import Metric, variant_column
 from .base import Activations, PartCost, PassShape, at_least, choices
 from .lightning_indexer import FP8_DTYPE, GROUP, LightningIndexer, fp8_indexer, indexer_dims, kl_to_indexer, select
 from .mla import LatentCache, MLAConfig, MultiHeadLatentAttention, mla_dims
@@ -217,6 +218,20 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
     @staticmethod
     def inference_activations(cfg: ModelConfig, seq_len: int) -> int:
         return MultiHeadLatentAttention.inference_activations(cfg, seq_len) + DeepSeekSparseAttention._selected_scores(cfg, seq_len)
+
+    @staticmethod
+    def metric_columns() -> tuple[Metric, ...]:
+        own = (variant_column(n, "attention", u, d, f) for n, u, d, f in (
+            ("index_topk", "1", "DSA: keys each query's main attention reads (V3.2: 2048)", "int"),
+            ("index_n_heads", "1", "DSA: lightning-indexer heads (V3.2: 64)", "int"),
+            ("index_head_dim", "1", "DSA: indexer query/key width, its first qk_rope_head_dim channels RoPE'd (V3.2: 128)", "int"),
+            ("index_stage", "", "DSA training: dense (warm-up, the indexer alone) | sparse | staged (MLA steps, warm-up, then sparse)", "text"),
+            ("index_dense_steps", "1", "DSA staged training: the first steps, trained as plain MLA (V3.2 starts from a dense checkpoint)", "int"),
+            ("index_warmup_steps", "1", "DSA staged training: the dense warm-up's steps (the indexer alone, by KL), then sparse", "int"),
+            ("dsa_prefill", "", "DSA whole sequences: gather the selected rows (O(L·k)) | masked dense scores (O(L²))", "text")))
+        kept = Metric("indexer_kept_mass", "loss", "1", "DSA: the main attention's probability mass the indexer's top-k keeps "
+                      "(held-out forwards, mean over queries and layers)", fmt="pct", better="higher")
+        return (*MultiHeadLatentAttention.metric_columns(), *own, kept)
 
     @staticmethod
     def kernel_families(cfg: ModelConfig, decodes: bool) -> tuple[str, ...]:

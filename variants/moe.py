@@ -35,6 +35,8 @@ from .balance import (
     sequence_balance_loss,
     update_bias,
 )
+from dsbench.metrics import Metric, variant_column
+
 from . import expert_parallel
 from .base import Activations, FeedForward, Layout, PartConfig, PartCost, PassShape, add_cost, at_least, choices
 from .dispatch import Dispatch, gather_rows, plan_dispatch, sum_rows
@@ -270,6 +272,26 @@ class MoEFeedForward(FeedForward):
         return {"n_experts": f.n_experts, "top_k": f.top_k, **f.split_columns(), "n_routed_experts": lay.n_routed,
                 "routed_top_k": lay.top_k, "expert_d_ff": lay.expert_d_ff, "first_k_dense": f.first_k_dense,
                 "router": f.router, "capacity_factor": f.capacity_factor, "uniform_routing": f.uniform_routing}
+
+    @staticmethod
+    def metric_columns() -> tuple[Metric, ...]:
+        layout_columns = (variant_column(n, "ffn", u, d, f) for n, u, d, f in (
+            ("n_experts", "1", "routed FFN: experts before fine-grained splitting", "int"),
+            ("top_k", "1", "routed FFN: experts per token before splitting", "int"),
+            ("granularity", "1", "DeepSeekMoE: each expert split into this many", "int"),
+            ("n_shared", "1", "DeepSeekMoE: shared (always-on) experts; 0 for classic MoE", "int"),
+            ("n_routed_experts", "1", "routed experts per layer after splitting", "int"),
+            ("routed_top_k", "1", "routed experts per token after splitting", "int"),
+            ("expert_d_ff", "1", "one expert's hidden width", "int"),
+            ("first_k_dense", "1", "leading layers kept dense", "int"),
+            ("router", "", "router scoring: softmax | sigmoid", "text"),
+            ("capacity_factor", "1", "expert capacity (tokens dropped above it; none: no limit)", "g"),
+            ("uniform_routing", "", "forced uniform routing (the dispatch-cost best case)", "bool")))
+        dispatch = Metric("moe_dispatch", "speed", "", "routed FFN: the experts' implementation (op family moe_experts, "
+                          "kernels/grouped_mm.py, through the cell's chooser): grouped_mm | padded_bmm | expert_loop | "
+                          "reference | fp8_grouped_mm, or mixed when layers or shapes took different ones", fmt="text",
+                          host_dependent=True)
+        return (*layout_columns, dispatch)
 
     def set_token_domains(self, domains_B: torch.Tensor, names: tuple[str, ...]) -> None:
         self.token_domains = (domains_B, tuple(names))
