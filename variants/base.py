@@ -9,12 +9,23 @@ A variant is one module class plus its config class, registered in one line (reg
 | `param_count(cfg[, layer])` | ✓ | ✓ | params_total |
 | `active_param_count(cfg, layer)` | = param_count | ✓ | params_active |
 | `flops_per_token(cfg, ...)` forward, 2 per multiply-add | `(cfg, context_len, decode)` | `(cfg, layer)` | flops_per_token, MFU |
-| `kv_cache_bytes_per_token(cfg, dtype_bytes)` and `new_cache(...)` | ✓ | — | KV columns, max-batch fit, decode |
-| `part_costs(cfg, shape[, layer])` FLOPs and bytes per step by part | ✓ | ✓ | roofline (profile) |
+| `kv_cache_bytes_per_token(cfg, dtype_bytes)` and `new_cache(...)` | ✓ | — | KV columns, memory estimate, max-batch fit, decode |
+| `train_activations(cfg, seq_len)` → `Activations` (wide, narrow, fp32 elements per token) | ✓ | ✓ | memory estimate (train) |
+| `inference_activations(cfg, seq_len)` → int elements per token | ✓ | ✓ | memory estimate (prefill, decode) |
+| `part_costs` FLOPs and bytes per step by part | `(cfg, shape)` | `(cfg, layer, shape)` | roofline (profile) |
 | `row_columns(cfg)` extra result columns | ✓ | ✓ | cells.parquet |
+| `metric_columns()` the dsbench.metrics.Metric of every column it adds (row_columns, `metrics`) | ✓ | ✓ | the metric registry, reports, check |
 | `kernel_families(cfg, decodes)` the op families its forward calls (kernels/choice.py) | ✓ | ✓ | `kernels.*` axes, dry-run |
 | `check_config(cfg)` first problem as one line naming the field, or None | ✓ | ✓ | spec validation (exit 2) |
 | `build(cfg, layer)` the module for one layer | default: `cls(cfg)` | default: `cls(cfg, layer)` | decoder |
+| `routed` (class flag) and `balances` (the `balance` values it implements) | — | routed FFNs | the balance axis |
+| `layout(cfg)` → `Layout` (experts per routed layer), None if not routed | — | routed FFNs | expert parallelism, EPLB |
+| `check_parallel(cfg, ep, redundant)` first problem as one line, or None | — | routed FFNs (default: refuses ep > 1) | spec validation |
+| `rank_param_count(cfg, layer, ep, redundant)` what one expert-parallel rank holds | — | default: all | memory estimate |
+
+`cfg` is always the whole model config (variants/config.py ModelConfig): the part's own fields
+are `cfg.attention` / `cfg.ffn`, the model's `cfg.d_model`, `cfg.n_layers`, ... A hook that raises
+or returns the wrong type at spec time is reported as one line naming the variant and the hook.
 
 Optional hooks (defaults do nothing), read by the decoder after each forward or step:
 `aux_loss` (a training loss the part left from its last forward, or None), `metrics(layer)`
