@@ -434,8 +434,21 @@ def compare_timing(timing: TimingRule, key: str, b: pd.Series, c: pd.Series, rb:
 
 # Columns that depend on the machine (or on its load) and never belong in a baseline shared
 # between machines: timings, rates, memory peaks, energy, contention, threads, wall times.
-HOST_DEPENDENT = host_dependent_columns()
 HOST_DEPENDENT_SERIES = ("step_time_ms", "prefill_time_ms")
+
+
+def host_dependent() -> tuple[str, ...]:
+    """Every host-dependent column, the variants' own included: registering the variants declares
+    their columns (moe_dispatch is host-dependent), so this loads them (and torch) when first asked."""
+    from dsbench.variants import registry  # noqa: F401
+
+    return host_dependent_columns()
+
+
+def __getattr__(name: str):
+    if name == "HOST_DEPENDENT":  # on use: `check` itself imports without torch (tests/test_schema.py)
+        return host_dependent()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def write_baseline(results: str | Path, out: str | Path) -> Path:
@@ -448,7 +461,8 @@ def write_baseline(results: str | Path, out: str | Path) -> Path:
         raise ResultsError(f"--out: {str(out)!r} is not empty; choose a new folder")
     out.mkdir(parents=True, exist_ok=True)
     # An unregistered column could be host-dependent too: only what the registry vouches for travels.
-    keep = [c for c in run.cells.columns if metric_of(c) and c not in HOST_DEPENDENT]
+    dropped = host_dependent()
+    keep = [c for c in run.cells.columns if metric_of(c) and c not in dropped]
     unknown = [c for c in run.cells.columns if not metric_of(c)]
     run.cells[keep].to_parquet(out / "cells.parquet", index=False)
     series = run.series[~run.series["metric"].isin(HOST_DEPENDENT_SERIES)] if not run.series.empty else run.series

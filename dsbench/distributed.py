@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from dsbench.contention import usable_cores
-from dsbench.variants import eplb, expert_parallel
+from dsbench.variants import eplb, expert_parallel, registry
 from dsbench.variants.balance import RoutingStats
 
 # A collective that waits longer than this has lost a rank: fail rather than hang (the runner's
@@ -142,7 +142,7 @@ def eplb_placements(model: torch.nn.Module, ranks: Ranks, inputs_BT: torch.Tenso
         p.stats = RoutingStats(p.lay.n_routed)
     load_LE = torch.stack(loads)
     dist.all_reduce(load_LE, group=ranks.group)
-    E, n_group = load_LE.shape[1], model.cfg.ffn.n_group
+    E, n_group = load_LE.shape[1], registry.module_of("ffn", model.cfg).layout(model.cfg).expert_groups
     phy2log, log2phy, logcnt = eplb.rebalance_experts(load_LE, E + redundant, n_group, 1, ranks.world)
     return [expert_parallel.Placement(phy2log[i], log2phy[i], logcnt[i]) for i in range(len(layers))]
 

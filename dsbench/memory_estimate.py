@@ -17,7 +17,8 @@ from pathlib import Path
 
 from dsbench.cell import Cell
 from dsbench.errors import UsageError
-from dsbench.variants import decoder, mtp
+from dsbench.variants import decoder, registry
+from dsbench.variants.base import Activations
 from dsbench.variants.precision import PRECISIONS, dtype_bytes
 from dsbench.workloads import workload_of
 
@@ -89,75 +90,40 @@ def estimate(cell: Cell) -> MemoryEstimate:
         logits = tokens * cfg.vocab_size * (act_bytes + FP32_BYTES)
         slots = workload.cache_slots(settings)
         per_token = decoder.kv_cache_bytes_per_token(cfg, kv_bytes)
-        # prefill allocates each repeat's fresh cache while the last one is still held: two
-        kv = per_token * batch * slots * (2 if workload.name == "prefill" else 1)
+        kv = per_token * batch * slots * workload.cache_copies
     return MemoryEstimate(int(weights), int(gradients), int(optimizer), int(activations), int(logits), int(kv), int(build))
 
 
 def _params_per_rank(cell: Cell) -> int:
-    """Every parameter one process holds: with expert parallelism a rank keeps 1/R of each
-    routed layer's experts (and its redundant copies, V3 §3.4.1); the rest is replicated."""
+    """Every parameter one process holds: with expert parallelism each FFN states what a rank
+    keeps of it (a routed layer: its block of experts and redundant copies); the rest is replicated."""
     cfg = cell.model
     counts = decoder.param_counts(cfg)
     total = counts["params_total"] + counts["params_mtp"]
-    if cell.ep <= 1 or not hasattr(cfg.ffn, "layout"):
+    if cell.ep <= 1:
         return total
-    lay, R = cfg.ffn.layout(), cell.ep
-    expert_params = 3 * cfg.d_model * lay.expert_d_ff
-    routed_layers = sum(1 for i in range(cfg.n_layers) if i >= cfg.ffn.first_k_dense)
-    local = -(-(lay.n_routed + cell.parallel.get("redundant_experts", 0)) // R)
-    return total - routed_layers * expert_params * (lay.n_routed - local)
+    ffn, redundant = registry.module_of("ffn", cfg), cell.parallel.get("redundant_experts", 0)
+    return total - sum(ffn.param_count(cfg, i) - ffn.rank_param_count(cfg, i, cell.ep, redundant) for i in range(cfg.n_layers))
 
 
-def _widths(cfg) -> dict:
-    """Per-token widths (elements) of one layer's tensors: attention's q, k, v, output; the
-    FFN's activated hidden width; routed experts per token and routed expert count."""
-    a, C = cfg.attention, cfg.d_model
-    if hasattr(a, "kv_lora_rank"):  # MLA and DSA: heads of Dn + Dr, a latent of Dc + Dr (V2 §2.1)
-        from dsbench.variants.mla import mla_dims
-
-        d = mla_dims(cfg)
-        qk = d.H * (d.Dn + d.Dr)
-        attn = dict(q=qk, k=qk, v=qk, o=d.H * d.Dv, latent=d.Dc + d.Dr + d.Dq)
-    else:
-        hd, H = cfg.head_dim(), a.n_heads
-        attn = dict(q=H * hd, k=cfg.n_kv_heads() * hd, v=cfg.n_kv_heads() * hd, o=H * hd, latent=0)
-    f = cfg.ffn
-    if hasattr(f, "layout"):
-        lay = f.layout()
-        ffn = dict(hidden=lay.top_k * lay.expert_d_ff + lay.shared_d_ff, routed=lay.top_k, experts=lay.n_routed)
-    else:
-        ffn = dict(hidden=f.d_ff, routed=0, experts=0)
-    return {**attn, **ffn, "C": C}
+def _parts(cfg) -> tuple[type, type]:
+    return registry.module_of("attention", cfg), registry.module_of("ffn", cfg)
 
 
 def _train_bytes_per_layer_token(cfg, T: int, act_bytes: int, wide_bytes: int) -> float:
-    """What one block keeps for its backward, per token. Counted from the block's ops: two
-    RMSNorms (input and output each), q/k before and after RoPE, v, the attention output and its
-    projection's input; SwiGLU's gate, up, silu and product (4 × hidden) and its input; a routed
-    FFN's gathered input and weighted output per routed expert and its FP32 router logits and
-    scores. Fused SDPA keeps no T×T scores; DSA's sparse attention and indexer keep FP32 scores
-    and probabilities over min(index_topk, T) keys. The model-width tensors (residual, norms,
-    the FFN's input) are `wide_bytes` each: FP32 under autocast, which runs norms in FP32."""
-    w = _widths(cfg)
-    wide = 4 * w["C"] + w["C"] + w["routed"] * 2 * w["C"]
-    narrow = 2 * w["q"] + 2 * w["k"] + w["v"] + 2 * w["o"] + 2 * w["latent"] + 4 * w["hidden"]
-    fp32 = 2 * w["experts"]
-    a = cfg.attention
-    if hasattr(a, "index_topk"):  # V3.2 §2.1: main heads and indexer heads over the selected keys
-        fp32 += 2 * (a.n_heads + a.index_n_heads) * min(a.index_topk, T)
-    return wide * wide_bytes + narrow * act_bytes + fp32 * FP32_BYTES
+    """What one block keeps for its backward, per token: its two RMSNorms (input and output
+    each, model width) and what its attention and FFN state they keep (Part.train_activations).
+    The model-width tensors are `wide_bytes` each: FP32 under autocast, which runs norms in FP32."""
+    attention, ffn = _parts(cfg)
+    kept = Activations(wide=4 * cfg.d_model) + attention.train_activations(cfg, T) + ffn.train_activations(cfg, T)
+    return kept.wide * wide_bytes + kept.narrow * act_bytes + kept.fp32 * FP32_BYTES
 
 
 def _inference_elements_per_token(cfg, T: int) -> float:
-    """The largest live set of one layer's forward without autograd, per token: the residual
-    and its norm, q/k/v and output, SwiGLU's gate and up and their product."""
-    w = _widths(cfg)
-    scores = 0
-    a = cfg.attention
-    if hasattr(a, "index_topk"):
-        scores = 2 * (a.n_heads + a.index_n_heads) * min(a.index_topk, T)
-    return 3 * w["C"] + w["q"] + w["k"] + w["v"] + w["o"] + w["latent"] + 3 * w["hidden"] + scores
+    """The largest live set of one layer's forward without autograd, per token: the residual,
+    its norm and the block's output (model width), and what its attention and FFN state."""
+    attention, ffn = _parts(cfg)
+    return 3 * cfg.d_model + attention.inference_activations(cfg, T) + ffn.inference_activations(cfg, T)
 
 
 # --- what this machine has ---

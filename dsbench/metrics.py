@@ -23,10 +23,11 @@ without one.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from dataclasses import dataclass
 
-from dsbench.schema import AXES, DOTTED_MEASURE_KEYS, dotted_sections
+from dsbench.schema import AXES, DOTTED_MEASURE_KEYS, WORKLOAD_SECTIONS, dotted_sections
 
 GROUPS = ("identity", "axis", "config", "variant", "accounting", "speed", "memory", "energy", "loss", "balance", "fp8",
           "speculative", "flag", "contention", "overhead", "profile", "implementation", "sol")
@@ -114,34 +115,6 @@ _ENTRIES = (
     _cell("mtp_lambda", "1", "train: λ of L_MTP = (λ/D)·Σ_k L_MTP^k (V3 eq. 25; mtp ≥ 1 only)"),
     _cell("train_steps", "1", "speculative: steps the model (MTP modules included) trained before decoding", fmt="int"),
     _cell("memory_budget_bytes", "bytes", "max-batch decode: the budget the batch was fitted into", fmt="mib"),
-    *(_cell(n, u, d, group="variant", owner="attention", fmt=f) for n, u, d, f in (
-        ("n_kv_heads", "1", "KV heads (MHA = n_heads, GQA groups, MQA 1; MLA: none)", "int"),
-        ("kv_lora_rank", "1", "MLA d_c: the latent the cache holds", "int"),
-        ("q_lora_rank", "1", "MLA d_c': query compression (0: none)", "int"),
-        ("qk_nope_head_dim", "1", "MLA d_h: the non-RoPE query/key width", "int"),
-        ("qk_rope_head_dim", "1", "MLA d_h^R: the decoupled RoPE key width", "int"),
-        ("v_head_dim", "1", "MLA value width", "int"),
-        ("mla_impl", "", "MLA decode path: absorb | naive", "text"),
-        ("rope_factor", "1", "MLA/DSA: YaRN's factor where it is active (max_seq_len > original_seq_len; V3: 40)", "g"),
-        ("index_topk", "1", "DSA: keys each query's main attention reads (V3.2: 2048)", "int"),
-        ("index_n_heads", "1", "DSA: lightning-indexer heads (V3.2: 64)", "int"),
-        ("index_head_dim", "1", "DSA: indexer query/key width, its first qk_rope_head_dim channels RoPE'd (V3.2: 128)", "int"),
-        ("index_stage", "", "DSA training: dense (warm-up, the indexer alone) | sparse | staged (MLA steps, warm-up, then sparse)", "text"),
-        ("index_dense_steps", "1", "DSA staged training: the first steps, trained as plain MLA (V3.2 starts from a dense checkpoint)", "int"),
-        ("index_warmup_steps", "1", "DSA staged training: the dense warm-up's steps (the indexer alone, by KL), then sparse", "int"),
-        ("dsa_prefill", "", "DSA whole sequences: gather the selected rows (O(L·k)) | masked dense scores (O(L²))", "text"))),
-    *(_cell(n, u, d, group="variant", owner="ffn", fmt=f) for n, u, d, f in (
-        ("n_experts", "1", "routed FFN: experts before fine-grained splitting", "int"),
-        ("top_k", "1", "routed FFN: experts per token before splitting", "int"),
-        ("granularity", "1", "DeepSeekMoE: each expert split into this many", "int"),
-        ("n_shared", "1", "DeepSeekMoE: shared (always-on) experts; 0 for classic MoE", "int"),
-        ("n_routed_experts", "1", "routed experts per layer after splitting", "int"),
-        ("routed_top_k", "1", "routed experts per token after splitting", "int"),
-        ("expert_d_ff", "1", "one expert's hidden width", "int"),
-        ("first_k_dense", "1", "leading layers kept dense", "int"),
-        ("router", "", "router scoring: softmax | sigmoid", "text"),
-        ("capacity_factor", "1", "expert capacity (tokens dropped above it; none: no limit)", "g"),
-        ("uniform_routing", "", "forced uniform routing (the dispatch-cost best case)", "bool"))),
     _m("params_total", "accounting", "parameters", "every parameter (embedding, all experts, head)", fmt="int", **EXACT),
     _m("params_active", "accounting", "parameters", "what one token multiplies with (the embedding lookup not counted)",
        fmt="int", short="params active", **EXACT),
@@ -178,9 +151,6 @@ _ENTRIES = (
     _host("model_flops_per_s", "speed", "FLOP/s", "flops_per_token × tokens/s", better="higher"),
     _host("peak_flops_per_s", "speed", "FLOP/s", "peak of the arithmetic in use (peak_source)"),
     _host("peak_source", "speed", "", "datasheet or this machine's calibrated matmul", fmt="text"),
-    _host("moe_dispatch", "speed", "", "routed FFN: the experts' implementation (op family moe_experts, kernels/grouped_mm.py, "
-          "through the cell's chooser): grouped_mm | padded_bmm | expert_loop | reference | fp8_grouped_mm, or mixed when "
-          "layers or shapes took different ones", fmt="text"),
     _m("sol_bound", "sol", "", "compute | memory: the side holding most of the light-speed step (dsbench/roofline.py light_columns)",
        fmt="text"),
     _host("sol_step_ms", "sol", "ms", "light-speed step: Σ over parts of max(FLOPs ÷ peak, bytes ÷ bandwidth) at this device's "
@@ -288,8 +258,6 @@ _ENTRIES = (
         ("dead_expert_fraction", "experts that received no token in training"),
         ("dropped_fraction", "tokens dropped above expert capacity"))),
     _m("maxvio_global_source", "balance", "", "eval | inference | train: which forwards maxvio_global sums", fmt="text"),
-    _m("indexer_kept_mass", "loss", "1", "DSA: the main attention's probability mass the indexer's top-k keeps (held-out forwards, "
-       "mean over queries and layers)", fmt="pct", better="higher"),
     _m("router_entropy", "balance", "nats", "mean routing entropy per token"),
     _m("aux_loss_final", "balance", "1", "the auxiliary balance loss at the last step (balance = aux)"),
     *(_m(f"sqnr_{k}_db{s}", "fp8", "dB", f"{what} quantisation SQNR, {agg} over FP8 linears", better="higher")
@@ -357,6 +325,29 @@ for _entry in _ENTRIES:
     register(_entry)
 
 
+def variant_column(name: str, owner: str, unit: str, description: str, fmt: str = "g", **kw) -> Metric:
+    """A column of a variant's own config (group `variant`, decided by the `owner` axis)."""
+    return Metric(name, "variant", unit, description, fmt=fmt, owner=owner, **kw)
+
+
+def declare(metric: Metric) -> Metric:
+    """A variant's column (variants/base.py Part.metric_columns), registered with the variant:
+    listed after its group's last column (or before the groups after it), so the schema table
+    keeps a group together; the same definition twice (one module behind several axis values)
+    is one entry."""
+    if METRICS.get(metric.name) == metric:
+        return metric
+    names, later = list(METRICS), GROUPS[GROUPS.index(metric.group) + 1:] if metric.group in GROUPS else ()
+    peers = [i for i, name in enumerate(names) if METRICS[name].group == metric.group]
+    at = peers[-1] + 1 if peers else next((i for i, name in enumerate(names) if METRICS[name].group in later), len(names))
+    register(metric)
+    items = list(METRICS.items())
+    items.insert(at, items.pop())
+    METRICS.clear()
+    METRICS.update(items)
+    return metric
+
+
 def dotted_axis(name: str) -> Metric | None:
     """A dotted-key axis column ("model.size", "ffn.n_experts"): named by the spec, so registered
     by its form rather than one entry each."""
@@ -370,9 +361,12 @@ def dotted_axis(name: str) -> Metric | None:
 
 
 def _workload_names() -> tuple[str, ...]:
-    from dsbench.workloads import WORKLOADS  # on use (it loads torch): only a dotted column of a workload's section asks
-
-    return tuple(WORKLOADS)
+    """The registered workloads' sections (they register themselves in dsbench.schema). Where this
+    process has not imported them yet, import them now (it loads torch): only a dotted column of a
+    workload's section asks, and the workloads import the variants, which import this module."""
+    if not WORKLOAD_SECTIONS:
+        importlib.import_module("dsbench.workloads")
+    return tuple(WORKLOAD_SECTIONS)
 
 
 def kernel_column(name: str) -> Metric | None:
@@ -440,7 +434,11 @@ def main(argv: list[str]) -> int:
     if argv != ["--markdown"]:
         print("usage: python -m dsbench.metrics --markdown", file=sys.stderr)
         return 2
-    print(markdown_table())
+    # The variants declare their own columns when registered; loaded here, at run time, so that
+    # importing this module never loads torch. They declare them in dsbench.metrics, which under
+    # `python -m` is another module object than this __main__: print that one's table.
+    importlib.import_module("dsbench.variants.registry")
+    print(importlib.import_module("dsbench.metrics").markdown_table())
     return 0
 
 

@@ -14,6 +14,9 @@ PART_SECTIONS = ("attention", "ffn")  # the model's parts, each a variant with i
 # MODEL_FIELDS that no axis sets (tests/test_schema.py holds the two equal).
 MODEL_KEYS = ("size", "d_model", "n_layers", "vocab_size", "max_seq_len", "norm_eps", "tie_embeddings", "init_std", "mtp")
 RUN_SECTIONS = ("measure", "parallel")  # the harness's own sections beside the workloads'
+# The registered workloads' sections, in registration order: dsbench.workloads.register appends
+# each (so a torch-free reader sees them once the workloads are imported, and no list spells them).
+WORKLOAD_SECTIONS: list[str] = []
 KERNELS_SECTION = "kernels"  # [kernels] op family = implementation
 # The [measure] keys that change what a cell runs, so can be swept; the rest say only how it is timed.
 DOTTED_MEASURE_KEYS = ("compile",)

@@ -77,6 +77,13 @@ class SlidingWindowAttention(MultiHeadAttention):
     def row_columns(cfg) -> dict:
         return {"n_kv_heads": cfg.n_kv_heads(), "window": cfg.attention.window}
 
+    @staticmethod
+    def metric_columns() -> tuple[metrics.Metric, ...]:
+        """Its extra column, so reports show it, pairing holds it fixed and `dsbench check` compares it."""
+        window = metrics.variant_column("window", "attention", "tokens", "keys a sliding-window token attends to, itself included",
+                                        "int", check="exact", short="window")
+        return (*MultiHeadAttention.metric_columns(), window)
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
         """q (B, H, T, D) over k, v (B, G, S, D): SDPA with the band mask (an explicit mask, so
         it also holds over a cache, where SDPA's is_causal would align the wrong corner)."""
@@ -84,9 +91,5 @@ class SlidingWindowAttention(MultiHeadAttention):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
-# Its extra column, so reports show it, pairing holds it fixed and `dsbench check` compares it.
-if "window" not in metrics.METRICS:
-    metrics.register(metrics.Metric("window", "variant", "tokens", "keys a sliding-window token attends to, itself included",
-                                    fmt="int", check="exact", owner="attention", short="window"))
 registry.register("attention", registry.Variant(
     "swa", SlidingWindowAttention, SWAConfig, "Beltagy et al. 2004.05150 §3.1; Jiang et al. 2310.06825 §2"))

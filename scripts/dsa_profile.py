@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from dsbench.variants import dsa
+from dsbench.variants import dsa, lightning_indexer
 from dsbench.variants.config import config_from_size
 from dsbench.variants.decoder import build_model
 
@@ -94,7 +94,7 @@ def stages(attn, cache, context: int, x: torch.Tensor) -> dict:
         else:
             score = lambda: ix.score(q_idx, w_idx, k_all, logits)  # noqa: E731
             scores = score()
-            topk = lambda: dsa.select(scores, context, K)  # noqa: E731
+            topk = lambda: lightning_indexer.select(scores, context, K)  # noqa: E731
             idx, valid = topk()
             attend = lambda: attn._gathered_chunk(q, kv, idx, valid, rows)  # noqa: E731
             proj = lambda: (ix.key_values(cache.update_index(context, ix.keys(x, context))), ix.queries(x, x, context))  # noqa: E731

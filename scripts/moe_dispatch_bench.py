@@ -41,7 +41,8 @@ import torch
 from dsbench.measure import StepTimer, bench_device, print_and_save, summarize
 from dsbench.variants.config import SIZES
 from dsbench.kernels.grouped_mm import MOE_EXPERTS, grouped_mm_runs
-from dsbench.variants.moe import GroupedExperts, uniform_assignment
+from dsbench.variants.experts import GroupedExperts
+from dsbench.variants.router import uniform_assignment
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PATHS = ("grouped_mm", "padded_bmm", "expert_loop")  # the reference (a Python loop over experts) is the tests' truth

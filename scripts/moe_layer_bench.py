@@ -34,7 +34,8 @@ import torch
 from dsbench.kernels import choice
 from dsbench.variants.config import config_from_size, with_parts
 from dsbench.variants.ffn import DenseFFN
-from dsbench.variants.moe import MoEFeedForward, dispatch_reference
+from dsbench.variants.dispatch import dispatch_reference
+from dsbench.variants.moe import MoEFeedForward
 
 FINE_64 = dict(size="small", tokens=2048, routed=dict(kind="deepseekmoe", granularity=1, n_experts=65, top_k=7, n_shared=1, d_ff=896))
 

@@ -27,8 +27,10 @@ from dsbench.variants.config import config_from_size
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PLUGIN = "swa"  # examples/sliding_window.py, registered only while its tests run
+ROUTED_PLUGIN = "switch"  # tests/switch_plugin.py: a routed FFN owing nothing to variants/moe.py
+PLUGIN_MODULES = ("sliding_window", "switch_plugin")
 ATTENTION = (*registry.ATTENTION, PLUGIN)
-FFN = tuple(registry.FFN)
+FFN = (*registry.FFN, ROUTED_PLUGIN)
 SHAPES = [PassShape(tokens=64, mean_context_len=16.5, decode=False, batch=2, act_bytes=4, weight_bytes=4),
           PassShape(tokens=2, mean_context_len=40.5, decode=True, batch=2, act_bytes=2, weight_bytes=2)]
 
@@ -38,14 +40,16 @@ def example_plugin(monkeypatch):
     """The example plug-in registered for one test, then removed, so other test modules see the
     built-in registry only."""
     monkeypatch.syspath_prepend(str(EXAMPLES))
-    built_in, columns = dict(registry.ATTENTION), dict(metrics.METRICS)
-    sys.modules.pop("sliding_window", None)
-    registry.import_plugins(["sliding_window"])
+    saved = [(table, dict(table)) for table in (registry.ATTENTION, registry.FFN, metrics.METRICS)]
+    for name in PLUGIN_MODULES:
+        sys.modules.pop(name, None)
+    registry.import_plugins(PLUGIN_MODULES)
     yield
-    for table, saved in ((registry.ATTENTION, built_in), (metrics.METRICS, columns)):
+    for table, before in saved:
         table.clear()
-        table.update(saved)
-    sys.modules.pop("sliding_window", None)
+        table.update(before)
+    for name in PLUGIN_MODULES:
+        sys.modules.pop(name, None)
 
 
 def numel(module: torch.nn.Module) -> int:
@@ -124,3 +128,34 @@ def test_register_refuses_what_breaks_the_contract():
     clash = dataclasses.replace(registry.ATTENTION["swa"], paper="another")
     with pytest.raises(ValueError, match="registered twice"):
         registry.register("attention", clash)
+
+
+@pytest.mark.parametrize("section, kind", [("attention", k) for k in ATTENTION] + [("ffn", k) for k in FFN])
+def test_variant_states_its_memory_and_columns(section, kind):
+    """The memory estimate's members are non-negative ints; every row column is a declared metric."""
+    cfg = attention_cfg(kind) if section == "attention" else ffn_cfg(kind)
+    module = registry.TABLES[section][kind].module
+    for T in (1, 16, 4096):
+        kept = module.train_activations(cfg, T)
+        assert all(isinstance(v, int) and v >= 0 for v in (kept.wide, kept.narrow, kept.fp32)), kept
+        live = module.inference_activations(cfg, T)
+        assert isinstance(live, int) and live >= 0
+    declared = {m.name: m for m in module.metric_columns()}
+    assert all(isinstance(m, metrics.Metric) and metrics.METRICS[name] == m for name, m in declared.items())
+    assert set(module.row_columns(cfg)) <= set(declared), "row columns must be declared in metric_columns()"
+
+
+@pytest.mark.parametrize("kind", [*(k for k, v in registry.FFN.items() if v.routed), ROUTED_PLUGIN])
+def test_routed_ffn_states_its_layout_balance_and_parallel_checks(kind):
+    cfg, module = ffn_cfg(kind), registry.FFN[kind].module
+    lay, C, layer = module.layout(cfg), cfg.d_model, cfg.n_layers - 1  # the last layer is routed
+    # the experts the layout names are the parameters the FFN counts: all of them, or the top_k a token uses
+    experts = 3 * C * lay.n_routed * lay.expert_d_ff
+    active = 3 * C * (lay.top_k * lay.expert_d_ff + lay.shared_d_ff)
+    assert experts <= module.param_count(cfg, layer) and active <= module.active_param_count(cfg, layer)
+    assert module.param_count(cfg, layer) - module.active_param_count(cfg, layer) == 3 * C * (lay.n_routed - lay.top_k) * lay.expert_d_ff
+    assert "none" in module.balances and set(module.balances) <= set(registry.BALANCE)
+    assert 0 < lay.top_k <= lay.n_routed and lay.n_routed % lay.expert_groups == 0
+    problem = module.check_parallel(cfg, lay.n_routed + 1, 0)
+    assert isinstance(problem, str) and "\n" not in problem
+    assert module.rank_param_count(cfg, layer, 1, 0) == module.param_count(cfg, layer)

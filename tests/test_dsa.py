@@ -1,4 +1,4 @@
-"""DeepSeek Sparse Attention (variants/dsa.py, DeepSeek-V3.2-Exp): the indexer's scores and RoPE
+"""DeepSeek Sparse Attention (variants/dsa.py and lightning_indexer.py, DeepSeek-V3.2-Exp): the indexer's scores and RoPE
 layout against direct computations, top-k selection (ties, k ≥ context: then DSA is MLA exactly),
 sparse decode against the full sparse forward, causality, the KL by hand, the dense warm-up's
 freezing, the FP8 indexer and its cache, accounting against the instance and FlopCounterMode, and
@@ -13,7 +13,7 @@ import torch
 
 from dsbench import spec
 from dsbench.errors import SpecError
-from dsbench.variants import dsa
+from dsbench.variants import dsa, lightning_indexer
 from dsbench.variants.config import config_from_size
 from dsbench.variants.decoder import build_model, kv_cache_bytes_per_token, param_counts
 from dsbench.variants.layers import RotaryEmbedding
@@ -71,7 +71,7 @@ def test_indexer_scores_against_a_direct_computation():
 
 def test_selection_is_a_causal_top_k_ties_to_the_lower_position_and_marks_masked_picks():
     scores = torch.tensor([[[1.0, 1.0, 1.0, 1.0], [2.0, 5.0, 5.0, 0.0], [0.0, 3.0, 3.0, 3.0], [1.0, 1.0, 2.0, 2.0]]])
-    idx, valid = dsa.select(scores, 0, 2)
+    idx, valid = lightning_indexer.select(scores, 0, 2)
     picked = [sorted(zip(i.tolist(), v.tolist())) for i, v in zip(idx[0], valid[0])]
     assert [i for i, v in picked[0] if v] == [0]  # one causal key; the other pick is masked (invalid)
     assert [i for i, v in picked[1] if v] == [0, 1]  # position 2 (5.0) is in the future of query 1
@@ -128,7 +128,7 @@ def test_kl_by_hand():
     q1 = torch.tensor([0.0, 1.0, 2.0]).softmax(0)
     kl0 = sum(pi * torch.log(pi / qi) for pi, qi in zip([0.5, 0.5], q0))
     kl1 = sum(pi * torch.log(pi / qi) for pi, qi in zip([0.2, 0.3, 0.5], q1))
-    assert dsa.kl_to_indexer(p, scores, valid).item() == pytest.approx(((kl0 + kl1) / 2).item(), rel=1e-6)
+    assert lightning_indexer.kl_to_indexer(p, scores, valid).item() == pytest.approx(((kl0 + kl1) / 2).item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("stage", ["sparse", "dense"])
@@ -209,7 +209,7 @@ def test_fp8_indexer_keys_are_e4m3_with_power_of_two_scales_in_the_cache():
 
 
 def test_hadamard_is_orthogonal_in_sylvester_order():
-    h = dsa.hadamard(8)
+    h = lightning_indexer.hadamard(8)
     torch.testing.assert_close(h @ h.T, torch.eye(8))
     assert torch.equal(torch.sign(h[1]), torch.tensor([1.0, -1, 1, -1, 1, -1, 1, -1]))
 
@@ -401,7 +401,7 @@ def test_kept_mass_is_measured_only_while_observing_and_is_the_selected_share():
         q_latent = h  # debug MLA has no query compression
         p = dsa.dense_attention_mass(attn, h, q_latent)
         q, w = attn.indexer.queries(q_latent, h, 0)
-        idx, valid = dsa.select(attn.indexer.score(q, w, attn.indexer.key_values(attn.indexer.keys(h, 0))), 0, 4)
+        idx, valid = lightning_indexer.select(attn.indexer.score(q, w, attn.indexer.key_values(attn.indexer.keys(h, 0))), 0, 4)
         by_hand = (torch.gather(p, -1, idx) * valid).sum(-1).mean().item()
     assert attn.kept_mass[0] == pytest.approx(by_hand, rel=1e-6)
 
@@ -412,7 +412,7 @@ def test_fp8_constants_are_the_kernels_and_importing_dsa_leaves_triton_unloaded(
 
     from dsbench.kernels import fp8_quant
 
-    assert (dsa.FP8_DTYPE, dsa.FP8_MAX, dsa.GROUP) == (fp8_quant.FP8_DTYPE, fp8_quant.FP8_MAX, fp8_quant.GROUP)
+    assert (lightning_indexer.FP8_DTYPE, lightning_indexer.FP8_MAX, lightning_indexer.GROUP) == (fp8_quant.FP8_DTYPE, fp8_quant.FP8_MAX, fp8_quant.GROUP)
     code = "import sys, dsbench.variants.registry; print('triton' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
@@ -424,7 +424,7 @@ def test_sparse_part_costs_are_the_traffic_that_runs():
     from dsbench.variants.base import PassShape
 
     cfg = dsa_config(topk=8)
-    d, i = mla_dims(cfg), dsa.indexer_dims(cfg)
+    d, i = mla_dims(cfg), lightning_indexer.indexer_dims(cfg)
     row, qo = (d.Dc + d.Dr) * 4, d.H * (2 * d.Dc + d.Dr) * 4
     params = dsa.DeepSeekSparseAttention._indexer_params(cfg) * 4
     for context in (100, 1000):

@@ -14,7 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dsbench.kernels import choice, dsa_attention, dsa_indexer
-from dsbench.variants import dsa
+from dsbench.variants import lightning_indexer
 from dsbench.variants.config import config_from_size
 from dsbench.variants.decoder import build_model
 
@@ -200,9 +200,9 @@ def test_dequant_rows_is_the_padded_formula_without_the_padding(D):
 
     from dsbench.kernels.fp8_quant import to_float
 
-    q, scale = dsa.quant_ue8m0(torch.randn(2, 5, D) * 30)
-    tiles = F.pad(to_float(q), (0, -D % dsa.GROUP)).unflatten(-1, (-1, dsa.GROUP))
-    assert torch.equal(dsa.dequant_rows(q, scale), (tiles * scale[..., None]).flatten(-2)[..., :D])
+    q, scale = lightning_indexer.quant_ue8m0(torch.randn(2, 5, D) * 30)
+    tiles = F.pad(to_float(q), (0, -D % lightning_indexer.GROUP)).unflatten(-1, (-1, lightning_indexer.GROUP))
+    assert torch.equal(lightning_indexer.dequant_rows(q, scale), (tiles * scale[..., None]).flatten(-2)[..., :D])
 
 
 @pytest.mark.parametrize("pins", [{}, {f: "reference" for f in FAMILIES}, {"dsa_index_scores": "blocked", "dsa_topk": "threshold",

@@ -18,17 +18,10 @@ from dsbench.variants.balance import (
 )
 from dsbench.variants.config import config_from_size, with_parts
 from dsbench.variants.decoder import build_model, param_counts
-from dsbench.variants.moe import (
-    GroupedExperts,
-    MoEFeedForward,
-    Router,
-    combine,
-    dispatch_reference,
-    group_limited,
-    layout,
-    plan_dispatch,
-    uniform_assignment,
-)
+from dsbench.variants.dispatch import combine, dispatch_reference, plan_dispatch
+from dsbench.variants.experts import GroupedExperts
+from dsbench.variants.moe import MoEFeedForward, layout
+from dsbench.variants.router import Router, group_limited, uniform_assignment
 from dsbench.variants.precision import PRECISIONS
 from dsbench.kernels.grouped_mm import padded_bmm
 from dsbench.workloads import Context, run_train

@@ -18,7 +18,8 @@ from dsbench.kernels import grouped_mm as G
 from dsbench.variants import profiling
 from dsbench.variants.config import config_from_size, with_parts
 from dsbench.variants.decoder import _over_layers, build_model
-from dsbench.variants.moe import GroupedExperts, MoEFeedForward
+from dsbench.variants.experts import GroupedExperts
+from dsbench.variants.moe import MoEFeedForward
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPLEMENTATIONS = ("reference", "grouped_mm", "padded_bmm", "expert_loop")

@@ -4,7 +4,6 @@ The rule: in dsbench/**/*.py, outside dsbench/claims/ (claims name what they che
 (each workload is its own file) and dsbench/presets/, no line compares a cell's workload with a
 workload name: `workload ... "train"` (==, in, a key), `of_workload(data, "decode")`, `.name == "prefill"`.
 The data split "train" and metric groups are not workload names and do not match the rule.
-Sites still to move onto the workloads' own attributes are listed with their count, so none is added.
 """
 
 from __future__ import annotations
@@ -16,9 +15,7 @@ DSBENCH = Path(__file__).resolve().parents[1] / "dsbench"
 NAMES = r"""["'](train|prefill|decode|speculative)["']"""
 RULE = re.compile(rf"""workload\W[^\n]{{0,40}}{NAMES}|of_workload\([^)]*{NAMES}|\.name\s*==\s*{NAMES}""")
 EXCLUDED = ("claims", "workloads", "presets")
-# Still to do (each file's count may only fall): spec/parallel.py's _check_parallel and
-# memory_estimate.py (both moved onto contract members by the variants branch).
-REMAINING = {"spec/parallel.py": 2, "memory_estimate.py": 1}
+
 
 
 def found() -> dict[str, int]:
@@ -35,8 +32,7 @@ def found() -> dict[str, int]:
 
 def test_harness_files_do_not_branch_on_workload_names():
     counts = found()
-    grown = {f: n for f, n in counts.items() if n > REMAINING.get(f, 0)}
-    assert grown == {}, f"a harness file names a workload (use a Workload attribute instead): {grown}"
+    assert counts == {}, f"a harness file names a workload (use a Workload attribute instead): {counts}"
 
 
 def test_the_rule_sees_what_it_forbids():

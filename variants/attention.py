@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Attention, PartConfig, PartCost, PassShape, add_cost
+from dsbench.metrics import Metric, variant_column
+
+from .base import Activations, Attention, PartConfig, PartCost, PassShape, add_cost
 from .layers import RotaryEmbedding
 from .precision import linear
 from .profiling import part
@@ -133,6 +135,13 @@ def check_heads(cfg: ModelConfig) -> str | None:
     return None
 
 
+def projection_activations(q: int, k: int, v: int, o: int, latent: int = 0) -> tuple[Activations, int]:
+    """(what training keeps, the inference live set) per token for attention of these per-token
+    widths: q and k before and after RoPE, v, the output and its projection's input, and a
+    latent with its norm's output (MLA); a forward without autograd holds each once."""
+    return Activations(narrow=2 * q + 2 * k + v + 2 * o + 2 * latent), q + k + v + o + latent
+
+
 def attention_costs(shape: PassShape, total_flops: float, matmul_params: int, proj_io: int, rope_io: int,
                     qo_width: int, kv_layer_bytes: int) -> dict[str, PartCost]:
     """One layer's attention parts per step, for the roofline. Projections: 2 FLOPs per matmul
@@ -201,8 +210,26 @@ class MultiHeadAttention(Attention):
         return attention_costs(shape, total, MultiHeadAttention.param_count(cfg), proj_io, 2 * (H + G) * D, 2 * H * D, kv_layer)
 
     @staticmethod
+    def _activations(cfg: ModelConfig) -> tuple[Activations, int]:
+        H, G, D = cfg.attention.n_heads, cfg.n_kv_heads(), cfg.head_dim()
+        return projection_activations(q=H * D, k=G * D, v=G * D, o=H * D)
+
+    @staticmethod
+    def train_activations(cfg: ModelConfig, seq_len: int) -> Activations:
+        """Fused SDPA keeps no T×T scores: the projections' tensors alone."""
+        return MultiHeadAttention._activations(cfg)[0]
+
+    @staticmethod
+    def inference_activations(cfg: ModelConfig, seq_len: int) -> int:
+        return MultiHeadAttention._activations(cfg)[1]
+
+    @staticmethod
     def row_columns(cfg: ModelConfig) -> dict:
         return {"n_kv_heads": cfg.n_kv_heads()}
+
+    @staticmethod
+    def metric_columns() -> tuple[Metric, ...]:
+        return (variant_column("n_kv_heads", "attention", "1", "KV heads (MHA = n_heads, GQA groups, MQA 1; MLA: none)", "int"),)
 
     @staticmethod
     def kernel_families(cfg: ModelConfig, decodes: bool) -> tuple[str, ...]:

@@ -245,6 +245,22 @@ class RoutingStats:
                 for d, name in enumerate(self.domain_names) if counts_DE[d].sum() > 0 for e in range(self.n_experts)]
 
 
+def routing_metrics(layer: int, train_load_SE: list[torch.Tensor], eval_load_E: torch.Tensor | None = None,
+                    entropy_S: list[float] | None = None) -> tuple[list[dict], dict]:
+    """What a routed layer that counts its own expert loads returns from `metrics(layer)` to get
+    the built-in balance columns (maxvio_global, maxvio_batch_*, maxvio_train, dead_expert_fraction,
+    router_entropy) and series (maxvio_batch, expert_load per expert and step): train_load_SE one
+    (E,) int load per training step, eval_load_E the held-out forwards' summed load, entropy_S the
+    mean routing entropy per step (0 where not given)."""
+    stats = RoutingStats((train_load_SE[0] if train_load_SE else eval_load_E).numel())
+    for s, load_E in enumerate(train_load_SE):
+        entropy = torch.tensor(0.0 if entropy_S is None else float(entropy_S[s]))
+        stats.records.append(StepRecord(load_E, entropy, None, 0.0))
+    if eval_load_E is not None:
+        stats.eval_load_E, stats.eval_forwards = eval_load_E, 1
+    return stats.layer_metrics(layer, None)
+
+
 def combine_layers(per_layer: list[dict]) -> tuple[list[dict], dict]:
     """Cell-level columns from the routed layers: means, and percentiles across layers.
 

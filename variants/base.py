@@ -9,12 +9,23 @@ A variant is one module class plus its config class, registered in one line (reg
 | `param_count(cfg[, layer])` | ✓ | ✓ | params_total |
 | `active_param_count(cfg, layer)` | = param_count | ✓ | params_active |
 | `flops_per_token(cfg, ...)` forward, 2 per multiply-add | `(cfg, context_len, decode)` | `(cfg, layer)` | flops_per_token, MFU |
-| `kv_cache_bytes_per_token(cfg, dtype_bytes)` and `new_cache(...)` | ✓ | — | KV columns, max-batch fit, decode |
-| `part_costs(cfg, shape[, layer])` FLOPs and bytes per step by part | ✓ | ✓ | roofline (profile) |
+| `kv_cache_bytes_per_token(cfg, dtype_bytes)` and `new_cache(...)` | ✓ | — | KV columns, memory estimate, max-batch fit, decode |
+| `train_activations(cfg, seq_len)` → `Activations` (wide, narrow, fp32 elements per token) | ✓ | ✓ | memory estimate (train) |
+| `inference_activations(cfg, seq_len)` → int elements per token | ✓ | ✓ | memory estimate (prefill, decode) |
+| `part_costs` FLOPs and bytes per step by part | `(cfg, shape)` | `(cfg, layer, shape)` | roofline (profile) |
 | `row_columns(cfg)` extra result columns | ✓ | ✓ | cells.parquet |
+| `metric_columns()` the dsbench.metrics.Metric of every column it adds (row_columns, `metrics`) | ✓ | ✓ | the metric registry, reports, check |
 | `kernel_families(cfg, decodes)` the op families its forward calls (kernels/choice.py) | ✓ | ✓ | `kernels.*` axes, dry-run |
 | `check_config(cfg)` first problem as one line naming the field, or None | ✓ | ✓ | spec validation (exit 2) |
 | `build(cfg, layer)` the module for one layer | default: `cls(cfg)` | default: `cls(cfg, layer)` | decoder |
+| `routed` (class flag) and `balances` (the `balance` values it implements) | — | routed FFNs | the balance axis |
+| `layout(cfg)` → `Layout` (experts per routed layer), None if not routed | — | routed FFNs | expert parallelism, EPLB |
+| `check_parallel(cfg, ep, redundant)` first problem as one line, or None | — | routed FFNs (default: refuses ep > 1) | spec validation |
+| `rank_param_count(cfg, layer, ep, redundant)` what one expert-parallel rank holds | — | default: all | memory estimate |
+
+`cfg` is always the whole model config (variants/config.py ModelConfig): the part's own fields
+are `cfg.attention` / `cfg.ffn`, the model's `cfg.d_model`, `cfg.n_layers`, ... A hook that raises
+or returns the wrong type at spec time is reported as one line naming the variant and the hook.
 
 Optional hooks (defaults do nothing), read by the decoder after each forward or step:
 `aux_loss` (a training loss the part left from its last forward, or None), `metrics(layer)`
@@ -80,6 +91,31 @@ class PassShape:
     weight_bytes: int  # bytes of a weight element as the pass reads it
 
 
+@dataclass(frozen=True)
+class Layout:
+    """A routed FFN's experts per routed layer, as the harness sizes them (memory estimate,
+    expert parallelism, EPLB); a routed variant's `layout(cfg)` returns it."""
+
+    n_routed: int  # E
+    top_k: int  # K routed experts per token
+    expert_d_ff: int  # F
+    shared_d_ff: int  # K_s · F, one fused SwiGLU (the sum of K_s experts is one wider FFN)
+    expert_groups: int = 1  # G: group-limited routing's groups (V3 §2.1.2); EPLB packs a group per node
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Elements per token that one layer's part keeps for its backward, by the dtype they are
+    kept in (the memory estimate multiplies each by its element size)."""
+
+    wide: int = 0  # model-width tensors: FP32 under autocast (it runs norms in FP32), else the activation dtype
+    narrow: int = 0  # in the activation dtype
+    fp32: int = 0  # FP32 whatever the precision (router logits and scores, softmax over selected keys)
+
+    def __add__(self, other: Activations) -> Activations:
+        return Activations(self.wide + other.wide, self.narrow + other.narrow, self.fp32 + other.fp32)
+
+
 @dataclass
 class PartCost:
     """FLOPs and compulsory bytes of one part per step; bytes None: no analytic count (time only)."""
@@ -108,6 +144,14 @@ class Part(nn.Module):
     aux_loss: torch.Tensor | None = None
 
     def metrics(self, layer: int) -> tuple[list[dict], dict] | None:
+        """Read once at the end of a cell: (series records, summary), or None.
+
+        records: dicts {step, metric, value} with optional layer, index (an expert) and domain,
+        one series.parquet row each. summary: a routed layer's balance summary as
+        variants/balance.py `routing_metrics` returns it (the decoder combines the layers' into
+        maxvio_global and the other balance columns), and/or "columns": {name: value}, the part's
+        own cell columns (numbers averaged over the layers giving them; text that differs between
+        layers becomes "mixed"). Every column named here is declared in `metric_columns()`."""
         return None
 
     def after_optimizer_step(self) -> None:
@@ -153,6 +197,23 @@ class Part(nn.Module):
     def check_config(cfg) -> str | None:
         return None
 
+    @staticmethod
+    def train_activations(cfg, seq_len: int) -> Activations:
+        """Per token, what one layer's part keeps for the backward (memory estimate)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def inference_activations(cfg, seq_len: int) -> int:
+        """Per token, the elements of the part's largest live set in a forward without autograd,
+        in the activation dtype (memory estimate)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def metric_columns() -> tuple:
+        """The result columns this part's rows add (dsbench.metrics.Metric entries: row_columns'
+        and the `metrics` hook's names), registered with the variant."""
+        return ()
+
 
 class Attention(Part):
     """An attention variant: forward(x, start_pos, cache) over (B, T, C), and its cache."""
@@ -186,9 +247,29 @@ class Attention(Part):
 
 
 class FeedForward(Part):
-    """An FFN variant: forward(x) over (B, T, C). `routed` variants take the balance axis."""
+    """An FFN variant: forward(x) over (B, T, C). `routed` variants take the balance axis and
+    state their experts (`layout`), the balance values they implement and their expert-parallel
+    checks; a plain FFN keeps the defaults."""
 
     routed: ClassVar[bool] = False
+    balances: ClassVar[tuple[str, ...]] = ("none",)  # the `balance` values it implements (registry.BALANCE)
+
+    @staticmethod
+    def layout(cfg) -> Layout | None:
+        """A routed FFN's experts per routed layer; None: no routed experts."""
+        return None
+
+    @staticmethod
+    def check_parallel(cfg, ep: int, redundant: int) -> str | None:
+        """Can ep expert-parallel ranks (plus `redundant` EPLB replicas) hold this FFN? The first
+        problem as one line, or None. A routed FFN that shards its experts overrides this."""
+        return (f"ffn = {cfg.ffn.kind}: parallel.ep = {ep} needs expert parallelism, which this variant does not "
+                f"implement (FeedForward.check_parallel); use parallel.ep = 1")
+
+    @classmethod
+    def rank_param_count(cls, cfg, layer_idx: int, ep: int, redundant: int) -> int:
+        """The parameters one of ep expert-parallel ranks holds of this layer (default: all)."""
+        return cls.param_count(cfg, layer_idx)
 
     @classmethod
     def build(cls, cfg, layer_idx: int) -> nn.Module:

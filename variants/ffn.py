@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from .base import FeedForward, PartConfig, PartCost, PassShape, add_cost
+from .base import Activations, FeedForward, PartConfig, PartCost, PassShape, add_cost
 from .precision import linear
 from .profiling import part
 
@@ -24,6 +24,17 @@ class DenseFFNConfig(PartConfig):
     kind: str = "dense"
     d_ff: int = 192  # SwiGLU hidden width; the dense base MoE variants are cut from
     balance: str = "n/a"  # the balance axis does not apply (kept so every FFN's identity names it)
+
+
+def swiglu_train_activations(d_model: int, hidden: int) -> Activations:
+    """What a SwiGLU of this activated hidden width keeps per token: gate, up, silu and product
+    (4 × hidden) and its model-width input."""
+    return Activations(wide=d_model, narrow=4 * hidden)
+
+
+def swiglu_inference_activations(hidden: int) -> int:
+    """A SwiGLU's live set per token without autograd: gate, up and their product."""
+    return 3 * hidden
 
 
 def swiglu_costs(costs: dict[str, PartCost], part_name: str, d_model: int, d_ff: int, shape: PassShape) -> None:
@@ -59,6 +70,14 @@ class DenseFFN(FeedForward):
     def flops_per_token(cfg: ModelConfig, layer_idx: int = 0) -> float:
         """Forward: three C×F matmuls at 2 FLOPs per multiply-add (the SiLU/product are ignored)."""
         return 2 * DenseFFN.active_param_count(cfg, layer_idx)
+
+    @staticmethod
+    def train_activations(cfg: ModelConfig, seq_len: int) -> Activations:
+        return swiglu_train_activations(cfg.d_model, cfg.ffn.d_ff)
+
+    @staticmethod
+    def inference_activations(cfg: ModelConfig, seq_len: int) -> int:
+        return swiglu_inference_activations(cfg.ffn.d_ff)
 
     @staticmethod
     def part_costs(cfg: ModelConfig, layer_idx: int, shape: PassShape) -> dict[str, PartCost]:

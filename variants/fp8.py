@@ -303,7 +303,7 @@ class _Fp8GroupedMmFn(torch.autograd.Function):
 
 def fp8_grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor, recipe: str = "blockwise",
                    probe: QuantisationProbe | None = None) -> torch.Tensor:
-    """The FP8 counterpart of moe.grouped_mm: rows ends[e−1]:ends[e] of x times w[e]."""
+    """The FP8 counterpart of grouped_mm (kernels/grouped_mm.py): rows ends[e−1]:ends[e] of x times w[e]."""
     if torch.compiler.is_compiling() and probe is None:  # one opaque custom op: no graph break
         return torch.ops.dsbench.fp8_grouped_mm(x_MK, w_EKN, ends_E, recipe, _out_dtype(x_MK))[0]
     return _eager_grouped_mm(x_MK, w_EKN, ends_E, recipe, probe)

@@ -36,8 +36,10 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from .attention import KVCache, _row_view, attention_costs, cached_attention, causal_attention, check_heads
-from .base import Attention, PartConfig, PartCost, PassShape, at_least, choices
+from dsbench.metrics import Metric, variant_column
+
+from .attention import KVCache, MultiHeadAttention, _row_view, attention_costs, cached_attention, causal_attention, check_heads, projection_activations
+from .base import Activations, Attention, PartConfig, PartCost, PassShape, at_least, choices
 from .layers import RMSNorm, RotaryEmbedding
 from .precision import linear
 from .profiling import part
@@ -238,9 +240,36 @@ class MultiHeadLatentAttention(Attention):
         return attention_costs(shape, total, MultiHeadLatentAttention._matmul_params(cfg), proj_io, rope_io, qo_width, kv_layer)
 
     @staticmethod
+    def _activations(cfg: ModelConfig) -> tuple[Activations, int]:
+        """Heads of Dn + Dr for q and k, v counted at that width too (an approximation: Dv ≤ Dn + Dr
+        here), a latent of Dc + Dr + Dq (V2 §2.1)."""
+        d = mla_dims(cfg)
+        qk = d.H * (d.Dn + d.Dr)
+        return projection_activations(q=qk, k=qk, v=qk, o=d.H * d.Dv, latent=d.Dc + d.Dr + d.Dq)
+
+    @staticmethod
+    def train_activations(cfg: ModelConfig, seq_len: int) -> Activations:
+        return MultiHeadLatentAttention._activations(cfg)[0]
+
+    @staticmethod
+    def inference_activations(cfg: ModelConfig, seq_len: int) -> int:
+        return MultiHeadLatentAttention._activations(cfg)[1]
+
+    @staticmethod
     def kernel_families(cfg: ModelConfig, decodes: bool) -> tuple[str, ...]:
         # causal attention of train, prefill and the prompt; absorbed decode over the latent cache
         return ("attention", "mla_decode") if decodes and cfg.attention.mla_impl == "absorbed" else ("attention",)
+
+    @staticmethod
+    def metric_columns() -> tuple[Metric, ...]:
+        return (*MultiHeadAttention.metric_columns(), *(variant_column(n, "attention", u, d, f) for n, u, d, f in (
+            ("kv_lora_rank", "1", "MLA d_c: the latent the cache holds", "int"),
+            ("q_lora_rank", "1", "MLA d_c': query compression (0: none)", "int"),
+            ("qk_nope_head_dim", "1", "MLA d_h: the non-RoPE query/key width", "int"),
+            ("qk_rope_head_dim", "1", "MLA d_h^R: the decoupled RoPE key width", "int"),
+            ("v_head_dim", "1", "MLA value width", "int"),
+            ("mla_impl", "", "MLA decode path: absorb | naive", "text"),
+            ("rope_factor", "1", "MLA/DSA: YaRN's factor where it is active (max_seq_len > original_seq_len; V3: 40)", "g"))))
 
     @staticmethod
     def row_columns(cfg: ModelConfig) -> dict:

@@ -10,6 +10,9 @@ Both are one layer, `MoEFeedForward`, cut from the same dense SwiGLU base of wid
   active. Expert parameters total and activated are therefore identical to `moe`; only the
   gate differs (C per routed expert).
 
+The layer is router (router.py) → dispatch (dispatch.py) → grouped experts (experts.py) →
+combine; this file holds the configs, their layout and checks, and the layer.
+
 Legend: N tokens (batch × seq, flattened), C model width, E routed experts, K routed experts per
 token, F expert width, G expert groups, D data domains. Suffixes give shapes: scores_NE.
 """
@@ -22,26 +25,26 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .balance import (
     RoutingStats,
     per_token_share,
     device_balance_loss,
-    expert_load,
     expert_balance_loss,
     sequence_balance_loss,
     update_bias,
 )
+from dsbench.metrics import Metric, variant_column
+
 from . import expert_parallel
-from .base import FeedForward, PartConfig, PartCost, PassShape, add_cost, at_least, choices
-from .ffn import DenseFFN, DenseFFNConfig, swiglu_costs
-from .fp8 import fp8_grouped_mm
-from dsbench.kernels import choice
-from dsbench.kernels.grouped_mm import MOE_EXPERTS
+from .base import Activations, FeedForward, Layout, PartConfig, PartCost, PassShape, add_cost, at_least, choices
+from .dispatch import Dispatch, gather_rows, plan_dispatch, sum_rows
+from .experts import GroupedExperts
+from .ffn import DenseFFN, DenseFFNConfig, swiglu_costs, swiglu_inference_activations, swiglu_train_activations
 from .precision import PRECISIONS
 from .profiling import part
+from .router import Router, Routing, uniform_assignment
 
 if TYPE_CHECKING:
     from .config import ModelConfig
@@ -73,7 +76,7 @@ class RoutedFFNConfig(PartConfig):
     uniform_routing: bool = False  # force a perfectly balanced assignment (best-case throughput)
 
     def layout(self) -> Layout:
-        return Layout(self.n_experts, self.top_k, self.d_ff // self.top_k, 0)
+        return Layout(self.n_experts, self.top_k, self.d_ff // self.top_k, 0, self.n_group)
 
     def check_split(self) -> str | None:
         return None
@@ -93,7 +96,7 @@ class DeepSeekMoEConfig(RoutedFFNConfig):
 
     def layout(self) -> Layout:
         m, fine = self.granularity, self.d_ff // self.top_k // self.granularity
-        return Layout(m * self.n_experts - self.n_shared, m * self.top_k - self.n_shared, fine, self.n_shared * fine)
+        return Layout(m * self.n_experts - self.n_shared, m * self.top_k - self.n_shared, fine, self.n_shared * fine, self.n_group)
 
     def check_split(self) -> str | None:
         if (self.d_ff // self.top_k) % self.granularity:
@@ -104,14 +107,6 @@ class DeepSeekMoEConfig(RoutedFFNConfig):
 
     def split_columns(self) -> dict:
         return {"granularity": self.granularity, "n_shared": self.n_shared}
-
-
-@dataclass(frozen=True)
-class Layout:
-    n_routed: int  # E
-    top_k: int  # K routed experts per token
-    expert_d_ff: int  # F
-    shared_d_ff: int  # K_s · F, one fused SwiGLU (the sum of K_s experts is one wider FFN)
 
 
 def layout(ffn: RoutedFFNConfig) -> Layout:
@@ -141,196 +136,6 @@ def check_config(cfg: ModelConfig) -> str | None:
     return None
 
 
-def router_rule(ffn: RoutedFFNConfig) -> tuple[str, bool, float]:
-    """(score function, renormalise top-k weights, routed scale) of the configured router."""
-    if ffn.router == "v3":  # DeepSeek-V3 §2.1.2: sigmoid affinities, normalised, then scaled
-        return "sigmoid", True, ffn.routed_scale
-    # Softmax gates (GShard, DeepSeekMoE §2) are not renormalised; sigmoid scores must be.
-    return ffn.router, ffn.norm_topk or ffn.router == "sigmoid", 1.0
-
-
-# --- routing ---
-
-
-@dataclass
-class Routing:
-    expert_ids_NK: torch.Tensor  # chosen routed experts
-    weights_NK: torch.Tensor  # gate values, from the unbiased scores
-    scores_NE: torch.Tensor  # fp32 affinities (softmax or sigmoid), differentiable
-
-
-def group_limited(select_NE: torch.Tensor, n_group: int, topk_group: int, top_k: int) -> torch.Tensor:
-    """Keep the topk_group best of n_group expert groups per token; others get −inf, never 0.
-
-    Group score: the sum of its highest top_k/topk_group scores (V3 §2.1.2, node-limited
-    routing; V3's code sums the top 2 = 8/4).
-    """
-    N, E = select_NE.shape
-    grouped_NGe = select_NE.view(N, n_group, E // n_group)
-    per_group = min(max(1, top_k // topk_group), E // n_group)
-    group_score_NG = grouped_NGe.topk(per_group, dim=-1).values.sum(dim=-1)
-    keep_NG = torch.zeros_like(group_score_NG, dtype=torch.bool)
-    keep_NG.scatter_(1, group_score_NG.topk(topk_group, dim=-1).indices, True)
-    return grouped_NGe.masked_fill(~keep_NG[..., None], float("-inf")).view(N, E)
-
-
-class Router(nn.Module):
-    """Affinities in fp32 (the gate stays high precision, V3 §3.3.1), top-k over biased scores."""
-
-    def __init__(self, cfg: ModelConfig, lay: Layout):
-        super().__init__()
-        f = cfg.ffn
-        self.top_k, self.n_group, self.topk_group = lay.top_k, f.n_group, f.topk_group
-        self.score_func, self.normalise, self.scale = router_rule(f)
-        self.weight = nn.Parameter(torch.empty(lay.n_routed, cfg.d_model))
-        # Auxiliary-loss-free balancing's bias (V3 §2.1.2): used only to choose experts.
-        self.register_buffer("expert_bias_E", torch.zeros(lay.n_routed), persistent=True)
-        self.use_bias = f.balance == "bias"
-
-    def forward(self, x_NC: torch.Tensor) -> Routing:
-        logits_NE = F.linear(x_NC.float(), self.weight.float())
-        scores_NE = logits_NE.softmax(dim=-1) if self.score_func == "softmax" else logits_NE.sigmoid()
-        select_NE = scores_NE + self.expert_bias_E if self.use_bias else scores_NE
-        if self.n_group > 1:
-            select_NE = group_limited(select_NE, self.n_group, self.topk_group, self.top_k)
-        expert_ids_NK = select_NE.topk(self.top_k, dim=-1).indices
-        return Routing(expert_ids_NK, self.gate_weights(scores_NE, expert_ids_NK), scores_NE)
-
-    def gate_weights(self, scores_NE: torch.Tensor, expert_ids_NK: torch.Tensor) -> torch.Tensor:
-        weights_NK = scores_NE.gather(1, expert_ids_NK)  # unbiased: the bias never reaches the output
-        if self.normalise:
-            weights_NK = weights_NK / (weights_NK.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights_NK * self.scale
-
-
-def uniform_assignment(n_tokens: int, n_experts: int, top_k: int, device) -> torch.Tensor:
-    """A perfectly balanced assignment: token t takes experts (tK + j) mod E, j < K."""
-    slots = torch.arange(n_tokens * top_k, device=device)
-    return (slots % n_experts).view(n_tokens, top_k)
-
-
-# --- experts and dispatch ---
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """Autocast does not cover grouped matmuls: follow it by hand, as nn.Linear would."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
-class GroupedExperts(nn.Module):
-    """E SwiGLU experts stored as stacked weights, applied to expert-sorted rows.
-
-    Which implementation runs (kernels/grouped_mm.py: reference, grouped_mm, padded_bmm,
-    expert_loop) is the active chooser's (kernels/choice.py: auto measures each shape once, or
-    the cell's pin); every one this layer took is its moe_dispatch column."""
-
-    def __init__(self, n_experts: int, d_model: int, d_ff: int, fp8_recipe: str | None = None):
-        super().__init__()
-        self.w1_ECF = nn.Parameter(torch.empty(n_experts, d_model, d_ff))  # gate
-        self.w3_ECF = nn.Parameter(torch.empty(n_experts, d_model, d_ff))  # up
-        self.w2_EFC = nn.Parameter(torch.empty(n_experts, d_ff, d_model))  # down
-        self.fp8_recipe = fp8_recipe  # the experts' GEMMs in FP8 too (V3 §3.3), under fp8 precisions
-        if fp8_recipe is not None:
-            self.fp8_probe = None  # set by fp8.QuantisationProbe while it measures SQNR
-        self.paths_run: set[str] = set()  # the moe_dispatch column: every implementation an eager call took
-        self.compiled_path: str | None = None  # what compiled calls took (written, never read, in the trace)
-
-    def _took(self, name: str) -> None:
-        if torch.compiler.is_compiling():  # reading the set would make its contents a guard: a recompile
-            self.compiled_path = name
-        else:
-            self.paths_run.add(name)
-
-    def dispatch_label(self) -> str | None:
-        """The implementation the calls took, "mixed" where they took more than one; None before any call."""
-        paths = self.paths_run | ({self.compiled_path} if self.compiled_path else set())
-        if not paths:
-            return None
-        return next(iter(paths)) if len(paths) == 1 else "mixed"
-
-    def forward(self, x_MC: torch.Tensor, ends_E: torch.Tensor, weight_M: torch.Tensor | None = None) -> torch.Tensor:
-        """Each row through its expert's SwiGLU, times its gate weight where one is given."""
-        if self.fp8_recipe is not None:
-            self._took("fp8_grouped_mm")
-            return self._fp8(x_MC, ends_E, weight_M)
-        dtype = compute_dtype(x_MC)
-        args = (x_MC.to(dtype), self.w1_ECF.to(dtype), self.w3_ECF.to(dtype), self.w2_EFC.to(dtype), ends_E,
-                None if weight_M is None else weight_M.to(dtype))
-        impl = choice.active().pick(MOE_EXPERTS, *args)
-        self._took(impl.name)
-        return impl.fn(*args)
-
-    def _fp8(self, x_MC, ends_E, weight_M) -> torch.Tensor:
-        mm = lambda x, w: fp8_grouped_mm(x, w, ends_E, self.fp8_recipe, self.fp8_probe)  # noqa: E731
-        out_MC = mm(F.silu(mm(x_MC, self.w1_ECF)) * mm(x_MC, self.w3_ECF), self.w2_EFC)
-        return out_MC if weight_M is None else out_MC * weight_M[:, None].to(out_MC.dtype)
-
-    def expert(self, e: int, x_MC: torch.Tensor) -> torch.Tensor:
-        """One expert alone (the naive reference's building block)."""
-        w1, w3, w2 = (w[e].to(x_MC.dtype) for w in (self.w1_ECF, self.w3_ECF, self.w2_EFC))
-        return (F.silu(x_MC @ w1) * (x_MC @ w3)) @ w2
-
-
-@dataclass
-class Dispatch:
-    """Assignments sorted by expert: which token each row is, its gate weight, expert bounds.
-    Everything stays on the device (no host sync): dropped is a 0-d tensor."""
-
-    token_M: torch.Tensor
-    weight_M: torch.Tensor
-    ends_E: torch.Tensor
-    dropped: torch.Tensor  # assignments past their expert's capacity (0 when dropless)
-    load_E: torch.Tensor | None = None  # assignments each expert was chosen for, before any drop
-
-
-def plan_dispatch(expert_ids_NK: torch.Tensor, weights_NK: torch.Tensor, n_experts: int, capacity: int | None) -> Dispatch:
-    """Sort the N·K assignments by expert (stable, so token order holds within an expert).
-
-    With a capacity, each expert keeps its first `capacity` tokens in token order (GShard's
-    rule) and the rest are dropped: those tokens get no output from that expert.
-    """
-    K = expert_ids_NK.shape[1]
-    flat_ids = expert_ids_NK.flatten()
-    order_M = flat_ids.argsort(stable=True)
-    load_E = counts_E = expert_load(flat_ids, n_experts)
-    dropped = torch.zeros((), dtype=torch.int64, device=flat_ids.device)
-    if capacity is not None:
-        starts_E = counts_E.cumsum(0) - counts_E
-        slot_M = torch.arange(order_M.numel(), device=order_M.device) - starts_E[flat_ids[order_M]]
-        kept = slot_M < capacity
-        dropped = order_M.numel() - kept.sum()
-        order_M, counts_E = order_M[kept], counts_E.clamp(max=capacity)
-    return Dispatch(order_M // K, weights_NK.flatten().index_select(0, order_M), counts_E.cumsum(0), dropped, load_E)
-
-
-def gather_rows(x_NC: torch.Tensor, plan: Dispatch) -> torch.Tensor:
-    """Each assignment's token row, in plan order. index_select, not x[token_M]: 3.5× faster on
-    a CPU forward, and its backward is an index_add_, not an accumulating index_put_ (2×)."""
-    return x_NC.index_select(0, plan.token_M)
-
-
-def sum_rows(rows_MC: torch.Tensor, plan: Dispatch, n_tokens: int) -> torch.Tensor:
-    """Sum gate-weighted rows back onto their tokens."""
-    return rows_MC.new_zeros(n_tokens, rows_MC.shape[1]).index_add_(0, plan.token_M, rows_MC)
-
-
-def combine(expert_out_MC: torch.Tensor, plan: Dispatch, n_tokens: int) -> torch.Tensor:
-    """Scale each row by its gate weight and sum the rows back onto their tokens."""
-    return sum_rows(expert_out_MC * plan.weight_M[:, None].to(expert_out_MC.dtype), plan, n_tokens)
-
-
-def dispatch_reference(x_NC, expert_ids_NK, weights_NK, experts: GroupedExperts) -> torch.Tensor:
-    """The naive loop over experts, kept only as the tests' and the benchmark's reference."""
-    out_NC = torch.zeros_like(x_NC)
-    for e in range(experts.w1_ECF.shape[0]):
-        token_idx, slot = torch.nonzero(expert_ids_NK == e, as_tuple=True)
-        if token_idx.numel():
-            y = experts.expert(e, x_NC[token_idx]) * weights_NK[token_idx, slot, None].to(x_NC.dtype)
-            out_NC = out_NC.index_add(0, token_idx, y)
-    return out_NC
-
 
 # --- the layer ---
 
@@ -340,6 +145,7 @@ class MoEFeedForward(FeedForward):
 
     Config = RoutedFFNConfig
     routed = True
+    balances = ("none", "aux", "bias")
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
@@ -365,6 +171,51 @@ class MoEFeedForward(FeedForward):
         return DenseFFN(cfg, layer_idx) if layer_idx < cfg.ffn.first_k_dense else cls(cfg, layer_idx)
 
     check_config = staticmethod(check_config)
+
+    @staticmethod
+    def layout(cfg: ModelConfig) -> Layout:
+        return layout(cfg.ffn)
+
+    @staticmethod
+    def check_parallel(cfg: ModelConfig, ep: int, redundant: int) -> str | None:
+        """ep ranks must split the routed experts (and the EPLB replicas) evenly; the device-level
+        loss must group the experts by the ranks that hold them."""
+        f, n_routed = cfg.ffn, layout(cfg.ffn).n_routed
+        if n_routed % ep:
+            return (f"parallel.ep: {ep} does not divide the {n_routed} routed experts of ffn = {f.kind}; "
+                    f"use an ep that divides it (or change ffn.n_experts / granularity / n_shared)")
+        if redundant and (n_routed + redundant) % ep:
+            return (f"parallel.redundant_experts: {redundant} + the {n_routed} routed experts of ffn = "
+                    f"{f.kind} do not split over parallel.ep = {ep} ranks; use a multiple of {ep}")
+        if f.aux_device_alpha and f.n_devices != ep:
+            return (f"ffn.n_devices: {f.n_devices} with parallel.ep = {ep}: the device-level balance loss "
+                    f"(aux_device_alpha) must group the experts by the ranks that hold them; set ffn.n_devices = {ep}")
+        return None
+
+    @classmethod
+    def rank_param_count(cls, cfg: ModelConfig, layer_idx: int, ep: int, redundant: int) -> int:
+        """A rank keeps ⌈(E + redundant)/ep⌉ of a routed layer's experts (redundant copies: V3
+        §3.4.1); the gate and shared experts are replicated."""
+        total = cls.param_count(cfg, layer_idx)
+        if layer_idx < cfg.ffn.first_k_dense:
+            return total
+        lay = layout(cfg.ffn)
+        local = -(-(lay.n_routed + redundant) // ep)
+        return total - 3 * cfg.d_model * lay.expert_d_ff * (lay.n_routed - local)
+
+    @staticmethod
+    def train_activations(cfg: ModelConfig, seq_len: int) -> Activations:
+        """The activated experts' SwiGLU (K·F + shared), each routed row's gathered input and
+        weighted output (model width), and the FP32 router logits and scores. Leading dense
+        layers are counted as routed ones (an upper bound)."""
+        lay, C = layout(cfg.ffn), cfg.d_model
+        swiglu = swiglu_train_activations(C, lay.top_k * lay.expert_d_ff + lay.shared_d_ff)
+        return swiglu + Activations(wide=lay.top_k * 2 * C, fp32=2 * lay.n_routed)
+
+    @staticmethod
+    def inference_activations(cfg: ModelConfig, seq_len: int) -> int:
+        lay = layout(cfg.ffn)
+        return swiglu_inference_activations(lay.top_k * lay.expert_d_ff + lay.shared_d_ff)
 
     # --- accounting ---
     @staticmethod
@@ -421,6 +272,26 @@ class MoEFeedForward(FeedForward):
         return {"n_experts": f.n_experts, "top_k": f.top_k, **f.split_columns(), "n_routed_experts": lay.n_routed,
                 "routed_top_k": lay.top_k, "expert_d_ff": lay.expert_d_ff, "first_k_dense": f.first_k_dense,
                 "router": f.router, "capacity_factor": f.capacity_factor, "uniform_routing": f.uniform_routing}
+
+    @staticmethod
+    def metric_columns() -> tuple[Metric, ...]:
+        layout_columns = (variant_column(n, "ffn", u, d, f) for n, u, d, f in (
+            ("n_experts", "1", "routed FFN: experts before fine-grained splitting", "int"),
+            ("top_k", "1", "routed FFN: experts per token before splitting", "int"),
+            ("granularity", "1", "DeepSeekMoE: each expert split into this many", "int"),
+            ("n_shared", "1", "DeepSeekMoE: shared (always-on) experts; 0 for classic MoE", "int"),
+            ("n_routed_experts", "1", "routed experts per layer after splitting", "int"),
+            ("routed_top_k", "1", "routed experts per token after splitting", "int"),
+            ("expert_d_ff", "1", "one expert's hidden width", "int"),
+            ("first_k_dense", "1", "leading layers kept dense", "int"),
+            ("router", "", "router scoring: softmax | sigmoid", "text"),
+            ("capacity_factor", "1", "expert capacity (tokens dropped above it; none: no limit)", "g"),
+            ("uniform_routing", "", "forced uniform routing (the dispatch-cost best case)", "bool")))
+        dispatch = Metric("moe_dispatch", "speed", "", "routed FFN: the experts' implementation (op family moe_experts, "
+                          "kernels/grouped_mm.py, through the cell's chooser): grouped_mm | padded_bmm | expert_loop | "
+                          "reference | fp8_grouped_mm, or mixed when layers or shapes took different ones", fmt="text",
+                          host_dependent=True)
+        return (*layout_columns, dispatch)
 
     def set_token_domains(self, domains_B: torch.Tensor, names: tuple[str, ...]) -> None:
         self.token_domains = (domains_B, tuple(names))

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 
+from dsbench import metrics
+
 from .attention import MHAConfig, MultiHeadAttention
 from .base import Attention, FeedForward, PartConfig
 from .dsa import DeepSeekSparseAttention, DSAConfig
@@ -67,6 +69,8 @@ def register(section: str, variant: Variant) -> Variant:
     if existing is not None and existing != variant:
         raise ValueError(f"{section} variant {variant.name!r} is registered twice ({existing.module.__module__} and {variant.module.__module__})")
     TABLES[section][variant.name] = variant
+    for column in variant.module.metric_columns():
+        metrics.declare(column)
     return variant
 
 
@@ -99,6 +103,11 @@ def axis_values() -> dict[str, tuple[str, ...]]:
         "precision": tuple(PRECISIONS),
         "balance": tuple(BALANCE),
     }
+
+
+def module_of(section: str, cfg) -> type:
+    """The module class of a model config's attention or ffn part."""
+    return TABLES[section][getattr(cfg, section).kind].module
 
 
 def config_fields(section: str, kind: str) -> dict[str, dataclasses.Field]:

@@ -17,6 +17,7 @@ from dsbench.variants import mtp, registry
 from dsbench.workloads import WORKLOADS
 
 from .expand import cell_configs, part_configs, workload_read
+from .hooks import part_hook
 from .parallel import _check_parallel
 from .sections import AXIS_FIELDS, SECTIONS, available_axis_values, default_axes
 
@@ -105,14 +106,18 @@ def _check_combinations(spec) -> None:
     cfg = configs[0][1]
     if spec.data in ("synthetic", "synthetic-long") and cfg.vocab_size < 256:
         raise SpecError(f"model.vocab_size: {cfg.vocab_size} is below 256, the byte vocabulary of the synthetic data")
-    for _, cell_cfg in configs:  # each variant refuses a config it cannot build, in one line
+    for axes, cell_cfg in configs:  # each variant refuses a config it cannot build, in one line
         problem = mtp.check_config(cell_cfg)
         if problem:
             raise SpecError(problem)
         for section in PART_SECTIONS:
-            problem = registry.TABLES[section][getattr(cell_cfg, section).kind].module.check_config(cell_cfg)
-            if problem:
+            if problem := part_hook(section, cell_cfg, "check_config", str, cell_cfg):
                 raise SpecError(problem)
+            part_hook(section, cell_cfg, "param_count", int, cell_cfg)
+        ffn = registry.module_of("ffn", cell_cfg)
+        if ffn.routed and axes["balance"] not in ffn.balances:
+            raise SpecError(f"axes.balance: {axes['balance']!r} is not implemented by ffn = {cell_cfg.ffn.kind}; "
+                            f"it implements: {', '.join(ffn.balances)}")
     _check_distinct_variants(spec)
     _check_workloads(spec)
     _check_parallel(spec, configs)

@@ -10,6 +10,8 @@ from dsbench.errors import SpecError
 from dsbench.variants import registry
 from dsbench.workloads import WORKLOADS
 
+from .hooks import part_hook
+
 if TYPE_CHECKING:
     from .sweep import SweepSpec
 
@@ -54,17 +56,10 @@ def _check_parallel(spec: SweepSpec, configs: list) -> None:
     if not taking:
         raise SpecError(f"parallel.ep: {p.ep} applies to routed FFN cells of the {' and '.join(PARALLEL_WORKLOADS)} workloads only; "
                         f"this sweep has none (axes.ffn = {', '.join(spec.axes['ffn'])}, axes.workload = {', '.join(spec.axes['workload'])})")
-    if p.redundant_experts and not any(axes["workload"] == "prefill" for axes, _ in taking):
+    if p.redundant_experts and not any(WORKLOADS[axes["workload"]].redundant_experts for axes, _ in taking):
         raise SpecError(f"parallel.redundant_experts: {p.redundant_experts} applies to prefill cells only (V3 deploys "
                         f"redundant experts for inference, §3.4.1); add prefill to [axes] workload or drop the key")
-    for axes, cfg in taking:
-        n_routed = cfg.ffn.layout().n_routed
-        if n_routed % p.ep:
-            raise SpecError(f"parallel.ep: {p.ep} does not divide the {n_routed} routed experts of ffn = {axes['ffn']}; "
-                            f"use an ep that divides it (or change ffn.n_experts / granularity / n_shared)")
-        if axes["workload"] == "prefill" and (n_routed + p.redundant_experts) % p.ep:
-            raise SpecError(f"parallel.redundant_experts: {p.redundant_experts} + the {n_routed} routed experts of ffn = "
-                            f"{axes['ffn']} do not split over parallel.ep = {p.ep} ranks; use a multiple of {p.ep}")
-        if cfg.ffn.aux_device_alpha and cfg.ffn.n_devices != p.ep:
-            raise SpecError(f"ffn.n_devices: {cfg.ffn.n_devices} with parallel.ep = {p.ep}: the device-level balance loss "
-                            f"(aux_device_alpha) must group the experts by the ranks that hold them; set ffn.n_devices = {p.ep}")
+    for axes, cfg in taking:  # the routed FFN states what its expert parallelism needs
+        redundant = parallel_of(spec, axes).get("redundant_experts", 0)
+        if problem := part_hook("ffn", cfg, "check_parallel", str, cfg, p.ep, redundant):
+            raise SpecError(problem)

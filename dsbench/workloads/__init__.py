@@ -11,6 +11,8 @@ user's), and the spec, the CLI and the report read them from WORKLOADS.
 
 from __future__ import annotations
 
+from dsbench import schema
+
 from .base import CellFlags, Context, Diverged, Workload, WorkloadRun, point
 from .decode import MAX_PREFILL_TOKENS, Decode, DecodeSettings, generate, max_batch, prefill_caches
 from .prefill import Prefill, PrefillSettings
@@ -28,6 +30,7 @@ def register(workload: Workload) -> Workload:
     if workload.name in WORKLOADS:
         raise ValueError(f"workload {workload.name!r} is registered twice")
     WORKLOADS[workload.name] = workload
+    schema.WORKLOAD_SECTIONS.append(workload.name)
     return workload
 
 

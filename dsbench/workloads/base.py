@@ -94,6 +94,7 @@ class Workload(ABC):
     # results hold nothing for it); imported only when a report is built, and its figures register then
     report_section: ClassVar[str | None] = None
     trains_first: ClassVar[bool] = False  # trains its model before the timed work: built in FP32 like a train cell
+    cache_copies: ClassVar[int] = 1  # KV caches of cache_slots alive at once (the memory estimate)
 
     @abstractmethod
     def cells(self, section, cfg: ModelConfig) -> list[dict]:

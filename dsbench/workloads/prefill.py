@@ -25,6 +25,7 @@ class Prefill(WholeSequences):
     description = "one forward over batch×seq tokens, filling a KV cache"
     expert_parallel = True
     redundant_experts = True  # V3 deploys redundant experts for inference (§3.4.1)
+    cache_copies = 2  # each repeat's fresh cache is allocated while the last one is still held
 
     def cells(self, section: PrefillSettings, cfg) -> list[dict]:
         return [{"batch_size": section.batch_size, "seq_len": T} for T in section.seq_lens]
