@@ -70,12 +70,12 @@ def test_the_example_plugin_is_registered():
     assert metrics.metric_of("window").owner == "attention"  # its own column, registered by the plug-in
 
 
-@pytest.mark.parametrize("section, kind", [("attention", k) for k in ATTENTION] + [("ffn", k) for k in FFN])
-def test_variant_meets_the_contract(section, kind):
+def check_variant(section: str, kind: str, cfg) -> None:
+    """The module and config subclass the contract's bases; the config is the variant's; the
+    config passes the variant's own check; row columns are plain values."""
     variant = registry.TABLES[section][kind]
     assert issubclass(variant.module, Attention if section == "attention" else FeedForward)
     assert dataclasses.is_dataclass(variant.config) and issubclass(variant.config, PartConfig)
-    cfg = attention_cfg(kind) if section == "attention" else ffn_cfg(kind)
     part = getattr(cfg, section)
     assert type(part) is variant.config and part.kind == kind
     assert variant.module.check_config(cfg) is None
@@ -83,9 +83,8 @@ def test_variant_meets_the_contract(section, kind):
     assert all(isinstance(k, str) and (v is None or isinstance(v, (int, float, str, bool))) for k, v in columns.items())
 
 
-@pytest.mark.parametrize("kind", ATTENTION)
-def test_attention_counts_price_and_decode(kind):
-    cfg, module_cls = attention_cfg(kind), registry.ATTENTION[kind].module
+def check_attention_counts_price_and_decode(kind: str, cfg) -> None:
+    module_cls = registry.ATTENTION[kind].module
     torch.manual_seed(0)
     module = registry.ATTENTION[kind].build(cfg, 0).eval()
     assert module_cls.param_count(cfg) == module_cls.active_param_count(cfg, 0) == numel(module)
@@ -106,9 +105,8 @@ def test_attention_counts_price_and_decode(kind):
     assert float((decoded - full).norm() / full.norm()) < 1e-5
 
 
-@pytest.mark.parametrize("kind", FFN)
-def test_ffn_counts_and_price_every_layer(kind):
-    cfg, variant = ffn_cfg(kind), registry.FFN[kind]
+def check_ffn_counts_and_price_every_layer(kind: str, cfg) -> None:
+    variant = registry.FFN[kind]
     torch.manual_seed(0)
     for layer in range(cfg.n_layers):
         module = variant.build(cfg, layer)
@@ -118,8 +116,69 @@ def test_ffn_counts_and_price_every_layer(kind):
             costs = variant.module.part_costs(cfg, layer, shape)
             total = shape.tokens * variant.module.flops_per_token(cfg, layer)
             assert sum(c.flops for c in costs.values()) == pytest.approx(total, rel=1e-12)
+            assert all(c.bytes is None or c.bytes > 0 for c in costs.values())
         x = torch.randn(2, 5, cfg.d_model)
         assert module(x).shape == x.shape
+
+
+def check_memory_and_columns(section: str, kind: str, cfg) -> None:
+    """The memory estimate's members are non-negative ints; every row column is a declared metric."""
+    module = registry.TABLES[section][kind].module
+    for T in (1, 16, 4096):
+        kept = module.train_activations(cfg, T)
+        assert all(isinstance(v, int) and v >= 0 for v in (kept.wide, kept.narrow, kept.fp32)), kept
+        live = module.inference_activations(cfg, T)
+        assert isinstance(live, int) and live >= 0
+    declared = {m.name: m for m in module.metric_columns()}
+    assert all(isinstance(m, metrics.Metric) and metrics.METRICS[name] == m for name, m in declared.items())
+    assert set(module.row_columns(cfg)) <= set(declared), "row columns must be declared in metric_columns()"
+
+
+def check_routed_layout_balance_and_parallel(kind: str, cfg) -> None:
+    module = registry.FFN[kind].module
+    lay, C, layer = module.layout(cfg), cfg.d_model, cfg.n_layers - 1  # the last layer is routed
+    # the experts the layout names are the parameters the FFN counts: all of them, or the top_k a token uses
+    experts = 3 * C * lay.n_routed * lay.expert_d_ff
+    active = 3 * C * (lay.top_k * lay.expert_d_ff + lay.shared_d_ff)
+    assert experts <= module.param_count(cfg, layer) and active <= module.active_param_count(cfg, layer)
+    assert module.param_count(cfg, layer) - module.active_param_count(cfg, layer) == 3 * C * (lay.n_routed - lay.top_k) * lay.expert_d_ff
+    assert "none" in module.balances and set(module.balances) <= set(registry.BALANCE)
+    assert 0 < lay.top_k <= lay.n_routed and lay.n_routed % lay.expert_groups == 0
+    problem = module.check_parallel(cfg, lay.n_routed + 1, 0)
+    assert isinstance(problem, str) and "\n" not in problem
+    assert module.rank_param_count(cfg, layer, 1, 0) == module.param_count(cfg, layer)
+
+
+def check_contract(section: str, kind: str, cfg) -> None:
+    """Every check above that applies to this variant, on this config: what tests/test_docs.py
+    holds the docs' worked plug-ins to."""
+    check_variant(section, kind, cfg)
+    if section == "attention":
+        check_attention_counts_price_and_decode(kind, cfg)
+    else:
+        check_ffn_counts_and_price_every_layer(kind, cfg)
+        if registry.FFN[kind].routed:
+            check_routed_layout_balance_and_parallel(kind, cfg)
+    check_memory_and_columns(section, kind, cfg)
+
+
+def cfg_of(section: str, kind: str):
+    return attention_cfg(kind) if section == "attention" else ffn_cfg(kind)
+
+
+@pytest.mark.parametrize("section, kind", [("attention", k) for k in ATTENTION] + [("ffn", k) for k in FFN])
+def test_variant_meets_the_contract(section, kind):
+    check_variant(section, kind, cfg_of(section, kind))
+
+
+@pytest.mark.parametrize("kind", ATTENTION)
+def test_attention_counts_price_and_decode(kind):
+    check_attention_counts_price_and_decode(kind, attention_cfg(kind))
+
+
+@pytest.mark.parametrize("kind", FFN)
+def test_ffn_counts_and_price_every_layer(kind):
+    check_ffn_counts_and_price_every_layer(kind, ffn_cfg(kind))
 
 
 def test_register_refuses_what_breaks_the_contract():
@@ -132,30 +191,9 @@ def test_register_refuses_what_breaks_the_contract():
 
 @pytest.mark.parametrize("section, kind", [("attention", k) for k in ATTENTION] + [("ffn", k) for k in FFN])
 def test_variant_states_its_memory_and_columns(section, kind):
-    """The memory estimate's members are non-negative ints; every row column is a declared metric."""
-    cfg = attention_cfg(kind) if section == "attention" else ffn_cfg(kind)
-    module = registry.TABLES[section][kind].module
-    for T in (1, 16, 4096):
-        kept = module.train_activations(cfg, T)
-        assert all(isinstance(v, int) and v >= 0 for v in (kept.wide, kept.narrow, kept.fp32)), kept
-        live = module.inference_activations(cfg, T)
-        assert isinstance(live, int) and live >= 0
-    declared = {m.name: m for m in module.metric_columns()}
-    assert all(isinstance(m, metrics.Metric) and metrics.METRICS[name] == m for name, m in declared.items())
-    assert set(module.row_columns(cfg)) <= set(declared), "row columns must be declared in metric_columns()"
+    check_memory_and_columns(section, kind, cfg_of(section, kind))
 
 
 @pytest.mark.parametrize("kind", [*(k for k, v in registry.FFN.items() if v.routed), ROUTED_PLUGIN])
 def test_routed_ffn_states_its_layout_balance_and_parallel_checks(kind):
-    cfg, module = ffn_cfg(kind), registry.FFN[kind].module
-    lay, C, layer = module.layout(cfg), cfg.d_model, cfg.n_layers - 1  # the last layer is routed
-    # the experts the layout names are the parameters the FFN counts: all of them, or the top_k a token uses
-    experts = 3 * C * lay.n_routed * lay.expert_d_ff
-    active = 3 * C * (lay.top_k * lay.expert_d_ff + lay.shared_d_ff)
-    assert experts <= module.param_count(cfg, layer) and active <= module.active_param_count(cfg, layer)
-    assert module.param_count(cfg, layer) - module.active_param_count(cfg, layer) == 3 * C * (lay.n_routed - lay.top_k) * lay.expert_d_ff
-    assert "none" in module.balances and set(module.balances) <= set(registry.BALANCE)
-    assert 0 < lay.top_k <= lay.n_routed and lay.n_routed % lay.expert_groups == 0
-    problem = module.check_parallel(cfg, lay.n_routed + 1, 0)
-    assert isinstance(problem, str) and "\n" not in problem
-    assert module.rank_param_count(cfg, layer, 1, 0) == module.param_count(cfg, layer)
+    check_routed_layout_balance_and_parallel(kind, ffn_cfg(kind))

@@ -44,13 +44,14 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from dsbench import metrics
+from dsbench import metrics, schema, workloads
 from dsbench.cli import app
+from dsbench.errors import SpecError
 from dsbench.policy import load_policy
 from dsbench.spec import expand, load_preset, parse_spec
 from dsbench.variants import registry
-from dsbench.variants.base import FeedForward, PartConfig, PassShape
 from dsbench.variants.config import config_from_size
+from test_contract import check_contract  # the contract's own checks, which walk the registry's variants
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -127,12 +128,16 @@ def workdir(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     saved = {name: dict(table) for name, table in registry.TABLES.items()}, dict(metrics.METRICS), set(sys.modules)
+    saved_workloads = dict(workloads.WORKLOADS), list(schema.WORKLOAD_SECTIONS)
     yield tmp_path
     for name, table in registry.TABLES.items():
         table.clear()
         table.update(saved[0][name])
     metrics.METRICS.clear()
     metrics.METRICS.update(saved[1])
+    workloads.WORKLOADS.clear()
+    workloads.WORKLOADS.update(saved_workloads[0])
+    schema.WORKLOAD_SECTIONS[:] = saved_workloads[1]
     for module in set(sys.modules) - saved[2]:  # plug-ins a page imported: the next page imports its own
         if any(str(folder) in str(getattr(sys.modules[module], "__file__", None)) for folder in (tmp_path, ROOT / "examples")):
             del sys.modules[module]
@@ -242,47 +247,74 @@ def test_readme_links_into_the_docs_and_stays_short():
         assert (ROOT / target).exists(), f"README links to a missing {target}"
 
 
-# --- the worked plug-ins: the contract, then a sweep → report → profile → check round trip ---
+# --- the contract tables: the docs' copy is the code's ---
+
+
+def table_rows(text: str, header: str) -> list[str]:
+    """The rows of the markdown table whose header line starts with `header`."""
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[at:]:
+        if not line.startswith("|"):
+            break
+        rows.append(line.strip())
+    return rows
+
+
+def test_the_variant_contract_table_is_base_pys():
+    from dsbench.variants import base
+    page = table_rows((DOCS / "extending" / "index.md").read_text(), "| member | attention | FFN |")
+    assert page == table_rows(base.__doc__, "| member | attention | FFN |"), "docs/extending/index.md's table differs from variants/base.py's"
+
+
+def test_the_workload_page_names_every_member_of_the_contract():
+    from dsbench.workloads.base import Workload
+    text = (DOCS / "extending" / "workload.md").read_text()
+    tables = "\n".join(table_rows(text, "| member |") + table_rows(text, "| method |"))
+    members = set(Workload.__annotations__) | {name for name in vars(Workload) if not name.startswith("_")}
+    missing = sorted(m for m in members if f"`{m}`" not in tables and f"`{m}(" not in tables)
+    assert not missing, f"docs/extending/workload.md's contract tables do not name {missing}"
+
+
+# --- the worked plug-ins: the contract, then one sweep → report → profile → check round trip ---
 
 PLUGINS = {"relu2": ("extending/dense-ffn.md", "relu2_ffn.py", "relu2.toml"),
            "switch": ("extending/routed-ffn.md", "switch_ffn.py", "switch.toml")}
-SHAPES = [PassShape(tokens=64, mean_context_len=16.5, decode=False, batch=2, act_bytes=4, weight_bytes=4),
-          PassShape(tokens=2, mean_context_len=40.5, decode=True, batch=2, act_bytes=2, weight_bytes=2)]
+WORKLOAD = ("chunked-prefill", "extending/workload.md", "chunked_prefill.py", "chunked.toml")
+
+
+def write_titled(page: str, folder: Path, *titles: str) -> None:
+    titled = {b.title: b.body for b in blocks(page) if b.title}
+    for title in titles:
+        (folder / title).write_text(titled[title])
 
 
 def write_plugin(kind: str, folder: Path) -> None:
-    page, module, spec = PLUGINS[kind]
-    titled = {b.title: b.body for b in blocks(page) if b.title}
-    (folder / module).write_text(titled[module])
-    (folder / spec).write_text(titled[spec])
+    write_titled(*PLUGINS[kind][:1], folder, *PLUGINS[kind][1:])
 
 
 @pytest.mark.parametrize("kind", PLUGINS)
 def test_worked_plugin_meets_the_contract(kind, workdir):
+    """tests/test_contract.py's checks, on the page's file, at every balance value it declares."""
     write_plugin(kind, workdir)
     registry.import_plugins([PLUGINS[kind][1].removesuffix(".py")])
     variant = registry.FFN[kind]
-    assert issubclass(variant.module, FeedForward) and dataclasses.is_dataclass(variant.config)
-    assert issubclass(variant.config, PartConfig)
-    for balance in ("none", "aux", "bias") if variant.routed else ("n/a",):
-        cfg = config_from_size("debug", ffn=kind, n_layers=3, balance=balance)
-        assert type(cfg.ffn) is variant.config and cfg.ffn.kind == kind
-        assert variant.module.check_config(cfg) is None
-        columns = variant.module.row_columns(cfg)
-        assert all(isinstance(k, str) and (v is None or isinstance(v, (int, float, str, bool))) for k, v in columns.items())
-        assert all(k in metrics.METRICS for k in columns)
-        torch.manual_seed(0)
-        for layer in range(cfg.n_layers):
-            module = variant.build(cfg, layer)
-            assert variant.module.param_count(cfg, layer) == sum(p.numel() for p in module.parameters())
-            assert variant.module.active_param_count(cfg, layer) <= variant.module.param_count(cfg, layer)
-            for shape in SHAPES:
-                costs = variant.module.part_costs(cfg, layer, shape)
-                total = shape.tokens * variant.module.flops_per_token(cfg, layer)
-                assert sum(c.flops for c in costs.values()) == pytest.approx(total, rel=1e-12)
-                assert all(c.bytes is None or c.bytes > 0 for c in costs.values())
-            x = torch.randn(2, 5, cfg.d_model)
-            assert module(x).shape == x.shape
+    assert variant.module.__module__ == PLUGINS[kind][1].removesuffix(".py")
+    for balance in variant.module.balances if variant.routed else ("n/a",):
+        routed = {"first_k_dense": 1, "balance": balance} if variant.routed else {}
+        cfg = config_from_size("debug", ffn=kind, n_layers=3, **routed)
+        check_contract("ffn", kind, cfg)
+
+
+def test_the_routed_plugin_is_refused_expert_parallelism_in_the_pages_one_line(workdir):
+    write_plugin("switch", workdir)
+    raw = tomllib.loads((workdir / "switch.toml").read_text())
+    with pytest.raises(SpecError) as e:
+        parse_spec({**raw, "parallel": {"ep": 2}})
+    assert "\n" not in str(e.value) and f"error: {e.value}" in (DOCS / PLUGINS["switch"][0]).read_text()
+    with pytest.raises(SpecError, match="axes.balance: 'top2' is not available"):  # a value outside the axis
+        parse_spec({**raw, "axes": {**raw["axes"], "balance": ["top2"]}})
 
 
 def dsbench_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -290,33 +322,89 @@ def dsbench_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dsbench", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+def merged_spec(specs: list[dict]) -> dict:
+    """The pages' sweep specs as one: what they share at the top, each page's own settings a
+    [[sweep]] block (cells that two pages share, the dense train cell, run once)."""
+    keys = {k for spec in specs for k in spec} - {"name", "plugins"}
+    shared = {k: specs[0][k] for k in keys if all(k in spec and spec[k] == specs[0][k] for spec in specs)}
+    plugins = list(dict.fromkeys(p for spec in specs for p in spec.get("plugins", [])))
+    sweep = [{k: v for k, v in spec.items() if k not in shared and k not in ("name", "plugins")} for spec in specs]
+    return {"name": "worked-plugins", "plugins": plugins, **shared, "sweep": sweep}
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+
+
+def toml_text(spec: dict) -> str:
+    """A spec dict as TOML: top-level keys inline, then its [[sweep]] blocks."""
+    lines = [f"{json.dumps(k)} = {toml_value(v)}" for k, v in spec.items() if k != "sweep"]
+    for block in spec.get("sweep", []):
+        lines += ["", "[[sweep]]", *(f"{json.dumps(k)} = {toml_value(v)}" for k, v in block.items())]
+    return "\n".join(lines) + "\n"
+
+
+def test_merged_spec_is_the_pages_sweeps(workdir):
+    """The round trip's one spec holds every page's cells, and only those."""
+    for kind in PLUGINS:
+        write_plugin(kind, workdir)
+    write_titled(WORKLOAD[1], workdir, *WORKLOAD[2:])
+    names = (*(p[2] for p in PLUGINS.values()), WORKLOAD[3])
+    specs = [tomllib.loads((workdir / name).read_text()) for name in names]
+    merged = parse_spec(tomllib.loads(toml_text(merged_spec(specs))))
+    ids = {c.cell_id for c in expand(merged, "cpu")}
+    assert ids == {c.cell_id for spec in specs for c in expand(parse_spec(spec), "cpu")}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", PLUGINS)
-def test_worked_plugin_sweeps_profiles_reports_and_checks(kind, tmp_path):
-    write_plugin(kind, tmp_path)
-    out, spec = tmp_path / "results" / kind, PLUGINS[kind][2]
-    done = dsbench_process(["run", "sweep", spec, "--out", str(out), "--profile", "--profile-steps", "1"], tmp_path)
+def test_worked_plugins_sweep_profile_report_and_check(tmp_path):
+    """The three worked plug-ins' specs as one sweep (with --profile), its report and its check."""
+    for kind in PLUGINS:
+        write_plugin(kind, tmp_path)
+    write_titled(WORKLOAD[1], tmp_path, *WORKLOAD[2:])
+    specs = [tomllib.loads((tmp_path / name).read_text()) for name in (*(p[2] for p in PLUGINS.values()), WORKLOAD[3])]
+    (tmp_path / "worked.toml").write_text(toml_text(merged_spec(specs)))
+    out = tmp_path / "results" / "worked"
+    done = dsbench_process(["run", "sweep", "worked.toml", "--out", str(out), "--profile", "--profile-steps", "1"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     cells = pd.read_parquet(out / "cells.parquet")
     assert (cells["status"] == "ok").all(), cells[["label", "error"]]
-    ours = cells[cells["ffn"] == kind]
-    dense = cells[cells["ffn"] == "dense"]
-    for cell_id in ours["cell_id"]:
-        assert json.loads((out / "profiles" / cell_id / "profile.json").read_text())["parts"], cell_id
-    if kind == "relu2":  # equal parameters to the dense FFN it is compared with, by construction
-        assert ours["params_total"].item() == dense["params_total"].item() and (ours["relu2_hidden"] == 288).all()
-    else:
-        assert set(ours["balance"]) == {"none", "aux", "bias"} and set(dense["balance"]) == {"n/a"}
-        assert ours["maxvio_global"].notna().all() and ours["switch_top1_prob"].between(0, 1).all()
-        series = pd.read_parquet(out / "series.parquet")
-        by_balance = dict(zip(ours["balance"], ours["cell_id"]))
-        assert {"expert_load", "maxvio_batch", "routing_by_domain"} <= set(series[series["cell_id"] == by_balance["none"]]["metric"])
-        assert "loss.aux" in set(series[series["cell_id"] == by_balance["aux"]]["metric"])
-        assert "expert_bias" in set(series[series["cell_id"] == by_balance["bias"]]["metric"])
+    train = cells[cells["workload"] == "train"]
+    dense = train[train["ffn"] == "dense"]
+    assert len(dense) == 1  # the pages share it: run once
+    for kind in PLUGINS:
+        for cell_id in train[train["ffn"] == kind]["cell_id"]:
+            assert json.loads((out / "profiles" / cell_id / "profile.json").read_text())["parts"], cell_id
+    # relu2: equal parameters to the dense FFN it is compared with, by construction
+    relu2 = train[train["ffn"] == "relu2"]
+    assert relu2["params_total"].item() == dense["params_total"].item() and (relu2["relu2_hidden"] == 288).all()
+    # switch: each balance value, the balance columns and series from routing_metrics, its own column
+    switch = train[train["ffn"] == "switch"]
+    assert set(switch["balance"]) == {"none", "aux", "bias"} and set(dense["balance"]) == {"n/a"}
+    assert (switch["n_experts"] == 4).all() and switch["maxvio_global"].notna().all()
+    assert switch["router_entropy"].gt(0).all() and switch["switch_top1_prob"].between(0, 1).all()
+    series = pd.read_parquet(out / "series.parquet")
+    by_balance = dict(zip(switch["balance"], switch["cell_id"]))
+    assert {"expert_load", "maxvio_batch", "router_entropy"} <= set(series[series["cell_id"] == by_balance["none"]]["metric"])
+    assert "loss.aux" in set(series[series["cell_id"] == by_balance["aux"]]["metric"])
+    assert "expert_bias" in set(series[series["cell_id"] == by_balance["bias"]]["metric"])
+    # the workload: its cells beside prefill's, the same KV bytes per token
+    chunked = cells[cells["workload"] == WORKLOAD[0]].set_index("attention")
+    prefill = cells[cells["workload"] == "prefill"].set_index("attention")
+    assert set(chunked.index) == {"mha", "mla"} and chunked["label"].str.endswith("b2×t64/c16").all()
+    assert (chunked["kv_cache_bytes_per_token_measured"] == prefill["kv_cache_bytes_per_token_measured"]).all()
     report = dsbench_process(["report", str(out), "--out", str(tmp_path / "report")], tmp_path)
     assert report.returncode == 0, report.stderr[-3000:]
-    assert kind in (tmp_path / "report" / "index.md").read_text()
-    if kind == "switch":
-        assert list((tmp_path / "report" / "figures").glob("*expert*load*.png"))
+    index = (tmp_path / "report" / "index.md").read_text()
+    assert all(name in index for name in (*PLUGINS, WORKLOAD[0]))
+    assert list((tmp_path / "report" / "figures").glob("*expert*load*.png"))
     check = dsbench_process(["check", "--baseline", str(out), "--current", str(out)], tmp_path)
     assert check.returncode == 0, check.stdout[-2000:] + check.stderr[-2000:]

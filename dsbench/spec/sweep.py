@@ -41,7 +41,7 @@ class SweepSpec:
     parallel: ParallelSettings = field(default_factory=ParallelSettings)
     # [kernels]: op family → "auto" or one implementation (dsbench/kernels/choice.py); absent: auto
     kernels: dict = field(default_factory=dict)
-    plugins: tuple[str, ...] = ()  # modules imported first: they register their own variants
+    plugins: tuple[str, ...] = ()  # modules imported first: they register their own variants or workloads
     executor: ExecutorSettings = field(default_factory=ExecutorSettings)  # where cells run (not identity; may change on --resume)
     dotted: dict = field(default_factory=dict)  # dotted-key axes and their values over all points
     # Every plain sweep this spec runs: (dotted-axis values, spec without dotted axes or blocks).
@@ -104,8 +104,8 @@ def parse_spec(raw: dict) -> SweepSpec:
     as the plain spec it is, so a dotted value gets the same one-line check as the same key
     written in its section.
     """
+    plugins = _import_plugins(raw.get("plugins", []))  # first: a plug-in workload adds its spec section
     reject_unknown("spec", raw, top_keys())
-    plugins = _import_plugins(raw.get("plugins", []))
     blocks = _check_blocks(raw.get("sweep"))
     top = {k: v for k, v in raw.items() if k != "sweep"}
     # A block need not read the top level's [attention]/[ffn] keys; some block must (checked below).
