@@ -9,7 +9,7 @@ from __future__ import annotations
 from dsbench import memory_estimate
 from dsbench.cell import Cell
 from dsbench.variants import decoder, registry
-from dsbench.precisions import precision_of
+from dsbench.variants.precision import precision_of
 from dsbench.variants.precision import dtype_bytes
 from dsbench.workloads import workload_of
 

@@ -131,10 +131,10 @@ def run_sweep_cmd(
 @run_app.command("cell")
 def run_cell_cmd(
     workload: Annotated[str, typer.Option(help="A workload (axes.workload; `dsbench workloads` lists them).")] = spec_lib.default_axes()["workload"][0],
-    ffn: Annotated[str, typer.Option(help="FFN variant (axes.ffn).")] = "dense",
-    attention: Annotated[str, typer.Option(help="Attention variant (axes.attention).")] = "mha",
-    precision: Annotated[str, typer.Option(help="fp32 | bf16 | … (axes.precision).")] = "fp32",
-    balance: Annotated[str, typer.Option(help="Balancing for routed FFNs (axes.balance).")] = "none",
+    ffn: Annotated[str, typer.Option(help="FFN variant (axes.ffn).")] = spec_lib.default_axes()["ffn"][0],
+    attention: Annotated[str, typer.Option(help="Attention variant (axes.attention).")] = spec_lib.default_axes()["attention"][0],
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 | … (axes.precision).")] = spec_lib.default_axes()["precision"][0],
+    balance: Annotated[str, typer.Option(help="Balancing for routed FFNs (axes.balance).")] = spec_lib.default_axes()["balance"][0],
     size: Annotated[str, typer.Option(help="Named model size (model.size).")] = "debug",
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 8,
     seq_len: Annotated[int, typer.Option(help="Tokens per row (train, prefill).")] = 128,

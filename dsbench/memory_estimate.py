@@ -19,7 +19,7 @@ from dsbench.cell import Cell
 from dsbench.errors import UsageError
 from dsbench.variants import decoder, registry
 from dsbench.variants.base import Activations
-from dsbench.variants.precision import PRECISIONS, dtype_bytes
+from dsbench.variants.precision import dtype_bytes, precision_of
 from dsbench.workloads import workload_of
 
 ESTIMATE_FACTOR = 2.0  # the tests hold estimate / measured peak within [1/2, 2] over small real cells
@@ -59,7 +59,7 @@ class MemoryEstimate:
 
 def estimate(cell: Cell) -> MemoryEstimate:
     cfg, workload, settings = cell.model, workload_of(cell), cell.workload
-    precision = PRECISIONS[cfg.precision]
+    precision = precision_of(cfg)
     trains = workload.trains or workload.trains_first
     params = _params_per_rank(cell)
     act_dtype = precision.autocast_dtype or precision.inference_dtype
@@ -236,6 +236,6 @@ def held_weight_bytes(cell: Cell) -> int:
     FP32 for a cell that trains, the inference dtype otherwise. Measured peak RSS less
     (rss_before_workload_bytes − this) is the cell's own peak, comparable with the estimate."""
     workload = workload_of(cell)
-    precision = PRECISIONS[cell.model.precision]
+    precision = precision_of(cell.model)
     width = FP32_BYTES if workload.trains or workload.trains_first else dtype_bytes(precision.inference_dtype)
     return _params_per_rank(cell) * width

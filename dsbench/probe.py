@@ -12,7 +12,7 @@ import sys
 import torch
 
 from dsbench.hardware import calibrate, environment, peak_flops_per_s
-from dsbench.precisions import precision_of
+from dsbench.variants.precision import precision_of
 
 
 def probe(device: str, precisions: list[str], do_calibrate: bool, budget_s: float = 3.0) -> dict:

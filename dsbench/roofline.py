@@ -22,7 +22,7 @@ from dsbench import accounting
 from dsbench.cell import Cell
 from dsbench.variants import registry
 from dsbench.variants.base import PartCost, PassShape
-from dsbench.precisions import precision_of
+from dsbench.variants.precision import precision_of
 from dsbench.variants.precision import dtype_bytes
 from dsbench.workloads import workload_of
 

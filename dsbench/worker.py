@@ -36,7 +36,7 @@ from dsbench.task import CellResult, CellTask, ProfileRequest, Runtime
 from dsbench.checkpoints import WeightCache
 from dsbench.atomic import write_atomic
 from dsbench.variants.decoder import build_model
-from dsbench.precisions import precision_of
+from dsbench.variants.precision import precision_of
 from dsbench.workloads import Context, Diverged, WorkloadRun, point, workload_of
 
 OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory", "cannot allocate memory")

@@ -55,7 +55,35 @@ def test_no_concrete_variant_import_in_the_harness():
     assert imports == []
 
 
+VARIANT_NAMES = {name for table in registry.TABLES.values() for name in table}
+
+
+def docstrings(tree: ast.AST) -> set[int]:
+    """ids of the string constants that are docstrings (examples there name variants on purpose)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                found.add(id(first.value))
+    return found
+
+
+def variant_names(tree: ast.AST) -> list[str]:
+    """String literals, docstrings aside, that are exactly a registered variant's name ("mla", "dense")."""
+    skip = docstrings(tree)
+    return [n.value for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value in VARIANT_NAMES and id(n) not in skip]
+
+
+def test_no_concrete_variant_name_in_the_harness():
+    named = [f"{p.relative_to(ROOT)}: {v}" for p in harness_files() for v in variant_names(ast.parse(p.read_text()))]
+    assert named == []
+
+
 def test_the_checks_see_what_they_look_for():
+    assert variant_names(ast.parse('if cfg.ffn.kind == "deepseekmoe": pass')) == ["deepseekmoe"]
+    assert variant_names(ast.parse('def f():\n    """pairs(cells, "attention", "mha", "mla")"""')) == []
     assert probes_a_config(ast.parse('hasattr(cfg.ffn, "layout")').body[0].value)
     assert not probes_a_config(ast.parse('hasattr(value, "item")').body[0].value)
     assert concrete_imports(ast.parse("from dsbench.variants.mla import mla_dims")) == ["dsbench.variants.mla"]

@@ -19,7 +19,7 @@ from dsbench.errors import SpecError
 from dsbench.measure import StepTimer
 from dsbench.report.sections import spec_table
 from dsbench.variants.decoder import build_model
-from dsbench.precisions import precision_of
+from dsbench.variants.precision import precision_of
 from dsbench.workloads import WORKLOADS, Context, WorkloadRun, register
 from dsbench.workloads.base import WholeSequences, check_finite
 

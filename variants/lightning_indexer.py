@@ -29,7 +29,7 @@ from torch import nn
 from dsbench.kernels import dsa_indexer
 from .layers import RotaryEmbedding
 from .mla import mla_dims, yarn_inv_freq
-from .precision import PRECISIONS, linear
+from .precision import linear, precision_of
 
 if TYPE_CHECKING:
     from .config import ModelConfig
@@ -56,7 +56,7 @@ def indexer_dims(cfg: ModelConfig) -> IndexerDims:
 
 
 def fp8_indexer(cfg: ModelConfig) -> bool:
-    return PRECISIONS[cfg.precision].fp8_recipe is not None
+    return precision_of(cfg).fp8_recipe is not None
 
 
 def hadamard(D: int, device=None) -> torch.Tensor:

@@ -42,7 +42,7 @@ from .base import Activations, FeedForward, Layout, PartConfig, PartCost, PassSh
 from .dispatch import Dispatch, gather_rows, plan_dispatch, sum_rows
 from .experts import GroupedExperts
 from .ffn import DenseFFN, DenseFFNConfig, swiglu_costs, swiglu_inference_activations, swiglu_train_activations
-from .precision import PRECISIONS
+from .precision import precision_of
 from .profiling import part
 from .router import Router, Routing, uniform_assignment
 
@@ -153,7 +153,7 @@ class MoEFeedForward(FeedForward):
         self.lay = lay = layout(f)
         self.balance, self.ffn_cfg = f.balance, f
         self.router = Router(cfg, lay)
-        self.experts = GroupedExperts(lay.n_routed, cfg.d_model, lay.expert_d_ff, PRECISIONS[cfg.precision].fp8_recipe)
+        self.experts = GroupedExperts(lay.n_routed, cfg.d_model, lay.expert_d_ff, precision_of(cfg).fp8_recipe)
         for p in (self.router.weight, *self.experts.parameters()):
             nn.init.normal_(p, mean=0.0, std=cfg.init_std)
         shared_cfg = dataclasses.replace(cfg, ffn=DenseFFNConfig(d_ff=lay.shared_d_ff))

@@ -17,6 +17,8 @@ from functools import partial
 import torch
 from torch import nn
 
+from dsbench.errors import SpecError
+
 from .fp8 import Fp8Linear
 
 
@@ -62,8 +64,17 @@ PRECISIONS: dict[str, Precision] = {
 
 def linear(precision: str, in_features: int, out_features: int) -> nn.Linear:
     """The linear layer every matmul-bearing module builds; bias-free as in LLaMA/DeepSeek."""
-    return PRECISIONS[precision].linear_cls(in_features, out_features, bias=False)
+    return precision_of(precision).linear_cls(in_features, out_features, bias=False)
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def precision_of(config_or_name) -> Precision:
+    """The one place a precision name (axes.precision, ModelConfig.precision) becomes its Precision:
+    of a model config (anything with `.precision`) or of a name; an unknown name is a one-line error."""
+    name = config_or_name if isinstance(config_or_name, str) else config_or_name.precision
+    if name not in PRECISIONS:
+        raise SpecError(f"precision: {name!r} is not available; allowed: {', '.join(PRECISIONS)}")
+    return PRECISIONS[name]

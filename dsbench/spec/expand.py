@@ -9,7 +9,7 @@ from dsbench import compiled
 from dsbench.cell import Cell
 from dsbench.errors import SpecError
 from dsbench.kernels import choice as kernel_choice
-from dsbench.precisions import precision_of
+from dsbench.variants.precision import precision_of
 from dsbench.schema import AXES, MODEL_KEYS, PART_SECTIONS
 from dsbench.variants import registry
 from dsbench.variants.config import SIZES, ModelConfig

@@ -57,8 +57,8 @@ AXIS_FIELDS = {("attention", "kind"): "attention", ("attention", "mla_impl"): "a
 
 
 def default_axes() -> dict:
-    """Each axis's value where a spec names none: the first workload registered, dense, mha, fp32, none."""
-    return {"workload": (next(iter(WORKLOADS)),), "ffn": ("dense",), "attention": ("mha",), "precision": ("fp32",), "balance": ("none",)}
+    """Each axis's value where a spec names none: the first registered (train, dense, mha, fp32, none)."""
+    return {"workload": (next(iter(WORKLOADS)),), **{axis: values[:1] for axis, values in registry.axis_values().items()}}
 
 
 DEFAULT_AXES = default_axes()

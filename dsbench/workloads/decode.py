@@ -15,7 +15,7 @@ from dsbench import compiled
 from dsbench.errors import SpecError
 from dsbench.measure import StepTimer
 from dsbench.variants import decoder
-from dsbench.precisions import precision_of
+from dsbench.variants.precision import precision_of
 from dsbench.variants.precision import dtype_bytes
 from dsbench.variants.profiling import PREFILL, WARMUP, part
 
