@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from dsbench.hardware import calibrate, environment, peak_flops_per_s
+from dsbench.hardware import calibrate, environment, peak_flops_per_s, with_best_known
 from dsbench.variants.precision import precision_of
 
 
@@ -25,6 +25,7 @@ def probe(device: str, precisions: list[str], do_calibrate: bool, budget_s: floa
         # apply to the "fp8" peak (peak_flops_per_s refuses it), so none is measured.
         measurable = precision.fp8_recipe is None
         calibration = calibrate(torch.device(device), dtype, budget_s) if do_calibrate and measurable else None
+        calibration = with_best_known(calibration) if calibration else None  # the best ceiling this machine has shown
         peak, source = peak_flops_per_s(device, precision.peak_key, calibration)
         peaks[name] = {"peak_flops_per_s": peak, "peak_source": source, "calibration": calibration}
     return {"environment": environment(), "device": device, "peaks": peaks}

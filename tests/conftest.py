@@ -10,6 +10,12 @@ import os
 # the compiled kernels.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Calibrations keep the best ceiling per machine fingerprint (dsbench/hardware.py with_best_known):
+# the tests' go to a file of this session's, not the user's ~/.cache.
+import tempfile  # noqa: E402
+
+os.environ.setdefault("DSBENCH_CALIBRATION_CACHE", os.path.join(tempfile.mkdtemp(prefix="dsbench-calib-"), "calibrations.json"))
+
 import textwrap  # noqa: E402
 from pathlib import Path  # noqa: E402
 
