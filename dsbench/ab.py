@@ -36,6 +36,7 @@ from pathlib import Path
 import pandas as pd
 
 from dsbench.check import CheckResult, Policy, check, load_policy, md_escape
+from dsbench.contention import usable_cores
 from dsbench.folders import new_folder
 
 MAX_ROUNDS = 50  # a side's processes per cell: 5 resolve about ±7% on a noisy VM, 50 about ±2%
@@ -271,13 +272,6 @@ def check_threads(threads: int) -> None:
     if not 1 <= threads <= cores:
         raise AbError(f"--threads: {threads} is not allowed; give a whole number from 1 to {cores}, the cores this machine "
                       "lets dsbench use (more threads than cores time the scheduler, not the code)")
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # no affinity on this platform
-        return os.cpu_count() or 1
 
 
 def _decide(sides: tuple[Side, Side], work: Path, policy: Policy, rounds: int) -> CheckResult:

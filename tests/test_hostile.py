@@ -209,3 +209,49 @@ AB_VALUES = [
 def test_ab_values_beyond_the_machine_are_refused(place, extra, words):
     assert_one_line(*invoke(["ab", "spec.toml", "--base", "HEAD", "--out", "ab", *extra]), 2, words)
     assert not (place / "ab").exists()
+
+
+# --- 2. the ep = 2 train cell at a few steps: rank 1 had no sample left ---
+# Each rank's routed rows differ every step, so the kernel choice (kernels/choice.py, keyed on the
+# rows bucket) meets shapes on one rank that the other never sees and times its candidates there:
+# that step is no sample on that rank. Rank 1 could lose every timed step (statistics.median of
+# nothing), while rank 0 kept the steps in which it waited at the all-to-all for rank 1's timing.
+# Now the ranks agree: a step dropped on any rank is no sample on any (distributed.timed_samples).
+
+def _timer(dropped: set[int], steps: int = 4):
+    from dsbench.measure import StepTimer
+    from dsbench.variants import profiling
+
+    timer = StepTimer("cpu")
+    with timer.step(record=False):  # warm-up: no ordinal
+        profiling.note_untimed_work()
+    for i in range(steps):
+        with timer.step():
+            if i in dropped:
+                profiling.note_untimed_work()
+    return timer
+
+
+AGREED = [  # rank 0 dropped, rank 1 dropped → samples each rank keeps, or the one-line error
+    ({1}, {0, 2}, 1, None),
+    (set(), set(), 4, None),
+    ({0}, {1, 2, 3}, 0, "no timed step left: each of the 4 timed steps of the train cell"),
+    (set(), {0, 1, 2, 3}, 0, "pin the kernels"),  # the issue's case: rank 1 lost them all
+]
+
+
+@pytest.mark.parametrize("drop0, drop1, kept, error", AGREED)
+def test_ranks_time_the_same_steps(drop0, drop1, kept, error):
+    from dsbench.distributed import agreed_samples
+
+    timers = [_timer(drop0), _timer(drop1)]
+    assert [t.dropped_steps for t in timers] == [sorted(drop0), sorted(drop1)]
+    dropped = [t.dropped_steps for t in timers]
+    for timer in timers:
+        if error:
+            with pytest.raises(RuntimeError, match=error) as e:
+                agreed_samples(timer, dropped, "the train cell")
+            assert "\n" not in str(e.value)
+        else:
+            assert len(agreed_samples(timer, dropped, "the train cell")) == kept
+
