@@ -255,3 +255,40 @@ def test_ranks_time_the_same_steps(drop0, drop1, kept, error):
         else:
             assert len(agreed_samples(timer, dropped, "the train cell")) == kept
 
+
+
+# --- 3. a --data file replaced while a sweep runs: the cells after the swap fail in one line ---
+
+DATA_SWAPS = [  # what happens to the file after the sweep expanded its cells → the cell's error, or None
+    ("kept", None),
+    ("touched", None),  # same bytes, new mtime: the digest is of the contents
+    ("replaced", r"changed while the sweep ran \(sha256 [0-9a-f]{12}… when it started"),
+    ("removed", "changed while the sweep ran"),
+]
+
+
+@pytest.mark.parametrize("change, error", DATA_SWAPS)
+def test_a_data_file_replaced_mid_sweep_fails_its_later_cells(tmp_path, change, error):
+    import os
+
+    from dsbench import spec as spec_lib
+    from dsbench.errors import DataError
+    from dsbench.worker import check_data_unchanged
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the first corpus. " * 200)
+    spec = spec_lib.parse_spec({"name": "d", "data": str(corpus), "model": {"size": "debug", "n_layers": 1},
+                                "axes": {"workload": ["prefill"]}, "prefill": {"batch_size": 1, "seq_lens": [16]}})
+    cell = spec_lib.expand(spec, "cpu")[0]
+    if change == "touched":
+        os.utime(corpus, ns=(1, 1))
+    elif change == "replaced":
+        corpus.write_text("a second corpus, other words. " * 200)
+    elif change == "removed":
+        corpus.unlink()
+    if error is None:
+        check_data_unchanged(cell)
+        return
+    with pytest.raises(DataError, match=error) as e:
+        check_data_unchanged(cell)
+    assert "\n" not in str(e.value) and str(corpus) in str(e.value)
