@@ -292,3 +292,16 @@ def test_a_data_file_replaced_mid_sweep_fails_its_later_cells(tmp_path, change, 
     with pytest.raises(DataError, match=error) as e:
         check_data_unchanged(cell)
     assert "\n" not in str(e.value) and str(corpus) in str(e.value)
+
+
+SLURM_WITHOUT_SLURM = [  # a Slurm job's flag on a local sweep was taken and ignored
+    (["--partition", "gpu"], "--partition: 'gpu' is a Slurm job's setting, but the sweep runs with executor 'local'"),
+    (["--mem-gb", "4"], "--mem-gb: 4.0 is a Slurm job's setting"),
+    (["--sbatch", "qos=high"], "--sbatch: "),
+    (["--executor", "local", "--array-parallelism", "8"], "add --executor slurm"),
+]
+
+
+@pytest.mark.parametrize("flags, words", SLURM_WITHOUT_SLURM)
+def test_slurm_flags_without_slurm_are_refused(place, flags, words):
+    assert_one_line(*invoke(["run", "sweep", "spec.toml", "--dry-run", *flags]), 2, words)
