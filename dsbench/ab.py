@@ -28,7 +28,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -37,7 +36,10 @@ from pathlib import Path
 import pandas as pd
 
 from dsbench.check import CheckResult, Policy, check, load_policy, md_escape
+from dsbench.contention import usable_cores
+from dsbench.folders import new_folder
 
+MAX_ROUNDS = 50  # a side's processes per cell: 5 resolve about ±7% on a noisy VM, 50 about ±2%
 AB_METRICS = ("peak_mem_bytes",)  # besides timing: what depends on the code and this machine only
 SIDES = ("base", "current")
 
@@ -120,12 +122,25 @@ def install_base(sha: str, root: Path, work: Path) -> Path:
     done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), str(src)],
                           capture_output=True, text=True)
     if done.returncode != 0:
-        raise AbError(f"--base: installing {sha[:12]} failed: {done.stderr.strip().splitlines()[-1:]}")
+        raise AbError(f"--base: installing {sha[:12]} failed: {last_line(done.stderr)}")
     return site
+
+
+def last_line(text: str) -> str:
+    """The last line of a log that says something: a traceback's error line, pip's last complaint."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "(no output)"
 
 
 def spec_file(spec: Path | None, preset: str | None, work: Path) -> Path:
     """The one spec both sides run: a copy of SPEC, or of this checkout's preset file."""
+    path = work / "spec.toml"
+    path.write_text(spec_text(spec, preset))
+    return path
+
+
+def spec_text(spec: Path | None, preset: str | None) -> str:
+    """SPEC's text, or this checkout's preset file's; refused in one line before any folder exists."""
     if (spec is None) == (preset is None):
         raise AbError("SPEC/--preset: give exactly one spec to run on both sides")
     if preset is not None:
@@ -136,10 +151,11 @@ def spec_file(spec: Path | None, preset: str | None, work: Path) -> Path:
     else:
         if not spec.is_file():
             raise AbError(f"SPEC: {str(spec)!r} is not a file")
-        text = spec.read_text()
-    path = work / "spec.toml"
-    path.write_text(text)
-    return path
+        try:
+            text = spec.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise AbError(f"SPEC: {str(spec)!r} cannot be read ({type(e).__name__}); give a TOML file") from None
+    return text
 
 
 # --- rounds ---
@@ -151,9 +167,11 @@ def sweep(side: Side, spec: Path, out: Path, threads: int, log: Path) -> dict:
     with open(log, "w") as f:
         done = subprocess.run([sys.executable, "-m", "dsbench", "run", "sweep", str(spec), "--out", str(out)],
                               stdout=f, stderr=subprocess.STDOUT, env=side.env(threads), cwd=out.parent)
-    if done.returncode not in (0, 1):  # 1: some cell failed, recorded as such; the check reports it
-        tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-        raise AbError(f"the {side.name} side ({side.sha and side.sha[:12]}) could not run {spec.name}: exit {done.returncode}: {tail[0]}")
+    # 1: some cell failed, recorded as such (the check reports it); but a sweep that crashed before
+    # writing its tables (the base's package cannot run this spec, an import fails) also exits 1
+    if done.returncode not in (0, 1) or not (out / "cells.parquet").is_file():
+        raise AbError(f"the {side.name} side ({side.sha and side.sha[:12]}) could not run {spec.name}: exit {done.returncode}: "
+                      f"{last_line(log.read_text(errors='replace'))} (log: {log})")
     return {"side": side.name, "out": str(out), "exit": done.returncode, "wall_s": time.perf_counter() - start,
             "loadavg_1m": os.getloadavg()[0]}
 
@@ -199,25 +217,24 @@ def ab_policy(policy: Policy) -> Policy:
 
 def run_ab(base: str, spec: Path | None = None, preset: str | None = None, rounds: int = 5, out: str | Path | None = None,
            policy: Policy | None = None, threads: int = 1, confirm: bool = True, say=print) -> AbOutcome:
-    """Measure `spec` with the base commit and with this checkout, interleaved; check current against base."""
+    """Measure `spec` with the base commit and with this checkout, interleaved; check current against base.
+    Every input is checked before the work folder exists; a refusal leaves no folder behind."""
     policy = ab_policy(policy or load_policy())
-    if rounds < policy.timing.min_processes:
-        raise AbError(f"--rounds: {rounds} is too few; the samples rule needs ≥ {policy.timing.min_processes} processes a side "
-                      "(policy timing.min_processes)")
-    if threads < 1:
-        raise AbError(f"--threads: {threads} is not allowed; give a whole number ≥ 1")
+    check_rounds(rounds, policy)
+    check_threads(threads)
     start = time.perf_counter()
     root = repo_root()
-    work = Path(out) if out else Path(tempfile.mkdtemp(prefix="dsbench-ab-"))
-    if work.exists() and any(work.iterdir()):
-        raise AbError(f"--out: {str(work)!r} is not empty; choose a new folder")
-    work = work.resolve()
-    work.mkdir(parents=True, exist_ok=True)
     sha = resolve_ref(base, root)
-    spec_path = spec_file(spec, preset, work)
+    text = spec_text(spec, preset)
+    _spec_runs_here(spec, preset)
     current = Side("current", _current_sha(root), None)
-    say(f"installing the base {sha[:12]} beside the current {current.sha and current.sha[:12]} …")
-    base_side = Side("base", sha, str(install_base(sha, root, work)))
+    with new_folder(out, "--out", prefix="dsbench-ab-") as folder:
+        work = folder.path
+        spec_path = work / "spec.toml"
+        spec_path.write_text(text)
+        say(f"installing the base {sha[:12]} beside the current {current.sha and current.sha[:12]} …")
+        base_side = Side("base", sha, str(install_base(sha, root, work)))
+        folder.keep()  # from here on the folder holds the rounds' logs and results
     sides = (base_side, current)
     log = run_rounds(sides, spec_path, work, 0, rounds, threads, say)
     result = _decide(sides, work, policy, rounds)
@@ -231,6 +248,30 @@ def run_ab(base: str, spec: Path | None = None, preset: str | None = None, round
                                               "threads": threads, "log": log, "check": result.to_json()}, indent=1, default=str))
     (work / "summary.md").write_text(outcome.markdown())
     return outcome
+
+
+def _spec_runs_here(spec: Path | None, preset: str | None) -> None:
+    """The spec parsed by this checkout before any folder exists: a bad spec is refused in one line
+    here, not found out by the base side's first sweep."""
+    from dsbench import spec as spec_lib  # on use: it loads the variants
+
+    spec_lib.load_spec_file(spec) if spec is not None else spec_lib.load_preset(preset)
+
+
+def check_rounds(rounds: int, policy: Policy) -> None:
+    if rounds < policy.timing.min_processes:
+        raise AbError(f"--rounds: {rounds} is too few; the samples rule needs ≥ {policy.timing.min_processes} processes a side "
+                      "(policy timing.min_processes)")
+    if rounds > MAX_ROUNDS:
+        raise AbError(f"--rounds: {rounds} is above the maximum {MAX_ROUNDS} (each round runs the spec once per side, and a "
+                      f"confirmation doubles the rounds); give {policy.timing.min_processes}–{MAX_ROUNDS}")
+
+
+def check_threads(threads: int) -> None:
+    cores = usable_cores()
+    if not 1 <= threads <= cores:
+        raise AbError(f"--threads: {threads} is not allowed; give a whole number from 1 to {cores}, the cores this machine "
+                      "lets dsbench use (more threads than cores time the scheduler, not the code)")
 
 
 def _decide(sides: tuple[Side, Side], work: Path, policy: Policy, rounds: int) -> CheckResult:

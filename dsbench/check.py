@@ -454,25 +454,60 @@ def __getattr__(name: str):
 def write_baseline(results: str | Path, out: str | Path) -> Path:
     """A copy of a results folder with only what another machine can reproduce: the exact
     quantities (params, FLOPs, KV bytes, tokens per step) and the seeded losses and balance.
-    `dsbench check` against it compares those; timings are compared by `dsbench ab`."""
-    src, out = Path(results), Path(out)
+    `dsbench check` against it compares those; timings are compared by `dsbench ab`.
+    A run with a failed or missing cell is refused: a baseline holds every cell, measured."""
+    from dsbench.folders import check_new_folder, new_folder
+
+    src = Path(results)
     run = load_checked(src, "RESULTS")
-    if out.exists() and any(out.iterdir()):
-        raise ResultsError(f"--out: {str(out)!r} is not empty; choose a new folder")
-    out.mkdir(parents=True, exist_ok=True)
+    check_new_folder(Path(out), "--out")
+    _check_complete(run, src)
     # An unregistered column could be host-dependent too: only what the registry vouches for travels.
     dropped = host_dependent()
     keep = [c for c in run.cells.columns if metric_of(c) and c not in dropped]
     unknown = [c for c in run.cells.columns if not metric_of(c)]
-    run.cells[keep].to_parquet(out / "cells.parquet", index=False)
     series = run.series[~run.series["metric"].isin(HOST_DEPENDENT_SERIES)] if not run.series.empty else run.series
-    series.to_parquet(out / "series.parquet", index=False)
     info = dict(run.run)
     info.pop("probe", None)
     info["baseline_of"] = {"run_id": info.get("run_id"), "dropped": "host-dependent columns (dsbench.metrics)",
                            "dropped_unregistered": unknown}
-    (out / "run.json").write_text(json.dumps(info, indent=1, default=str))
-    return out
+    with new_folder(out, "--out") as folder:
+        try:
+            run.cells[keep].to_parquet(folder.path / "cells.parquet", index=False)
+            series.to_parquet(folder.path / "series.parquet", index=False)
+            (folder.path / "run.json").write_text(json.dumps(info, indent=1, default=str))
+        except OSError as e:  # a full disk: nothing half-written stays
+            raise ResultsError(f"--out: cannot write the baseline in {str(out)!r} ({e.strerror or type(e).__name__})") from None
+        folder.keep()
+    return Path(out)
+
+
+def _check_complete(run: Results, src: Path) -> None:
+    """Every cell of the run recorded, and ok: one line naming the first that is not."""
+    bad = run.cells[run.cells["status"] != "ok"]
+    if len(bad):
+        row = bad.iloc[0]
+        raise ResultsError(f"RESULTS: {str(src)!r} has {len(bad)} cell(s) not ok, first {row['cell_id']} ({row['label']}): "
+                           f"{row['status']}; a baseline needs every cell measured: rerun it (--resume --rerun-failed) first")
+    expected = run.run.get("n_cells")
+    if isinstance(expected, int) and len(run.cells) < expected:
+        missing = _missing_cells(run)
+        named = f", first {missing}" if missing else ""
+        raise ResultsError(f"RESULTS: {str(src)!r} holds {len(run.cells)} of its {expected} cells{named}; the sweep did not "
+                           "finish: --resume it first, so the baseline holds every cell")
+
+
+def _missing_cells(run: Results) -> str | None:
+    """'<id> (<label>)' of the first cell the run's spec has and its folder lacks, where the spec still expands."""
+    try:
+        from dsbench import spec as spec_lib
+
+        spec = spec_lib.SweepSpec.from_dict(run.run["spec"])
+        cells = spec_lib.expand(spec, (run.run.get("probe") or {}).get("device") or "cpu")
+    except Exception:  # noqa: BLE001 — an old or plug-in spec: the count alone is named
+        return None
+    recorded = set(run.cells["cell_id"])
+    return next((f"{c.cell_id} ({c.label()})" for c in cells if c.cell_id not in recorded), None)
 
 
 # --- Markdown ---

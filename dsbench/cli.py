@@ -56,6 +56,32 @@ class OneLineErrors(TyperGroup):
             sys.exit(130)
         sys.exit(code if isinstance(code, int) else 0)
 
+    def invoke(self, ctx):
+        """A KeyboardInterrupt nothing below handled (Ctrl-C while a spec is checked, or a plug-in
+        raising it): one line saying where, then exit 130 (Typer's own exit, silent before)."""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as e:
+            if not getattr(e, "dsbench_said", False):  # a nested group (run) says it once
+                e.dsbench_said = True
+                err_console.print(f"interrupted (KeyboardInterrupt) in {interrupted_at(e)}, during `{ctx.command_path} "
+                                  f"{ctx.invoked_subcommand or ''}`; exit 130", highlight=False, soft_wrap=True)
+            raise
+
+
+def interrupted_at(e: BaseException) -> str:
+    """'module.function (file:line)' of the innermost frame, and the dsbench frame that called it."""
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)
+    if not frames:
+        return "an unknown place"
+    here = lambda f: f"{f.name} ({Path(f.filename).name}:{f.lineno})"  # noqa: E731
+    inner = frames[-1]
+    ours = [f for f in frames[:-1] if "dsbench" in Path(f.filename).parts]
+    caller = f", called from {here(ours[-1])}" if ours and ours[-1] is not inner and "dsbench" not in Path(inner.filename).parts else ""
+    return here(inner) + caller
+
 
 app = typer.Typer(cls=OneLineErrors, no_args_is_help=True, add_completion=False, help="Measure what each DeepSeek architecture choice buys.")
 run_app = typer.Typer(cls=OneLineErrors, no_args_is_help=True, help="Run a sweep of cells, or one cell.")

@@ -205,6 +205,28 @@ def gather(obj, ranks: Ranks) -> list:
 # --- what the ranks measured ---
 
 
+def timed_samples(timer, ranks: Ranks | None, what: str) -> list[float]:
+    """The timer's samples; with ranks, only the steps no rank dropped. The ranks meet at every
+    all-to-all, so a step in which one rank did once-only work (the kernel choice timing its
+    candidates on a shape only its rows have: each rank receives other rows every step) held
+    every rank: it is no sample anywhere. A collective: every rank calls it once, at the end."""
+    if ranks is None:
+        return timer.samples_s()
+    dropped = gather(sorted(timer.dropped_steps), ranks)
+    return agreed_samples(timer, dropped, what)
+
+
+def agreed_samples(timer, dropped_by_rank: list[list[int]], what: str) -> list[float]:
+    """The samples of the steps no rank dropped; none left is one line saying why and what to change."""
+    union = {step for steps in dropped_by_rank for step in steps}
+    samples = timer.samples_without(union)
+    if not samples and timer.timed_steps:
+        raise RuntimeError(f"no timed step left: each of the {timer.timed_steps} timed steps of {what} did once-only work "
+                           f"on some rank (a kernel choice timing its candidates on a new shape, or a compile); give "
+                           f"more timed steps, or pin the kernels ([kernels] family = implementation)")
+    return samples
+
+
 def rank_traffic(shards: list, n_timed: int, warmup: int, training: bool) -> dict:
     """This rank's all-to-all traffic over the timed steps: each layer keeps one record per
     forward; the timed ones are the forwards of the timed pass (train: training forwards;
@@ -228,7 +250,7 @@ def ep_columns(shards: list, ranks: Ranks, run, warmup: int, training: bool) -> 
     every rank calls it; each gets the same columns)."""
     own = rank_traffic(shards, len(run.step_times_s), warmup, training)
     own["step_s"] = sum(run.step_times_s) / max(1, len(run.step_times_s))
-    own["tokens_per_s"] = run.tokens_per_step / statistics.median(run.step_times_s)
+    own["tokens_per_s"] = run.tokens_per_step / statistics.median(run.step_times_s)  # timed_samples: every rank the same steps, ≥ 1
     every = gather(own, ranks)
     mean = lambda key: sum(r[key] for r in every) / len(every)  # noqa: E731
     a2a_s = mean("dispatch_s") + mean("combine_s")

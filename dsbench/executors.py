@@ -83,7 +83,13 @@ def with_overrides(settings: ExecutorSettings, **given) -> ExecutorSettings:
         key = str(e).split(":", 1)[0].removeprefix("executor.")
         flag = "executor" if key == "kind" else key.replace("_", "-")
         raise UsageError(f"--{flag}:{str(e).split(':', 1)[1]}") from None
-    return dataclasses.replace(settings, **{k: getattr(checked, k) for k in raw})
+    merged = dataclasses.replace(settings, **{k: getattr(checked, k) for k in raw})
+    slurm_only = [k for k in raw if k != "kind"]  # every other flag is a Slurm job's setting
+    if slurm_only and merged.kind != "slurm":
+        flag = "--" + slurm_only[0].replace("_", "-")
+        raise UsageError(f"{flag}: {raw[slurm_only[0]]!r} is a Slurm job's setting, but the sweep runs with executor "
+                         f"{merged.kind!r}; add --executor slurm (or [executor] kind = \"slurm\"), or drop {flag}")
+    return merged
 
 
 def check_available(settings: ExecutorSettings) -> None:

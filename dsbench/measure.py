@@ -70,6 +70,9 @@ class StepTimer:
         self._pending: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._samples_s: list[float] = []
         self.dropped = 0  # timed steps left out: something compiled, or a part did once-only work (measure.py)
+        self.timed_steps = 0  # steps run with record=True, dropped or not
+        self.dropped_steps: list[int] = []  # their ordinals (0 = the first timed step) that left no sample
+        self._ordinals: list[int] = []  # the ordinal of each sample, pending or not
 
     @contextlib.contextmanager
     def step(self, record: bool = True) -> Iterator[None]:
@@ -81,9 +84,15 @@ class StepTimer:
             compiled.step_begin()
             yield from self._step(record)
         dropped = (watch is not None and watched.compiled) or profiling.untimed_work() != untimed
-        if dropped and len(self) > before:
-            self._drop_last()
-            self.dropped += 1
+        if len(self) > before:
+            ordinal = self.timed_steps
+            self.timed_steps += 1
+            if dropped:
+                self._drop_last()
+                self.dropped += 1
+                self.dropped_steps.append(ordinal)
+            else:
+                self._ordinals.append(ordinal)
 
     def _step(self, record: bool) -> Iterator[None]:
         if not record:
@@ -121,10 +130,17 @@ class StepTimer:
             self._pending.clear()
         return list(self._samples_s)
 
+    def samples_without(self, steps: set[int]) -> list[float]:
+        """samples_s() less the samples of the timed steps whose ordinals are in `steps` (another
+        rank's dropped steps: its once-only work held this rank at the all-to-all too)."""
+        return [t for t, ordinal in zip(self.samples_s(), self._ordinals) if ordinal not in steps]
+
     def reset(self) -> None:
         """Drop every sample recorded so far (e.g. the warm-up steps)."""
         self._pending.clear()
         self._samples_s.clear()
+        self._ordinals.clear()
+        self.timed_steps, self.dropped_steps = 0, []
 
     def __len__(self) -> int:
         return len(self._pending) + len(self._samples_s)

@@ -51,6 +51,7 @@ class ResultStore:
         if not isinstance(info, dict) or not isinstance(info.get("run_id"), str):
             raise ResultsError(f"results: {_where(self.run_json, self.root)} is not a dsbench run.json (no run_id); "
                                "it cannot be rebuilt: rerun the sweep into a new --out")
+        _check_run_shape(info, _where(self.run_json, self.root))
         return info
 
     def write_run_info(self, info: dict) -> None:
@@ -115,6 +116,23 @@ def _first_line(e: BaseException) -> str:
 def _where(path: Path, root: Path) -> str:
     """A file of a results folder, as messages name it: 'cells/abc.json' in '/the/folder'."""
     return f"{str(path.relative_to(root))!r} in {str(root)!r}"
+
+
+# The fields of run.json that readers (check, report, claims, profile) open as an object or a list:
+# any other value there is a damaged file, named here once rather than failing in each reader.
+RUN_JSON_SHAPE = {"spec": dict, "probe": dict, "environment": dict, "git": dict, "command": list,
+                  **{f"spec.{k}": dict for k in ("model", "attention", "ffn", "axes", "measure", "parallel", "kernels",
+                                                 "executor", *("train", "prefill", "decode", "speculative"))},
+                  "spec.plugins": list, "spec.sweep": list}
+
+
+def _check_run_shape(info: dict, where: str) -> None:
+    for key, kind in RUN_JSON_SHAPE.items():
+        head, _, tail = key.partition(".")
+        value = info.get(head) if not tail else (info.get(head) or {}).get(tail)
+        if value is not None and not isinstance(value, kind):
+            raise ResultsError(f"results: {where}: {key} is {type(value).__name__} {str(value)[:40]!r}, where "
+                               f"{'an object' if kind is dict else 'a list'} belongs; the file is damaged: rerun the sweep into a new --out")
 
 
 def _read_json(path: Path, root: Path):

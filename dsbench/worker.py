@@ -26,7 +26,7 @@ import traceback
 import torch
 
 from dsbench import accounting, compiled, distributed, roofline
-from dsbench.errors import UsageError
+from dsbench.errors import DataError, UsageError
 from dsbench.kernels import choice as kernel_choice
 from dsbench.contention import ContentionMeter, choose_threads
 from dsbench.data import load_dataset
@@ -109,6 +109,20 @@ def measure_cell(cell: Cell, runtime: Runtime, profile: ProfileRequest | None = 
         return _measure_cell(cell, runtime, profile, ranks, kernels)
 
 
+def check_data_unchanged(cell: Cell) -> None:
+    """A data file replaced while the sweep runs: this cell fails in one line rather than train on
+    the new contents under the digest (and cell id) the sweep recorded for the old. Failing it, not
+    recording the new digest, keeps one corpus per run: --resume then refuses the folder too."""
+    from dsbench.data import data_digest
+
+    if cell.data_digest is None:
+        return
+    now = data_digest(cell.data)
+    if now != cell.data_digest:
+        raise DataError(f"data: {cell.data!r} changed while the sweep ran (sha256 {cell.data_digest[:12]}… when it started, "
+                        f"{str(now)[:12]}… now); this cell was not run on it: restore the file, or run the sweep again into a new --out")
+
+
 def _measure_cell(cell: Cell, runtime: Runtime, profile: ProfileRequest | None, ranks: distributed.Ranks | None,
                   kernels: kernel_choice.Chooser) -> tuple[dict, list]:
     device = torch.device(cell.device)
@@ -118,6 +132,7 @@ def _measure_cell(cell: Cell, runtime: Runtime, profile: ProfileRequest | None, 
     torch.set_num_threads(threads)
     setup_start = time.perf_counter()
     data = load_dataset(cell.data, cell.seed)
+    check_data_unchanged(cell)  # after loading: what was read is what the cell's id says
     data.check_vocab(cell.model.vocab_size)
     data = data if ranks is None else distributed.RankSlice(data, ranks)
     torch.manual_seed(cell.seed)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dsbench import compiled
+from dsbench import compiled, distributed
 from dsbench.errors import SpecError
 from dsbench.measure import StepTimer
 
@@ -59,7 +59,7 @@ class Prefill(WholeSequences):
             with timer.step(record=i >= ctx.warmup):
                 logits = model(inputs, 0, caches)
         check_finite(logits[:, -1].float(), "prefill logits")
-        run = WorkloadRun(timer.samples_s(), self.tokens_per_step(settings), self.mean_context_len(settings))
+        run = WorkloadRun(distributed.timed_samples(timer, ctx.ranks, "the prefill cell"), self.tokens_per_step(settings), self.mean_context_len(settings))
         run.summary["kv_cache_bytes_per_token_measured"] = sum(c.live_bytes_per_token() for c in caches)
         add_part_metrics(ctx, run)
         return run

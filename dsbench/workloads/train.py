@@ -128,7 +128,7 @@ class Train(WholeSequences):
         # (steps, B); a multi-process cell's every rank's rows, so losses are the global batch's
         losses = distributed.all_rows(torch.stack(row_losses).float().cpu(), ctx.ranks, dim=1)
         domain_labels = list(distributed.all_rows(torch.stack(domain_labels).cpu(), ctx.ranks, dim=1))
-        run = WorkloadRun(timer.samples_s(), self.tokens_per_step(settings), self.mean_context_len(settings))
+        run = WorkloadRun(distributed.timed_samples(timer, ctx.ranks, "the train cell"), self.tokens_per_step(settings), self.mean_context_len(settings))
         check_finite(losses.mean(dim=1), "train loss")
         run.series += _loss_series(losses, torch.stack(domain_labels), ctx.data.domains)
         run.series += _named_loss_series(named_losses)
