@@ -29,6 +29,7 @@ except ImportError:  # older typer runs on click
     NoArgsIsHelpError = getattr(click.exceptions, "NoArgsIsHelpError", ())  # () catches nothing
 
 from dsbench import spec as spec_lib
+from dsbench import targets
 from dsbench.errors import UsageError, UserError
 from dsbench.schema import AXES
 from dsbench.terminal import stderr_console, stdout_console, styled
@@ -131,6 +132,7 @@ def run_sweep_cmd(
     array_parallelism: Annotated[Optional[int], typer.Option(help="Jobs in flight at once; default 256 (1 on submitit's local backend).")] = None,
     sbatch: Annotated[Optional[list[str]], typer.Option(help="An extra #SBATCH parameter KEY=VALUE (repeatable), added to [executor] sbatch.")] = None,
     force: Annotated[bool, typer.Option(help="Run cells whose memory estimate exceeds the memory available (refused otherwise).")] = False,
+    target: Annotated[Optional[str], typer.Option(help="With --dry-run: the GPU to preview on, on any machine (h100-80gb, h200-141gb, a100-80gb, …; `--target x` lists them).")] = None,
 ) -> None:
     """Run every cell of a sweep, each in a fresh process; write results tables."""
     from dsbench import runner
@@ -142,11 +144,19 @@ def run_sweep_cmd(
                                     gpus_per_cell=gpus_per_cell, cpus_per_cell=cpus_per_cell, mem_gb=mem_gb,
                                     array_parallelism=array_parallelism, sbatch=sbatch)
         if dry_run:
-            device = runner.resolve_device(spec.device)
-            cells = spec_lib.expand(spec, device)
-            out_console.print(cells_table(cells, title=f"{spec.name}: {len(cells)} cells"))
-            runner.check_memory(spec, cells, device, force)  # the table first: it shows every cell's estimate
+            plan, cells = runner.preview(spec, target)
+            if plan.note:
+                err_console.print(styled(("note:", "yellow"), f" {plan.note}"), highlight=False, soft_wrap=True)
+            where = f" on {plan.target.describe()}" if plan.target else ""
+            out_console.print(cells_table(cells, title=f"{spec.name}: {len(cells)} cells{where}", target=plan.target))
+            runner.check_preview_memory(spec, plan, cells, force)  # the table first: it shows every cell's estimate
+            if plan.target:
+                big = len(targets.too_big(cells, plan.target))  # assumed, or --force: listed, not refused
+                fit = f"all {len(cells)} cells fit" if not big else f"{big} of {len(cells)} cells would not fit (marked NO)"
+                out_console.print(f"{fit} on {plan.target.name} ({plan.target.memory_gb:g} GB)", highlight=False)
             return
+        if target is not None:
+            raise UsageError("--target: only with --dry-run (a run checks the memory of the GPU it runs on)")
         runner.check_data(spec)
         options = profile_options(profile_steps) if profile else None
         outcome = runner.run_sweep(spec, out=out, resume=resume, rerun_failed=rerun_failed, console=err_console,
@@ -436,22 +446,32 @@ def apply_executor_flags(spec: spec_lib.SweepSpec, sbatch: list[str] | None, **f
     return dataclasses.replace(spec, executor=with_overrides(spec.executor, **flags, sbatch=extra))
 
 
-def cells_table(cells, title: str) -> Table:
+def cells_table(cells, title: str, target=None) -> Table:
+    """--dry-run's table; on a target GPU also whether each cell fits its memory and the fastest
+    step its datasheet allows (≥ ms/step, c: compute-bound, m: memory-bound)."""
     from dsbench.accounting import static_row
     from dsbench.spec import kernel_plan
 
     named = AXES
     dotted = list(dict.fromkeys(k for cell in cells for k in cell.axes if k not in named))  # dotted-key axes
-    table = Table("cell_id", *named, *dotted, "shape", "params_total", "params_active", "flops/token", "kv B/token", "est. MiB", "kernels", title=title)
+    on_target = ("fits", "≥ ms/step") if target else ()
+    table = Table("cell_id", *named, *dotted, "shape", "params_total", "params_active", "flops/token", "kv B/token", "est. MiB",
+                  *on_target, "kernels", title=title)
     table.columns[-1].overflow = "fold"  # the plan wraps, never cut to an ellipsis
     for cell in cells:
         row = static_row(cell)
         shape = cell.label().split(" ")[-1]
         table.add_row(row["cell_id"], *(row[a] for a in named), *(str(cell.axes.get(k, "")) for k in dotted), shape,
                       f"{row['params_total']:,}", f"{row['params_active']:,}", f"{row['flops_per_token']:.3g}", f"{row['kv_cache_bytes_per_token']:,}",
-                      f"{row['memory_estimate_bytes'] / 2**20:,.1f}",
+                      f"{row['memory_estimate_bytes'] / 2**20:,.1f}", *(target_cells(cell, target) if target else ()),
                       " ".join(f"{f}={impl}" for f, impl in kernel_plan(cell).items()) or "-")
     return table
+
+
+def target_cells(cell, target) -> tuple[str, str]:
+    ms, bound = targets.light_ms(cell, target)
+    fits = "yes" if targets.memory_need(cell) <= target.memory_bytes else styled(("NO", "red"))
+    return fits, (f"{ms:,.3g} {bound[0]}" if ms is not None else bound)
 
 
 def claims_table(rows, header, cells) -> Table:

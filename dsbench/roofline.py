@@ -142,15 +142,9 @@ def light_columns(cell: Cell, runtime: dict, step_s: float | None, devices: int 
         missing = "step time" if not step_s else "peak FLOP/s" if not roof.peak_flops_per_s else "copy bandwidth"
         return {**empty, "sol_note": f"no {missing} ({roof.source}): no bound"}
     peak, bandwidth = roof.peak_flops_per_s * devices, roof.bandwidth_bytes_per_s * devices
-    compute_s = memory_s = 0.0
-    total_bytes = 0.0
-    for cost in part_costs(cell).values():
-        flops_s, bytes_s = cost.flops / peak, (cost.bytes or 0.0) / bandwidth
-        compute_s, memory_s = compute_s + (flops_s if flops_s >= bytes_s else 0.0), memory_s + (bytes_s if bytes_s > flops_s else 0.0)
-        total_bytes += cost.bytes or 0.0
-    light_s = compute_s + memory_s
+    light_s, bound, total_bytes = light_step(cell, peak, bandwidth)
     fraction = light_s / step_s
-    row = {**empty, "sol_bound": "compute" if compute_s >= memory_s else "memory", "sol_step_ms": 1e3 * light_s,
+    row = {**empty, "sol_bound": bound, "sol_step_ms": 1e3 * light_s,
            "sol_fraction": fraction, "achieved_bytes_per_s": total_bytes / step_s, "mbu": total_bytes / step_s / bandwidth}
     if fraction > 1:
         row["sol_note"] = (f"above 1: the step ran faster than its ceilings allow ({roof.source}); a ceiling measured "
@@ -161,6 +155,17 @@ def light_columns(cell: Cell, runtime: dict, step_s: float | None, devices: int 
         row["s_mfu"] = sum(c.flops for c in part_costs(cell).values()) / step_s / peak
         row["s_mbu"] = row["mbu"]
     return row
+
+
+def light_step(cell: Cell, peak_flops_per_s: float, bandwidth_bytes_per_s: float) -> tuple[float, str, float]:
+    """(light-speed step seconds, "compute" | "memory", compulsory bytes per step) at these ceilings:
+    each part at the roof of its own intensity, parts one after another (light_columns says why)."""
+    compute_s = memory_s = total_bytes = 0.0
+    for cost in part_costs(cell).values():
+        flops_s, bytes_s = cost.flops / peak_flops_per_s, (cost.bytes or 0.0) / bandwidth_bytes_per_s
+        compute_s, memory_s = compute_s + (flops_s if flops_s >= bytes_s else 0.0), memory_s + (bytes_s if bytes_s > flops_s else 0.0)
+        total_bytes += cost.bytes or 0.0
+    return compute_s + memory_s, "compute" if compute_s >= memory_s else "memory", total_bytes
 
 
 def _torch_device(device: str):

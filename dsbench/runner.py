@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from dsbench import __version__, executors, memory_estimate
+from dsbench import __version__, executors, memory_estimate, targets
 from dsbench.accounting import static_row
 from dsbench.errors import ResultsError, SpecError, UsageError
 from dsbench.results import SCHEMA_VERSION, ResultStore
@@ -311,6 +311,24 @@ def run_sweep(
 def check_memory(spec: SweepSpec, cells: list[Cell], device: str, force: bool = False) -> None:
     """Refuse a cell that cannot fit where it runs (dsbench/memory_estimate.py), in one line."""
     memory_estimate.check_fits(cells, device, memory_estimate.available_for(spec.executor, device), force)
+
+
+def preview(spec: SweepSpec, target: str | None = None) -> tuple[targets.Preview, list[Cell]]:
+    """--dry-run's cells, expanded for the device they would run on, which need not be here: a
+    CUDA spec (or --target) on a machine without a GPU previews them on the target GPU."""
+    import torch  # as resolve_device: no CUDA context
+
+    plan = targets.preview_device(spec.device, target, torch.cuda.is_available())
+    return plan, expand(spec, plan.device)
+
+
+def check_preview_memory(spec: SweepSpec, plan: targets.Preview, cells: list[Cell], force: bool = False) -> None:
+    """A preview's refusal: against a named target's memory (an assumed one's misfits are only
+    listed), or (no target) as a run here would refuse."""
+    if plan.target is not None:
+        targets.check_fits(cells, plan.target, force or plan.assumed)
+    else:
+        check_memory(spec, cells, plan.device, force)
 
 
 def _sweep(spec, cells, store, info, spec_dict, out, spec_source, rerun_failed, profile, device, console, sweep_start) -> SweepOutcome:

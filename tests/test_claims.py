@@ -264,6 +264,15 @@ def test_shared_expert_pairs_across_two_runs(tmp_path):
     assert got["shared-expert"].verdict == claims.NOT_CHECKABLE
 
 
+def test_committed_paper_cpu_alone_says_what_it_lacks():
+    """results/paper-cpu predates the preset's n_shared = 0 block: 'run paper-cpu' would say
+    nothing to its reader; the detail names what is missing and the folder that has it."""
+    got = verdicts(ROOT / "results" / "paper-cpu")["shared-expert"]
+    assert got.verdict == claims.NOT_CHECKABLE
+    assert "n_shared = 0" in got.detail and "recorded before paper-cpu held" in got.detail
+    assert "results/paper-cpu-noshared" in got.detail
+
+
 # --- the command and the report ---
 
 

@@ -13,7 +13,7 @@ The rule per fenced block, by its language (any other language fails `test_every
 - `bash`: each command (lines joined at `\\`, split at `&&`, comments and `VAR=value` prefixes
   dropped; the prefixes set the environment) must parse as a dsbench command line (Typer's own
   parser: options and types) and then runs cheaply: `run sweep` with `--dry-run` added (a GPU
-  preset on a machine without one: its cells expanded for cuda); `presets`, `env` (no `--calibrate`), `claims` and `check` as written where every path
+  preset on a machine without one: previewed on the assumed target GPU); `presets`, `env` (no `--calibrate`), `claims` and `check` as written where every path
   they name exists; every other dsbench command is parsed only. `python scripts/X.py` and
   `scripts/X.sh` lines must name an existing script and only flags and environment variables
   it reads; `python -m M` an importable module; `pip install` only extras pyproject declares and
@@ -40,7 +40,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 import typer
 from typer.testing import CliRunner
 
@@ -48,7 +47,7 @@ from dsbench import metrics, schema, workloads
 from dsbench.cli import app
 from dsbench.errors import SpecError
 from dsbench.policy import load_policy
-from dsbench.spec import expand, load_preset, parse_spec
+from dsbench.spec import expand, parse_spec
 from dsbench.variants import registry
 from dsbench.variants.config import config_from_size
 from test_contract import check_contract  # the contract's own checks, which walk the registry's variants
@@ -171,11 +170,7 @@ def dsbench_command(args: list[str], env: dict, block: Block, work: Path) -> Non
         raise AssertionError(f"{block.where()}: `dsbench {' '.join(args)}` does not parse: {e.format_message()}") from None
     run = None
     if path == ["run", "sweep"]:
-        preset = rest[rest.index("--preset") + 1] if "--preset" in rest else None
-        if preset and load_preset(preset).device == "cuda" and not torch.cuda.is_available():
-            expand(load_preset(preset), "cuda")  # a GPU preset without a GPU: its cells expand as on one
-            return
-        run = args if "--dry-run" in args else [*args, "--dry-run"]
+        run = args if "--dry-run" in args else [*args, "--dry-run"]  # a GPU preset too: previewed on a target GPU anywhere
     elif path[0] in RUN_AS_WRITTEN and "--calibrate" not in args:
         paths = [a for a in rest if "/" in a and not a.startswith("-")]
         if all((work / p).exists() for p in paths):

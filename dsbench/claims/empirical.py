@@ -102,13 +102,31 @@ def check_shared_expert(results) -> Evidence:
         return missing("no deepseekmoe train cells")
     cells["shared"] = cells["n_shared"].map(lambda n: "none" if n == 0 else "isolated")
     if not (cells["shared"] == "none").any():
-        return missing("no deepseekmoe train cell with n_shared = 0", RUN_NOSHARED)
+        return missing("no deepseekmoe train cell with n_shared = 0", noshared_hint(results))
     # The n_shared = 0 cells come from a second sweep (one [ffn] table per sweep), so pairs cross
     # runs; the routed layout follows from n_shared (one more routed expert keeps activated params).
     found = pairs(cells, "shared", "isolated", "none", differ=("n_shared", "n_routed_experts", "routed_top_k", "run"))
     if not found:
-        return missing("no n_shared ≥ 1 vs n_shared = 0 cells with otherwise equal settings", RUN_NOSHARED)
+        return missing("no n_shared ≥ 1 vs n_shared = 0 cells with otherwise equal settings", noshared_hint(results))
     return lower_loss(found, "shared", ("shared expert", "none"))
+
+
+def noshared_hint(results) -> str:
+    """What to pass for the n_shared = 0 cells. Telling a user who passed a paper-cpu run to run
+    paper-cpu says nothing: say what that run lacks, and why."""
+    for res in results:
+        source = str(res.run.get("spec_source") or "")
+        if source not in ("preset:paper-cpu", "preset:paper-gpu"):
+            continue
+        preset, when = source.split(":")[1], str(res.run.get("created_at") or "")[:10]
+        blocks = (res.run.get("spec") or {}).get("sweep") or []
+        ablated = any(((b.get("ffn") or {}).get("n_shared")) == 0 for b in blocks if isinstance(b, dict))
+        why = ("its n_shared = 0 cells did not finish ok" if ablated else
+               f"recorded before {preset} held the shared-expert ablation (its second [[sweep]] block, n_shared = 0)")
+        committed = " (the committed run's: results/paper-cpu-noshared)" if preset == "paper-cpu" else ""
+        return (f"they are {preset}'s of {when}, {why}: pass a folder of n_shared = 0 cells beside them{committed}, "
+                f"or rerun `dsbench run sweep --preset {preset}`")
+    return RUN_NOSHARED
 
 
 def maxvio_column(cells: pd.DataFrame) -> str | None:

@@ -17,6 +17,7 @@ from dsbench.report.data import prepare, safe_name
 from dsbench.report.first_screen import cards_section
 from dsbench.report.profiles import profiles_section
 from dsbench.report.render import render_html, render_md
+from dsbench.report.stamp import generator, write_generator
 from dsbench.report.sections import (ablation_section, baseline_section, cells_section, claims_section, failures_section,
                                      figures_section, overview_section)
 from dsbench.results import Results, ResultsError
@@ -83,8 +84,20 @@ def _render(data, runs, out: Path, checks, baseline) -> None:
             s.collapsed = True
     sections += [s for s in (claims, *details) if s is not None]
     title = f"dsbench report: {', '.join(data.keys)}"
-    (out / "index.html").write_text(render_html(title, sections), encoding="utf-8")
-    (out / "index.md").write_text(render_md(title, sections, out), encoding="utf-8")
+    stamp = generator()
+    (out / "index.html").write_text(render_html(title, sections, stamp), encoding="utf-8")
+    (out / "index.md").write_text(render_md(title, sections, out, stamp), encoding="utf-8")
+    write_generator(out, stamp, [_as_given(run.path) for run in runs], None if baseline is None else _as_given(Path(baseline)))
+
+
+def _as_given(path: Path) -> str:
+    """A path under the working directory as a relative one (a committed report names its
+    results as `results/<run>`), any other as it is."""
+    path = Path(path)
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
 
 
 def _move_into(work: Path, out: Path) -> None:

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dsbench import __version__
 from dsbench.check import fmt_value, md_escape
 from dsbench.report.data import present
+from dsbench.report.stamp import generator, stamp_line
 
 
 CSS = """
@@ -112,9 +112,9 @@ class Section:
         return self
 
 
-def render_html(title: str, sections: list[Section]) -> str:
+def render_html(title: str, sections: list[Section], stamp: dict | None = None) -> str:
     body = [f"<h1>{html.escape(title)}</h1>",
-            f'<p class="muted">dsbench {html.escape(__version__)} · generated {html.escape(_now())}</p>']
+            f'<p class="muted">{html.escape(stamp_line(stamp or generator()))} · generated {html.escape(_now())}</p>']
     for s in sections:
         heading, blocks = f"<h2>{html.escape(s.title)}</h2>", "\n".join(_html_block(b) for b in s.blocks)
         body.append(f'<details class="section"><summary>{heading}</summary>\n{blocks}\n</details>' if s.collapsed
@@ -154,8 +154,8 @@ def _html_card(card: dict) -> str:
             + "".join(f"<p>{esc(line)}</p>" for line in card["lines"]) + "</div>")
 
 
-def render_md(title: str, sections: list[Section], root: Path) -> str:
-    out = [f"# {md_escape(title)}", "", f"dsbench {__version__} · generated {_now()}", ""]
+def render_md(title: str, sections: list[Section], root: Path, stamp: dict | None = None) -> str:
+    out = [f"# {md_escape(title)}", "", f"{stamp_line(stamp or generator())} · generated {_now()}", ""]
     for s in sections:
         out += [f"## {md_escape(s.title)}", ""]
         out += [_md_block(b, root) for b in s.blocks]
