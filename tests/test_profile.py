@@ -147,7 +147,11 @@ def test_backward_goes_to_the_forward_range_not_to_a_no_grad_neighbour():
     backward = {part: us for (part, _, bwd), us in split.time_us.items() if bwd}
     assert backward.get("ffn", 0) > 0
     assert "grad_clip" not in backward
-    assert backward.get("ffn", 0) > backward.get("autograd", 0)
+    # The linear's backward (two matmuls, the bias sum, square's backward) is credited to ffn: far
+    # more of the backward's ops than autograd's own seed. Op counts, not times: a loaded machine
+    # can stretch any one range, so a time comparison here failed under load.
+    backward_ops = {part: n for (part, _, bwd), n in split.ops.items() if bwd}
+    assert backward_ops.get("ffn", 0) > 2 * backward_ops.get("autograd", 0)
 
 
 def test_memory_breakdown_reads_live_sizes(tmp_path):
