@@ -40,6 +40,7 @@ from dsbench.claims.empirical import (check_aux_free, check_deepseekmoe_vs_moe, 
 from dsbench.claims.evidence import DIRECTION, NOT_CHECKABLE, NOT_REPRODUCED, REPRODUCED, VERDICTS, Evidence, NotCheckable
 from dsbench.claims.dsa import RUN_LONG, check_flat_decode, check_sparse_quality
 from dsbench.claims.mtp import RUN_MTP, check_mtp_acceptance, check_mtp_main_loss, check_mtp_speedup
+from dsbench.claims import v4
 from dsbench.results import Results
 
 __all__ = ["CLAIMS", "DIRECTION", "NOT_CHECKABLE", "NOT_REPRODUCED", "REPRODUCED", "VERDICTS", "Claim", "ClaimResult",
@@ -76,6 +77,7 @@ class ClaimResult:
 
 V3, V2, DSMOE = "DeepSeek-V3 (2412.19437)", "DeepSeek-V2 (2405.04434)", "DeepSeekMoE (2401.06066)"
 V32 = "DeepSeek-V3.2-Exp report (2025)"
+V4 = "DeepSeek-V4 report (2026)"
 ACTIVATED = "Convention: activated = what a token multiplies with, the input embedding table not counted (a lookup reads one row)"
 
 CLAIMS: tuple[Claim, ...] = (
@@ -147,6 +149,24 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("v32-sparse-quality", V32, "§2–3 (on par with V3.1-Terminus)",
           "Sparse attention (top-2048 of the context) costs little quality against the dense attention it replaces.",
           "empirical", "loss(dsa) ≤ loss(mla) + 0.5% at equal steps", check_sparse_quality, hint=RUN_LONG),
+    Claim("v4-pro-total-params", V4, "Abstract", "DeepSeek-V4-Pro has 1.6T parameters.", "analytic", "1.6T",
+          v4.count_check("deepseek-v4-pro", "total", "1.6T")),
+    Claim("v4-pro-activated-params", V4, "Abstract", "DeepSeek-V4-Pro activates 49B parameters per token.", "analytic", "49B",
+          v4.count_check("deepseek-v4-pro", "activated", "49B")),
+    Claim("v4-flash-total-params", V4, "Abstract", "DeepSeek-V4-Flash has 284B parameters.", "analytic", "284B",
+          v4.count_check("deepseek-v4-flash", "total", "284B")),
+    Claim("v4-flash-activated-params", V4, "Abstract", "DeepSeek-V4-Flash activates 13B parameters per token.", "analytic",
+          "13B", v4.count_check("deepseek-v4-flash", "activated", "13B")),
+    Claim("v4-pro-1m-flops", V4, "Abstract",
+          "At 1M tokens of context, DeepSeek-V4-Pro needs 27% of DeepSeek-V3.2's single-token inference FLOPs.", "analytic",
+          "27%", v4.flops_check("deepseek-v4-pro", 0.27)),
+    Claim("v4-pro-1m-kv", V4, "Abstract", "At 1M tokens of context, DeepSeek-V4-Pro's KV cache is 10% of DeepSeek-V3.2's.",
+          "analytic", "10%", v4.kv_check("deepseek-v4-pro", 0.10)),
+    Claim("v4-flash-1m-flops", V4, "Abstract",
+          "At 1M tokens of context, DeepSeek-V4-Flash needs 10% of DeepSeek-V3.2's single-token inference FLOPs.",
+          "analytic", "10%", v4.flops_check("deepseek-v4-flash", 0.10)),
+    Claim("v4-flash-1m-kv", V4, "Abstract", "At 1M tokens of context, DeepSeek-V4-Flash's KV cache is 7% of DeepSeek-V3.2's.",
+          "analytic", "7%", v4.kv_check("deepseek-v4-flash", 0.07)),
     Claim("v2-max-throughput", V2, "§3.2.3", "DeepSeek-V2's maximum generation throughput is 5.76× DeepSeek 67B's.",
           "empirical", "5.76×", NotCheckable(
               "measured serving the full V2 (FP8 weights, ~6-bit KV cache) on 8×H800 against the 67B; the attention-gpu "

@@ -16,10 +16,13 @@ SEQ_LEN = 4096  # DeepSeekMoE's "FLOPs per 4K tokens"; V2 and V3 pre-train at 4K
 # --- analytic: parameter counts ---
 
 
+UNITS = {"B": 1e9, "T": 1e12}
+
+
 def published_value(published: str) -> tuple[float, float]:
-    """A figure printed like '2.8B' → (2.8e9, the half-unit of its last digit, 0.05e9)."""
-    digits = published.rstrip("B")
-    return float(digits) * 1e9, 0.5 * 10 ** -len(digits.partition(".")[2]) * 1e9
+    """A figure printed like '2.8B' → (2.8e9, the half-unit of its last digit, 0.05e9); '1.6T' → (1.6e12, 0.05e12)."""
+    digits, unit = published[:-1], UNITS[published[-1]]
+    return float(digits) * unit, 0.5 * 10 ** -len(digits.partition(".")[2]) * unit
 
 
 def published_match(measured: float, published: str) -> tuple[bool, str]:
