@@ -14,7 +14,10 @@ over its workload (warm-up and timed steps):
 CPU_SHARE_MIN of one core (cpu_share × threads: a process whose ops are too small to use its
 second thread gets one core and is not starved), or others needed more cores than were free
 beside the cell's threads (by more than OTHERS_SLACK_CORES: how a starved multi-threaded cell
-shows), or steal passed STEAL_MAX. Separately, a
+shows), or steal passed STEAL_MAX. The same rule is applied to each WINDOW_S-long window of the
+cell, sampled every SAMPLE_S by a background thread: a neighbour that starts mid-cell and would
+be diluted in the whole-cell average still marks the cell (the reason then says "in a
+WINDOW_S window from t = …"). A neighbour that runs less than WINDOW_S may go unseen. Separately, a
 step-time p90/p10 above SPREAD_LIMIT marks a noisy measurement (pyperf's habit of warning on
 unstable samples). Both are warnings: the run's summary, `dsbench check` and the report name
 the cells; nothing is silently compared.
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import os
 import resource
+import threading
 import time
 
 CPU_SHARE_MIN = 0.90
@@ -37,6 +41,8 @@ OTHERS_SLACK_CORES = 0.5
 STEAL_MAX = 0.05
 SPREAD_LIMIT = 2.0  # step-time p90/p10 above this is flagged as noisy
 FREE_CORES_WINDOW_S = 0.2
+SAMPLE_S = 0.1  # the background sampler's period (reads /proc/stat and getrusage: ~50 µs each)
+WINDOW_S = 1.0  # the shortest span judged alone: long enough that one scheduler hiccup is not a neighbour
 
 
 def usable_cores() -> int:
@@ -103,11 +109,21 @@ class ContentionMeter:
     def __enter__(self) -> ContentionMeter:
         self._stat0, (self._own0, self._nivcsw0) = _proc_stat(), _own_cpu_s()
         self._wall0 = time.perf_counter()
+        self._samples, self._left_spans, self._stop = [self.snapshot()], [], threading.Event()
+        self._sampler = threading.Thread(target=self._sample, name="dsbench-contention", daemon=True)
+        self._sampler.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.wall_s = time.perf_counter() - self._wall0
         self._stat1, (self._own1, self._nivcsw1) = _proc_stat(), _own_cpu_s()
+        self._stop.set()
+        self._sampler.join()
+        self._samples.append(self.snapshot())
+
+    def _sample(self) -> None:
+        while not self._stop.wait(SAMPLE_S):
+            self._samples.append(self.snapshot())
 
     def snapshot(self) -> tuple:
         return _proc_stat(), _own_cpu_s(), time.perf_counter()
@@ -115,6 +131,7 @@ class ContentionMeter:
     def leave_out(self, before: tuple, after: tuple) -> None:
         """Leave the span between two snapshots out of every column."""
         (stat0, (own0, nivcsw0), wall0), (stat1, (own1, nivcsw1), wall1) = before, after
+        self._left_spans.append((wall0, wall1))
         self._left_wall += wall1 - wall0
         self._left_own += own1 - own0
         self._left_nivcsw += nivcsw1 - nivcsw0
@@ -135,9 +152,31 @@ class ContentionMeter:
             busy, steal, total = (b - a - left for a, b, left in zip(self._stat0, self._stat1, self._left_stat))
             row["cpu_others_cores"] = max(0.0, (busy - own) / wall)
             row["cpu_steal_fraction"] = steal / total if total > 0 else 0.0
-        row["contention"] = contention_reason(row, self.threads)
+        row["contention"] = contention_reason(row, self.threads) or window_reason(
+            self._samples, self.threads, self._left_spans, self._wall0)
         row["contended"] = row["contention"] is not None
         return row
+
+
+def window_reason(samples: list[tuple], threads: int, left_spans=(), start: float = 0.0) -> str | None:
+    """contention_reason of the first contended WINDOW_S window of snapshots ((stat, (own cpu,
+    nivcsw), wall) each), windows overlapping a left-out span skipped; None when none is."""
+    j = 0
+    for i, (stat0, (own0, _), wall0) in enumerate(samples):
+        j = max(j, i + 1)
+        while j < len(samples) and samples[j][2] - wall0 < WINDOW_S:
+            j += 1
+        if j == len(samples):
+            return None
+        stat1, (own1, _), wall1 = samples[j]
+        if stat0 is None or stat1 is None or any(a < wall1 and wall0 < b for a, b in left_spans):
+            continue
+        wall, own = wall1 - wall0, own1 - own0
+        row = {"cpu_share": own / (wall * threads), "cpu_others_cores": max(0.0, (stat1[0] - stat0[0] - own) / wall),
+               "cpu_steal_fraction": (stat1[1] - stat0[1]) / max(stat1[2] - stat0[2], 1e-9)}
+        if reason := contention_reason(row, threads):
+            return f"in a {wall:.1f} s window from t = {wall0 - start:.1f} s: {reason}"
+    return None
 
 
 def contention_reason(row: dict, threads: int) -> str | None:

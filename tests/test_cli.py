@@ -56,7 +56,7 @@ def test_smoke_preset_end_to_end(tmp_path):
 
 
 def test_dry_run_lists_cells_and_runs_nothing(tmp_path):
-    done = dsbench("run", "sweep", "--preset", "smoke", "--dry-run")
+    done = dsbench_in_process("run", "sweep", "--preset", "smoke", "--dry-run")
     assert done.returncode == 0, done.stderr
     assert "smoke: 4 cells" in done.stdout
     for workload in ("train", "prefill", "decode"):
@@ -87,7 +87,7 @@ def test_bad_input_is_one_line_in_a_real_process():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_requested_without_cuda():
-    assert_usage_error(dsbench("run", "sweep", "--preset", "smoke", "--device", "cuda"), "device", "cuda", "allowed here")
+    assert_usage_error(dsbench_in_process("run", "sweep", "--preset", "smoke", "--device", "cuda"), "device", "cuda", "allowed here")
 
 
 def test_bad_spec_file_is_one_line(tmp_path):
@@ -99,14 +99,14 @@ def test_bad_spec_file_is_one_line(tmp_path):
 
 
 def test_env_json():
-    done = dsbench("env", "--json")
+    done = dsbench_in_process("env", "--json")
     assert done.returncode == 0, done.stderr
     facts = json.loads(done.stdout)
     assert facts["environment"]["torch_version"] == torch.__version__
 
 
 def test_presets_command_lists_every_preset():
-    done = dsbench("presets")
+    done = dsbench_in_process("presets")
     assert done.returncode == 0
     for name in ("smoke", "ci", "cpu-small", "medium-gpu", "large-gpu"):
         assert name in done.stdout

@@ -108,3 +108,41 @@ def test_a_left_out_span_leaves_every_column():
 
     assert measure(leave_out=False) > 0.3
     assert measure(leave_out=True) < 0.1
+
+
+def _samples(per_step: list[tuple[float, float]], step_s: float = 0.5) -> list[tuple]:
+    """Snapshots every step_s of a 1-thread cell: each step (own cores, others' cores) busy."""
+    busy = own = 0.0
+    out = [((0.0, 0.0, 0.0), (0.0, 0), 0.0)]
+    for i, (mine, others) in enumerate(per_step, 1):
+        own += mine * step_s
+        busy += (mine + others) * step_s
+        out.append(((busy, 0.0, 2 * i * step_s), (own, 0), i * step_s))
+    return out
+
+
+def test_a_neighbour_that_starts_mid_cell_is_seen(monkeypatch):
+    """Quiet for 9 s, then two burners for the last second: the whole-cell average passes (others
+    0.2 cores, share 0.97) but the last window fails the same rule."""
+    monkeypatch.setattr(contention, "usable_cores", lambda: 2)
+    quiet, burnt = (1.0, 0.0), (0.67, 1.33)
+    samples = _samples([quiet] * 18 + [burnt] * 2)
+    whole = {"cpu_share": samples[-1][1][0] / 10, "cpu_others_cores": (samples[-1][0][0] - samples[-1][1][0]) / 10,
+             "cpu_steal_fraction": 0.0}
+    assert contention_reason(whole, threads=1) is None
+    reason = contention.window_reason(samples, threads=1)
+    assert reason.startswith("in a 1.0 s window from t = 8.5 s: got 84% of a core"), reason  # half in the burn
+    assert contention.window_reason(_samples([quiet] * 20), threads=1) is None
+
+
+def test_a_window_in_a_left_out_span_is_not_judged(monkeypatch):
+    monkeypatch.setattr(contention, "usable_cores", lambda: 2)
+    samples = _samples([(1.0, 0.0)] * 4 + [(0.3, 1.7)] * 2 + [(1.0, 0.0)] * 4)
+    assert contention.window_reason(samples, threads=1) is not None
+    assert contention.window_reason(samples, threads=1, left_spans=[(2.0, 3.0)]) is None
+
+
+def test_the_meter_samples_while_the_cell_runs():
+    with ContentionMeter(1) as meter:
+        time.sleep(3 * contention.SAMPLE_S)
+    assert len(meter._samples) >= 3 and not meter._sampler.is_alive()

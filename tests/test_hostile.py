@@ -305,3 +305,38 @@ SLURM_WITHOUT_SLURM = [  # a Slurm job's flag on a local sweep was taken and ign
 @pytest.mark.parametrize("flags, words", SLURM_WITHOUT_SLURM)
 def test_slurm_flags_without_slurm_are_refused(place, flags, words):
     assert_one_line(*invoke(["run", "sweep", "spec.toml", "--dry-run", *flags]), 2, words)
+
+
+# --- 5. bad values taken: a set field no cell reads, inverted YaRN betas (issue 31) ---
+
+UNREAD = [  # TOML lines of a spec over one debug layer → the words of its one line
+    ('[model]\nmtp = 1\n[axes]\nworkload = ["decode"]',
+     "model.mtp: 1 is set but no cell of this sweep reads it | read only by a train or speculative cell"),
+    ('[train]\nmtp_lambda = 0.5\n[axes]\nworkload = ["train"]',
+     "train.mtp_lambda: 0.5 is set but no cell | with model.mtp >= 1"),
+    ('[attention]\nrope_factor = 40.0\n[axes]\nattention = ["mla"]',  # debug's max_seq_len is within original_seq_len
+     "attention.rope_factor: 40.0 is set but no cell | model.max_seq_len > attention.original_seq_len"),
+    ('[attention]\nrope_factor = 40.0\nbeta_fast = 1\nbeta_slow = 32\n[axes]\nattention = ["mla"]',
+     "attention.beta_fast: 1 with attention.beta_slow 32 | YaRN needs beta_fast > beta_slow"),
+    ('[attention]\nbeta_fast = 4\nbeta_slow = 4\n[axes]\nattention = ["dsa"]', "attention.beta_fast: 4 with attention.beta_slow 4"),
+]
+
+
+@pytest.mark.parametrize("lines, words", UNREAD)
+def test_a_field_no_cell_reads_is_refused(tmp_path, lines, words):
+    spec = tmp_path / "s.toml"
+    head, _, rest = lines.partition("\n")
+    model = 'size = "debug"\nn_layers = 1\n'
+    text = f'name = "u"\n{head}\n{model}{rest}' if head == "[model]" else f'name = "u"\n[model]\n{model}{lines}'
+    spec.write_text(text + "\n")
+    assert_one_line(*invoke(["run", "sweep", spec, "--dry-run", "--out", tmp_path / "out"]), 2, words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_field_read_by_another_point_is_taken(tmp_path):
+    """mtp-cpu's shape: [train] mtp_lambda at the top, read by the model.mtp >= 1 points only."""
+    spec = tmp_path / "s.toml"
+    spec.write_text('name = "u"\n[model]\nsize = "debug"\nn_layers = 1\n[train]\nmtp_lambda = 0.5\nsteps = 4\n'
+                    '[axes]\nworkload = ["train"]\n"model.mtp" = [0, 1]\n')
+    done, _ = invoke(["run", "sweep", spec, "--dry-run", "--out", tmp_path / "out"])
+    assert done.exit_code == 0, done.stderr

@@ -107,7 +107,7 @@ def _check_combinations(spec) -> None:
     if spec.data in ("synthetic", "synthetic-long") and cfg.vocab_size < 256:
         raise SpecError(f"model.vocab_size: {cfg.vocab_size} is below 256, the byte vocabulary of the synthetic data")
     for axes, cell_cfg in configs:  # each variant refuses a config it cannot build, in one line
-        problem = mtp.check_config(cell_cfg)
+        problem = mtp.check_config(cell_cfg) or check_yarn_betas(cell_cfg)
         if problem:
             raise SpecError(problem)
         for section in PART_SECTIONS:
@@ -146,3 +146,71 @@ def _check_workloads(spec) -> None:
         if name in spec.axes["workload"]:
             configs = list(cell_configs(dataclasses.replace(spec, axes={**spec.axes, "workload": (name,)})))
             workload.check(getattr(spec, name), configs, workload_read(spec, workload))
+
+
+# --- set fields no cell reads ---
+# A key some variant or workload has, which a cell reads only under a condition: set where no
+# cell of any sweep point meets it, it would change nothing (issue 31: model.mtp on a decode-only
+# sweep, train.mtp_lambda without MTP, a YaRN factor where YaRN is off). Each row: the key, the
+# test on a cell's (axes, model config, workload settings), and what a cell must be to read it.
+def _carries(settings, key: str) -> bool:
+    """Whether a cell's settings (nested: speculative holds train's) carry `key`."""
+    return isinstance(settings, dict) and (key in settings or any(_carries(v, key) for v in settings.values()))
+
+
+def _yarn_on(axes, cfg, settings) -> bool:
+    a = cfg.attention
+    return hasattr(a, "rope_factor") and a.rope_factor > 1 and cfg.max_seq_len > a.original_seq_len
+
+
+_YARN_CELL = "a cell with YaRN on (attention mla/mla-naive/dsa, attention.rope_factor > 1, model.max_seq_len > attention.original_seq_len)"
+CONDITIONAL_READS = {
+    # train.settings_for keeps λ only where MTP modules train: the cells that run them.
+    "model.mtp": (lambda axes, cfg, settings: _carries(settings, "mtp_lambda"), "a train or speculative cell"),
+    "train.mtp_lambda": (lambda axes, cfg, settings: _carries(settings, "mtp_lambda"),
+                         "a train or speculative cell with model.mtp >= 1"),
+    **{f"attention.{k}": (_yarn_on, _YARN_CELL) for k in ("rope_factor", "original_seq_len", "beta_fast", "beta_slow", "mscale")},
+}
+
+
+def given_keys(raw: dict) -> dict[str, object]:
+    """section.field → value of each CONDITIONAL_READS key a plain point's raw dict sets."""
+    given = {}
+    for key in CONDITIONAL_READS:
+        section, _, name = key.partition(".")
+        table = raw.get(section)
+        if isinstance(table, dict) and name in table:
+            given[key] = table[name]
+    return given
+
+
+def _cells_read(spec) -> set[str]:
+    """The CONDITIONAL_READS keys some cell of this plain spec reads."""
+    read = set()
+    for axes, cfg in cell_configs(spec):
+        workload = WORKLOADS[axes["workload"]]
+        for settings in workload.cells_for(getattr(spec, workload.name), cfg, workload_read(spec, workload)):
+            read |= {k for k, (reads, _) in CONDITIONAL_READS.items() if reads(axes, cfg, settings)}
+    return read
+
+
+def check_unread(points: list[tuple[object, dict]]) -> None:
+    """(plain spec, its given CONDITIONAL_READS keys) of every point: a key given somewhere must be
+    read by a cell somewhere (a [[sweep]] block may leave the top level's key to another block)."""
+    given = {k: v for _, keys in points for k, v in keys.items()}
+    read = set().union(*(_cells_read(spec) for spec, keys in points if keys)) if given else set()
+    for key, value in given.items():
+        if key not in read:
+            raise SpecError(f"{key}: {value!r} is set but no cell of this sweep reads it; it is read only by "
+                            f"{CONDITIONAL_READS[key][1]}: drop the key or add such a cell")
+
+
+def check_yarn_betas(cfg) -> str | None:
+    """YaRN's ramp runs from the dims rotating beta_fast times over original_seq_len (kept) to
+    those rotating beta_slow times (scaled): it needs beta_fast > beta_slow (V3: 32, 1; both are
+    positive integers by their type). Equal, the ramp has no width."""
+    a = cfg.attention
+    if not hasattr(a, "beta_fast") or a.beta_fast > a.beta_slow:
+        return None
+    return (f"attention.beta_fast: {a.beta_fast} with attention.beta_slow {a.beta_slow}; YaRN needs "
+            f"beta_fast > beta_slow (DeepSeek-V3: beta_fast = 32, beta_slow = 1)")

@@ -18,7 +18,7 @@ from dsbench.variants import registry
 from dsbench.variants.config import SIZES, ModelConfig
 from dsbench.workloads import WORKLOADS
 
-from .checks import _check_axes, _check_combinations, _check_config_overrides, _check_kernels, _check_part_overrides
+from .checks import _check_axes, _check_combinations, _check_config_overrides, _check_kernels, _check_part_overrides, check_unread, given_keys
 from .parallel import ParallelSettings
 from .sections import DEVICES, SECTIONS, MeasureSettings, default_axes, dotted_sections, sweep_keys, top_keys
 
@@ -111,9 +111,10 @@ def parse_spec(raw: dict) -> SweepSpec:
     # A block need not read the top level's [attention]/[ffn] keys; some block must (checked below).
     inherited = _part_keys(top) if blocks else {}
     points: list[tuple[dict, SweepSpec]] = []
+    given: list[tuple[SweepSpec, dict]] = []  # each point and the conditionally read keys it sets
     for i, block in enumerate(blocks or [{}]):
         try:
-            points += _points(_merge_block(top, block), plugins, {s: keys - _part_keys(block).get(s, set())
+            points += _points(given, _merge_block(top, block), plugins, {s: keys - _part_keys(block).get(s, set())
                                                                   for s, keys in inherited.items()})
         except SpecError as e:
             raise SpecError(f"sweep[{i}] {e}" if blocks else str(e)) from None
@@ -121,6 +122,7 @@ def parse_spec(raw: dict) -> SweepSpec:
         kinds = tuple(dict.fromkeys(k for _, p in points for k in p.axes[section]))
         for key in keys:
             _check_part_overrides(section, {key: None}, kinds, check_values=False)
+    check_unread(given)
     base = points[0][1]
     if len(points) == 1 and not points[0][0]:
         return dataclasses.replace(base, source=raw)
@@ -172,8 +174,9 @@ def _merge_block(top: dict, block: dict) -> dict:
     return merged
 
 
-def _points(raw: dict, plugins: tuple[str, ...], inherited: dict | None = None) -> list[tuple[dict, SweepSpec]]:
-    """(dotted-axis values, plain spec) for each combination of this sweep's dotted axes."""
+def _points(given: list, raw: dict, plugins: tuple[str, ...], inherited: dict | None = None) -> list[tuple[dict, SweepSpec]]:
+    """(dotted-axis values, plain spec) for each combination of this sweep's dotted axes; appends
+    (plain spec, the CONDITIONAL_READS keys it sets) of each to `given`."""
     axes = as_table("axes", raw.get("axes", {}))
     plain = {**raw, "axes": {k: v for k, v in axes.items() if "." not in k}}
     dotted = _check_dotted({k: v for k, v in axes.items() if "." in k}, raw)
@@ -185,6 +188,7 @@ def _points(raw: dict, plugins: tuple[str, ...], inherited: dict | None = None) 
             section, name = key.split(".", 1)
             point[section] = {**as_table(section, point.get(section, {})), name: value}
         points.append((values, _parse_plain(point, plugins, inherited or {})))
+        given.append((points[-1][1], given_keys(point)))
     return points
 
 
