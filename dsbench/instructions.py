@@ -35,8 +35,8 @@ from dsbench.errors import AbError
 
 STEPS = 4  # the short process runs N steps, the long one 2N; both share everything else
 # The verdict's threshold: the measured spread of clean per-step counts (same code, this VM) is
-# given in docs/ci-gate.md; the threshold sits far above it and far below a 10% slowdown.
-THRESHOLD = 0.03
+# given in docs/ci-gate.md (3.7% across three counts, one under heavy load); the threshold sits above it, below a 10% slowdown.
+THRESHOLD = 0.06
 TOOLS = ("cachegrind", "perf")
 
 # The cells counted: the ci-timing preset's three fp32 workloads at a size valgrind runs in
