@@ -24,6 +24,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,13 +74,32 @@ class AbOutcome:
     rounds_log: list[dict] = field(default_factory=list)
 
     def markdown(self) -> str:
-        head = [f"## dsbench ab: {'FAIL' if self.result.exit_code else 'PASS'}", "",
+        unsure = inconclusive(self.result)
+        word = "FAIL" if self.result.exit_code else ("INCONCLUSIVE" if unsure else "PASS")
+        head = [f"## dsbench ab: {word}", "",
                 f"base `{md_escape(self.base.sha)}` · current `{md_escape(self.current.sha)}` · {self.rounds} rounds, "
                 f"interleaved (A B, B A, …), one process per cell and round"
                 + (" · the first rounds failed, so more were run and all are counted" if self.confirmed else "")
                 + f" · {self.wall_s:.0f} s", ""]
+        if unsure:  # not a failure, but not a pass either: the interval reaches past the threshold
+            head += [f"Inconclusive: {', '.join(unsure)}: the interval straddles the threshold, so these rounds can neither "
+                     "pass nor fail the change; the instruction counts (`--metric instructions`) decide compute and copies.", ""]
         body = self.result.markdown().split("\n", 2)[2]  # the check's own title replaced by this one
         return "\n".join(head) + body
+
+
+INTERVAL = re.compile(r"\[([0-9.]+), ([0-9.]+)\]")  # stats.SampleComparison.describe()'s "[low, high]"
+
+
+def inconclusive(result: CheckResult) -> list[str]:
+    """Timing rows that passed although their interval reaches above the threshold."""
+    limit = result.policy.timing.samples_threshold
+    cells = []
+    for row in result.rows:
+        match = INTERVAL.search(row.note or "") if row.rule == "timing (rank test)" and row.verdict == "ok" else None
+        if match and float(match.group(1)) <= limit < float(match.group(2)):
+            cells.append(row.cell)
+    return cells
 
 
 # --- the two sides ---

@@ -372,16 +372,36 @@ def ab_cmd(
     policy: Annotated[Optional[Path], typer.Option(help="Policy TOML laid over the shipped default.")] = None,
     confirm: Annotated[bool, typer.Option(help="After a timing regression, run as many rounds again and decide on all.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the check's JSON instead of the Markdown summary.")] = False,
+    metric: Annotated[str, typer.Option(help="time: the interleaved wall-clock A/B of SPEC; instructions: instruction counts "
+                                             "per step of tiny fixed cells (valgrind or perf, deterministic; no SPEC).")] = "time",
+    threshold: Annotated[Optional[float], typer.Option(help="--metric instructions: fail above ×(1 + THRESHOLD).")] = None,
 ) -> None:
     """Time this checkout against another commit on this machine, interleaved: exit 0 clean, 1 regression, 2 usage error."""
     from dsbench import ab as ab_lib
     from dsbench import check as check_lib
 
+    if metric not in ("time", "instructions"):
+        with user_errors():
+            raise UsageError(f"--metric: {metric!r} is not one of time, instructions")
+    if metric == "instructions":
+        _ab_instructions(spec_file, preset, base, out, threshold)
     with user_errors():
         outcome = ab_lib.run_ab(base, spec_file, preset, rounds, out, check_lib.load_policy(policy), threads, confirm,
                                 say=lambda line: err_console.print(line, highlight=False))
     typer.echo(json.dumps(outcome.result.to_json(), indent=2) if as_json else outcome.markdown())
     raise typer.Exit(outcome.result.exit_code)
+
+
+def _ab_instructions(spec_file: Optional[Path], preset: Optional[str], base: str, out: Optional[Path], threshold: Optional[float]) -> None:
+    from dsbench import instructions
+
+    with user_errors():
+        if spec_file or preset:  # the counted cells are fixed: a spec's cells would take hours under valgrind
+            raise UsageError("--metric instructions counts its own tiny cells; give no SPEC or --preset")
+        outcome = instructions.run_instructions_ab(base, out, instructions.THRESHOLD if threshold is None else threshold,
+                                                   say=lambda line: err_console.print(line, highlight=False))
+    typer.echo(outcome.markdown())
+    raise typer.Exit(outcome.exit_code)
 
 
 @app.command("baseline")
