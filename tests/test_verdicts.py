@@ -55,3 +55,15 @@ def test_cards_and_claims_agree_on_decode_speed(folder):
     card = h.judgement() if h is not None else ""
     expected = {"": NOT_CHECKABLE, "better": DIRECTION, "worse": NOT_REPRODUCED, "same": NOT_REPRODUCED}[card]
     assert claim.verdict == expected, (folder.name, card, claim)
+
+
+def test_the_first_screen_states_the_run_health(tmp_path):
+    from fixture_results import make_cell, write_results
+
+    from dsbench.report.first_screen import health_line
+
+    cells = [make_cell("train", index=0, contended=True), make_cell("train", index=1, attention="mla")]
+    cells[1]["status"], cells[1]["cell_id"] = "failed", "c1"
+    line = health_line(prepare([load_results(write_results(tmp_path / "r", cells))]))
+    assert "1 cell(s) contended" in line and "see Environment and spec" in line
+    assert "1 failed cell(s), see Failures" in line
