@@ -96,3 +96,49 @@ def compare_samples(base: list[float], current: list[float], confidence: float =
     covered = 1 - 2 * u_tail(m, n, m * n - c + 1)  # P(U ≤ c − 1) outside on each side
     u = mann_whitney_u(a, b)
     return SampleComparison(ratio, low, high, covered, u_tail(m, n, u), u_tail(m, n, m * n - u), m, n)
+
+
+# --- paired ratios: one B ÷ A per pair (and per replicate), the statistic every verdict uses ---
+
+# A timing metric's noise band: the check policy's default samples_threshold (×1.05, policies/
+# default.toml) read as ±5%; a measured change inside it is not called a difference.
+TIMING_NOISE = 0.05
+
+
+@dataclass(frozen=True)
+class RatioInterval:
+    median: float  # median of the pairs' B ÷ A
+    low: float  # distribution-free interval for that median (order statistics, sign-test rank)
+    high: float
+    confidence: float  # its actual coverage; below the requested one when there are too few pairs
+    n: int
+
+    def excludes_one(self, band: float) -> int:
+        """+1 when the whole interval lies above ×(1 + band), −1 below ×(1 − band), else 0."""
+        if self.n == 0 or self.confidence < REQUESTED - 1e-9:
+            return 0
+        return 1 if self.low > 1 + band else -1 if self.high < 1 - band else 0
+
+    def describe(self) -> str:
+        return f"×{self.median:.3f} [{self.low:.3f}, {self.high:.3f}]"
+
+
+REQUESTED = 0.90
+
+
+def ratio_interval(ratios: list[float], confidence: float = REQUESTED) -> RatioInterval:
+    """The median of paired ratios with its order-statistic interval [r_(c), r_(n+1−c)]: c the
+    largest rank with P(Bin(n, ½) ≤ c − 1) ≤ (1 − confidence) / 2. No distribution assumed, like
+    compare_samples; one outlying pair moves the interval by one rank, not by its size. Under 5
+    pairs no rank reaches 90%: the interval is the pairs' range, its coverage 1 − 2·½ⁿ, and no
+    verdict is drawn from it."""
+    r = np.sort(np.asarray([x for x in ratios if x > 0], float))
+    n = r.size
+    if n == 0:
+        return RatioInterval(float("nan"), float("nan"), float("nan"), 0.0, 0)
+    tail = lambda k: sum(math.comb(n, i) for i in range(k)) / 2 ** n  # P(Bin(n, ½) ≤ k − 1)
+    c = 1
+    while c < n // 2 and tail(c + 1) <= (1 - confidence) / 2:
+        c += 1
+    covered = 1 - 2 * tail(c)
+    return RatioInterval(float(np.median(r)), float(r[c - 1]), float(r[n - c]), covered, n)

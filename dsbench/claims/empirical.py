@@ -13,6 +13,7 @@ from dsbench.claims.evidence import DIRECTION, NOT_REPRODUCED, REPRODUCED, Evide
 from dsbench.compare import relative_loss_error
 from dsbench.pairing import norm, pairs
 from dsbench.results import Results
+from dsbench.stats import TIMING_NOISE, ratio_interval
 
 LOSS_TIE = 0.005  # "no worse loss": at most 0.5% above the other, one seed at small scale
 FP8_LOSS_LIMIT = 0.0025  # V3 §3.3: relative loss error below 0.25%
@@ -190,19 +191,31 @@ def check_mla_kv(results) -> Evidence:
                     f"KV bytes per token, {source}: {listing(items)}.")
 
 
+def clean_speed_pairs(found: list[tuple[pd.Series, pd.Series]]) -> list[tuple[pd.Series, pd.Series]]:
+    """The pairs whose speed a verdict may use: the report's cards' rule (no emulated, numerics-only
+    or implementation-bound side, none contended), so a claim and a card never read different rows."""
+    from dsbench.report.ablation import contended, speed_caveat
+
+    return [(x, y) for x, y in found if not (speed_caveat(x, y) or contended(x, y))]
+
+
 def check_mla_decode(results) -> Evidence:
-    found = [(x, y) for x, y in inference_pairs(results, ("decode",)) if not (norm(x.get("emulated")) or norm(y.get("emulated")))]
+    everything = inference_pairs(results, ("decode",))
+    found = clean_speed_pairs(everything)
     if not found:
-        return missing("no mla/mha decode cell pairs that are not emulated")
-    wins, items = [], []
+        left = f" ({len(everything)} pairs, each with an emulated, numerics-only, implementation-bound or contended side)" if everything else ""
+        return missing(f"no mla/mha decode cell pairs whose speed means something{left}")
+    ratios, items = [], []
     for x, y in found:
-        ratio = x["tokens_per_s_median"] / y["tokens_per_s_median"]
-        wins.append(ratio > 1)
-        items.append(f"{where(x, 'attention')} b{int(x['batch_size'])}: ×{ratio:.2f}")
-    noted = any(norm(x.get("speed_note")) for x, _ in found)
-    note = " Some rows carry a speed note (bf16 on a CPU is for numerics: its speed does not predict a GPU)." if noted else ""
-    detail = f"decode tokens/s MLA ÷ MHA (emulated rows left out): {listing(items, 8)}.{note}"
-    return majority(wins, detail, f"{sum(wins)}/{len(wins)} pairs faster", "this machine, small scale")
+        ratios.append(float(x["tokens_per_s_median"] / y["tokens_per_s_median"]))
+        items.append(f"{where(x, 'attention')} b{int(x['batch_size'])}: ×{ratios[-1]:.2f}")
+    iv = ratio_interval(ratios)
+    side = iv.excludes_one(TIMING_NOISE)
+    verdict = DIRECTION if side > 0 else NOT_REPRODUCED
+    said = {1: "faster", -1: "slower", 0: f"no clear difference (the 90% interval does not clear ×1 by ±{TIMING_NOISE:.0%})"}[side]
+    detail = (f"decode tokens/s MLA ÷ MHA {iv.describe()} over {len(ratios)} pairs, this machine, small scale: {said}. "
+              f"Pairs (emulated, numerics-only, implementation-bound and contended ones left out): {listing(items, 8)}.")
+    return Evidence(f"{iv.describe()} ({len(ratios)} pairs)", verdict, detail)
 
 
 # --- empirical: FP8 ---

@@ -69,6 +69,11 @@ def speed_caveat(a: pd.Series, b: pd.Series) -> str:
     return "implementation-bound" if implementation_bound(a) or implementation_bound(b) else ""
 
 
+def contended(a: pd.Series, b: pd.Series) -> str:
+    """'contended' when either side did not get the CPU it asked for: its speed is left out."""
+    return "contended" if any(present(r.get("contended")) and bool(r.get("contended")) for r in (a, b)) else ""
+
+
 def ablation(data: ReportData) -> pd.DataFrame:
     """Long table: axis, comparison (B ÷ A), context, run, metric, A, B, ratio, speed_caveat
     (emulated / numerics only, on speed metrics of pairs with such a side)."""

@@ -19,11 +19,12 @@ import pandas as pd
 from dsbench.claims.mtp import MTP_DIFFER
 from dsbench.metrics import METRICS, dotted_axis
 from dsbench.pairing import norm, pairs
-from dsbench.report.ablation import IMPLEMENTATION_BOUND, speed_caveat
+from dsbench.report.ablation import IMPLEMENTATION_BOUND, contended, speed_caveat
 
-CAVEATS = ("numerics only", "emulated", "implementation-bound")  # speed_caveat's values
+CAVEATS = ("numerics only", "emulated", "implementation-bound", "contended")  # speed_caveat's values, and contention
 from dsbench.report.data import HEADLINE_METRICS, ReportData, present
 from dsbench.schema import AXES
+from dsbench.stats import TIMING_NOISE, RatioInterval, ratio_interval
 from dsbench.workloads import names_where
 
 # Headline metrics, in card order, with the card's label. Host-dependent ones (speed, memory)
@@ -32,9 +33,18 @@ from dsbench.workloads import names_where
 # unless a card words it out.
 CARD_LABELS = {"peak_mem_bytes": "peak memory", "kv_cache_bytes_per_token": "KV bytes/token"}
 HEADLINES = tuple((m, CARD_LABELS.get(m, METRICS[m].short)) for m in HEADLINE_METRICS if METRICS[m].group != "speed" or m == "tokens_per_s_median")
-# Below this relative change (|B ÷ A − 1|) a verdict says "no clear difference": a cut-off for
-# words, not a statistical test. 1% is twice the check policy's seeded-loss tolerance (0.5%).
+# The noise band of a metric the registry gives no relative tolerance (absolute-rule and analytic
+# ones): 1%, twice the check policy's seeded-loss tolerance (0.5%).
 NOISE = 0.01
+
+
+def noise_band(metric: str) -> float:
+    """How far the interval of B ÷ A must clear ×1 before a card calls it a difference: the
+    registry's relative tolerance, the timing band for speed, else NOISE."""
+    m = METRICS[metric]
+    if m.group == "speed":
+        return TIMING_NOISE
+    return m.tolerance if m.check == "relative" and m.tolerance > 0 else NOISE
 # Along a dotted axis whose field is also a config column, the pair is made along that column;
 # these columns follow from its value (V3's MTP modules: λ, their parameters and FLOPs).
 DIFFER = {"mtp": MTP_DIFFER}
@@ -70,26 +80,31 @@ class Headline:
         return float(np.median(self.ratios)) if self.ratios else float("nan")
 
     def spread(self) -> str:
-        """'×0.952 [0.940–0.970]', '×0.250' (every pair the same to 3 digits) or '–'."""
+        """'×0.952 [0.940, 0.970]' (the median and its 90% interval, dsbench.stats.ratio_interval),
+        '×0.250' (every pair the same to 3 digits) or '–'."""
         if not self.ratios:
             return "–"
-        lo, hi = f"{min(self.ratios):.3f}", f"{max(self.ratios):.3f}"
-        return f"×{self.median:.3f}" + ("" if lo == hi else f" [{lo}–{hi}]")
+        iv = self.interval()
+        lo, hi = f"{iv.low:.3f}", f"{iv.high:.3f}"
+        return f"×{iv.median:.3f}" + ("" if lo == hi == f"{iv.median:.3f}" else f" [{lo}, {hi}]")
 
     def excluded(self) -> str:
         """'12 numerics-only, 12 emulated' or ''."""
         return ", ".join(f"{len(r)} {'numerics-only' if c == 'numerics only' else c}" for c, r in self.flagged.items() if r)
 
+    def interval(self) -> RatioInterval:
+        return ratio_interval(self.ratios)
+
     def judgement(self) -> str:
-        """better | worse | same | mixed | '' (no pair): B against A, by the registry's direction.
-        same: the median moved less than NOISE; mixed: pairs on both sides of 1."""
+        """better | worse | same | '' (no pair): B against A, by the registry's direction. A
+        difference only where the 90% interval of B ÷ A clears ×1 by more than the metric's noise
+        band (dsbench.stats.ratio_interval, the rule claims share); 'same' otherwise."""
         if not self.ratios:
             return ""
-        if abs(self.median - 1) < NOISE:
+        side = self.interval().excludes_one(noise_band(self.metric))
+        if side == 0:
             return "same"
-        if not (all(r > 1 for r in self.ratios) or all(r < 1 for r in self.ratios)):
-            return "mixed"
-        return "better" if (self.median > 1) == (METRICS[self.metric].better == "higher") else "worse"
+        return "better" if (side > 0) == (METRICS[self.metric].better == "higher") else "worse"
 
     @property
     def exact_tie(self) -> bool:
@@ -175,7 +190,7 @@ def headlines(found: list[tuple[pd.Series, pd.Series]], columns) -> list[Headlin
                 r = _ratio(a, b, metric)
                 if r is None or (w and str(a["workload"]) != w):
                     continue
-                caveat = speed_caveat(a, b) if METRICS[metric].group == "speed" else ""
+                caveat = speed_caveat(a, b) or contended(a, b) if METRICS[metric].group == "speed" else ""
                 (h.flagged.setdefault(caveat, []) if caveat else h.ratios).append(r)
             if h.ratios or h.flagged:
                 out.append(h)
@@ -232,14 +247,16 @@ def _pairs(n: int) -> str:
 
 
 def phrase(h: Headline) -> str:
-    """'final loss 2.1% lower (all 12 pairs)', 'tokens/s (train) mixed (5 of 8 pairs higher, median +3.0%)'."""
-    j, change = h.judgement(), h.median - 1
-    if j == "mixed":
-        return f"{h.label} mixed ({sum(r > 1 for r in h.ratios)} of {_pairs(h.n)} higher, median {change:+.1%})"
+    """'final loss 2.1% lower [×0.975, ×0.983] (12 pairs)', 'tokens/s (prefill) ×0.798 [×0.798, ×0.798]
+    (1 pair: too few for a 90% interval)'."""
+    j, iv = h.judgement(), h.interval()
+    bounds = f"[×{iv.low:.3f}, ×{iv.high:.3f}]"
     if j == "same":
-        return f"{h.label} within ±{NOISE:.0%} (median {change:+.1%}, {_pairs(h.n)})"
-    every = "all " if h.n > 1 else ""
-    return f"{h.label} {abs(change):.1%} {'higher' if change > 0 else 'lower'} ({every}{_pairs(h.n)})"
+        why = (f"{_pairs(h.n)}: too few for a 90% interval" if iv.confidence < 0.9 - 1e-9
+               else f"{_pairs(h.n)}, noise band ±{noise_band(h.metric):.0%}")
+        return f"{h.label} ×{iv.median:.3f} {bounds} ({why})"
+    change = iv.median - 1
+    return f"{h.label} {abs(change):.1%} {'higher' if change > 0 else 'lower'} {bounds} ({_pairs(h.n)})"
 
 
 def subject(c: Card) -> str:
@@ -251,7 +268,7 @@ def subject(c: Card) -> str:
 def verdict(c: Card) -> str:
     """One line: what B does against A on these numbers, and what they do not support."""
     claimed = [h for h in c.headlines if h.ratios and not h.exact_tie]
-    groups = (("better", ("better",)), ("worse", ("worse",)), ("no clear difference", ("same", "mixed")))
+    groups = (("better", ("better",)), ("worse", ("worse",)), ("no clear difference", ("same",)))
     parts = [f"{subject(c)}, {_pairs(c.n_pairs)} on {c.device}:"]
     for word, kinds in groups:
         said = [phrase(h) for h in claimed if h.judgement() in kinds]

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from dsbench.report.cards import Card, Headline, by_comparison, cards, moved, unpaired
-from dsbench.report.data import ReportData, safe_name
+from dsbench.report.data import ReportData, present, safe_name
 from dsbench.report.comparisons import DISTINCT
 from dsbench.report.figures import GREY
 from dsbench.report.render import Section, write_csv
@@ -120,12 +120,29 @@ def summary_line(data: ReportData, n_cards: int) -> str:
     return f"{len(data.runs)} run(s): {', '.join(data.keys)} · {cells}{failed} · {n_cards} comparison(s)."
 
 
+def health_line(data: ReportData) -> str:
+    """The run's health above the cards: what the verdicts below leave out, and where to look."""
+    ok, counts = data.ok, []
+    for column, what, where in (("contended", "contended (their speed is left out of every verdict)", "Environment and spec"),
+                                ("emulated", "emulated (speed not claimed)", "Cells")):
+        if column in ok:
+            n = int(sum(present(v) and bool(v) for v in ok[column]))
+            counts.append(f"{n} cell(s) {what}" + (f", see {where}" if n else ""))
+    if "speed_note" in ok:
+        n = int(sum(present(v) and bool(v) for v in ok["speed_note"]))
+        counts.append(f"{n} numerics-only cell(s) (speed not claimed)" + (", see Cells" if n else ""))
+    failed = int((data.cells["status"] != "ok").sum())
+    counts.append(f"{failed} failed cell(s)" + (", see Failures" if failed else ""))
+    return "Run health: " + "; ".join(counts) + "."
+
+
 def cards_section(data: ReportData, figures: Path, tables: Path) -> Section:
     found = cards(data)
     write_csv(card_frame(found), tables, "cards")
     groups = by_comparison(found)
     s = Section("What each choice buys")
     s.text(summary_line(data, len(groups)))
+    s.text(health_line(data))
     if not groups:
         return s.text("No axis has two values with cells identical in everything else (dsbench/pairing.py): nothing to compare.")
     ordered = sorted(groups.values(), key=lambda g: -len(g))  # those in several runs first: did the verdict move?
