@@ -61,9 +61,10 @@ class RoutedFFNConfig(PartConfig):
     n_experts: int = 16  # N, as DeepSeekMoE 2B (§4.1): 16 experts, top-2
     top_k: int = 2  # K
     first_k_dense: int = at_least(0, 0)  # leading layers that keep the dense FFN
-    router: str = choices("softmax", "softmax", "sigmoid", "v3")  # v3: sigmoid, normalised, scaled
-    norm_topk: bool = False  # renormalise the selected gate weights to sum to 1 (v3 forces it)
-    routed_scale: float = 2.5  # routed scaling factor, used by router = "v3" (V3 config: 2.5)
+    # v3: sigmoid, normalised, scaled; sqrtsoftplus (DeepSeek-V4): sqrt(softplus), normalised, scaled
+    router: str = choices("softmax", "softmax", "sigmoid", "v3", "sqrtsoftplus")
+    norm_topk: bool = False  # renormalise the selected gate weights to sum to 1 (v3, sqrtsoftplus force it)
+    routed_scale: float = 2.5  # routed scaling factor, used by v3 and sqrtsoftplus (V3 config: 2.5; V4: 1.5)
     n_group: int = 1  # group-limited routing (V3 §2.1.2): experts split into n_group groups…
     topk_group: int = 1  # …of which topk_group are kept per token
     aux_alpha: float = at_least(0.01, 0)  # α1, expert-level balance loss (DeepSeekMoE §3.3)
@@ -284,7 +285,7 @@ class MoEFeedForward(FeedForward):
             ("routed_top_k", "1", "routed experts per token after splitting", "int"),
             ("expert_d_ff", "1", "one expert's hidden width", "int"),
             ("first_k_dense", "1", "leading layers kept dense", "int"),
-            ("router", "", "router scoring: softmax | sigmoid", "text"),
+            ("router", "", "router scoring: softmax | sigmoid | v3 | sqrtsoftplus", "text"),
             ("capacity_factor", "1", "expert capacity (tokens dropped above it; none: no limit)", "g"),
             ("uniform_routing", "", "forced uniform routing (the dispatch-cost best case)", "bool")))
         dispatch = Metric("moe_dispatch", "speed", "", "routed FFN: the experts' implementation (op family moe_experts, "
