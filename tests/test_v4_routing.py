@@ -6,9 +6,14 @@ no near-tie can flip a top-k choice under rounding."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
+from conftest import tiny_spec_text
 
+from dsbench.results import load_results
 from dsbench.variants.balance import update_bias
 from dsbench.variants.config import config_from_size, with_parts
 from dsbench.variants.moe import MoEFeedForward
@@ -87,3 +92,32 @@ def test_bias_balancing_with_sqrtsoftplus_moves_selection_toward_the_underloaded
         theirs.gate.e_score_correction_bias.copy_(ours.router.expert_bias_E)
     mine = ours.router(x_NC).expert_ids_NK.sort(dim=-1).values
     assert torch.equal(mine, theirs.gate(x_NC)[2].sort(dim=-1).values)
+
+
+def run_sweep(spec, out):
+    return subprocess.run([sys.executable, "-m", "dsbench", "run", "sweep", str(spec), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("value", ["sqrtsoft", "softplus"])
+def test_a_bad_router_is_refused_in_one_line_naming_field_value_and_choices(tmp_path, value):
+    spec = tmp_path / "bad.toml"
+    spec.write_text(f'name = "x"\ndevice = "cpu"\n[axes]\nffn = ["deepseekmoe"]\n"ffn.router" = ["{value}"]\n')
+    done = run_sweep(spec, tmp_path / "r")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    for needle in ("ffn.router", f"'{value}'", "softmax, sigmoid, v3, sqrtsoftplus"):
+        assert needle in lines[0], lines[0]
+
+
+def test_a_tiny_sweep_over_the_v4_scores_runs_every_workload(tmp_path):
+    spec = tmp_path / "v4.toml"
+    text = tiny_spec_text(name="v4").replace("[axes]\n", '[axes]\nffn = ["deepseekmoe"]\n"ffn.router" = ["v3", "sqrtsoftplus"]\n'
+                                             'balance = ["bias"]\n')
+    spec.write_text(text)
+    done = run_sweep(spec, tmp_path / "r")
+    assert done.returncode == 0, done.stderr[-3000:]
+    cells = load_results(tmp_path / "r").cells
+    assert (cells["status"] == "ok").all()
+    assert {(r, w) for r, w in zip(cells["router"], cells["workload"])} == {
+        (r, w) for r in ("v3", "sqrtsoftplus") for w in ("train", "prefill", "decode")}
