@@ -13,9 +13,12 @@ import pytest
 import torch
 from conftest import tiny_spec_text
 
+from dsbench.kernels import choice
+from dsbench.kernels.grouped_mm import MOE_EXPERTS
 from dsbench.results import load_results
 from dsbench.variants.balance import update_bias
 from dsbench.variants.config import config_from_size, with_parts
+from dsbench.variants.dispatch import plan_dispatch, sum_rows
 from dsbench.variants.moe import MoEFeedForward
 import hf_deepseek_v4
 
@@ -24,11 +27,11 @@ SCORES = {"v3": "sigmoid", "sqrtsoftplus": "sqrtsoftplus"}
 TOL = 1e-5
 
 
-def layers(router: str, balance: str = "bias"):
+def layers(router: str, balance: str = "bias", swiglu_limit: float = 0.0):
     """Our routed layer (1 shared + 15 routed experts, top-7) and HF's sparse block, same weights."""
     cfg = with_parts(config_from_size("debug"), ffn={"kind": "deepseekmoe", "router": router, "balance": balance,
                                                      "n_experts": 4, "top_k": 2, "granularity": 4, "n_shared": 1,
-                                                     "routed_scale": 1.5})
+                                                     "routed_scale": 1.5, "swiglu_limit": swiglu_limit})
     torch.manual_seed(0)
     ours = MoEFeedForward(cfg).eval()
     with torch.no_grad():
@@ -38,7 +41,8 @@ def layers(router: str, balance: str = "bias"):
     hf_cfg = hf_deepseek_v4.configuration().DeepseekV4Config(
         hidden_size=cfg.d_model, n_routed_experts=lay.n_routed, num_experts_per_tok=lay.top_k,
         moe_intermediate_size=lay.expert_d_ff, n_shared_experts=1, scoring_func=SCORES[router],
-        routed_scaling_factor=1.5, swiglu_limit=1e9, num_hidden_layers=2, mlp_layer_types=["moe", "moe"])  # limit: no clamp (ours has none yet)
+        routed_scaling_factor=1.5, swiglu_limit=swiglu_limit or 1e9,  # ours: 0 = no clamp
+        num_hidden_layers=2, mlp_layer_types=["moe", "moe"])
     theirs = hf_deepseek_v4.modeling().DeepseekV4SparseMoeBlock(hf_cfg, layer_idx=hf_cfg.num_hidden_layers - 1).eval()
     assert not theirs.is_hash
     copy_weights(ours, theirs)
@@ -77,6 +81,46 @@ def test_the_sparse_block_computes_what_hfs_computes(router):
     assert gap <= TOL, gap
 
 
+LIMIT = 0.05  # small enough that the debug model's gate and up projections hit the clamp
+
+
+@pytest.mark.parametrize("impl", MOE_EXPERTS.implementations)
+def test_the_clamped_experts_compute_what_hfs_compute(impl):
+    """HF DeepseekV4Experts with swiglu_limit, same routing and weights: the routed output, through
+    every moe_experts implementation; the clamp really bites (it changes the output)."""
+    ours, theirs = layers("sqrtsoftplus", swiglu_limit=LIMIT)
+    x_NC = torch.randn(48, ours.router.weight.shape[1])
+    routing = ours.router(x_NC)
+    plan = plan_dispatch(routing.expert_ids_NK, routing.weights_NK, ours.lay.n_routed, None)
+    with choice.use(choice.Chooser(pins={"moe_experts": impl})):
+        mine = sum_rows(ours.run_experts(x_NC, plan, routing), plan, x_NC.shape[0])
+    assert ours.experts.dispatch_label() == impl
+    hf = theirs.experts(x_NC, routing.expert_ids_NK, routing.weights_NK)
+    gap = (mine - hf).abs().max().item()
+    assert gap <= TOL, gap
+    theirs.experts.limit = 1e9
+    assert (theirs.experts(x_NC, routing.expert_ids_NK, routing.weights_NK) - hf).abs().max() > 100 * TOL
+
+
+@pytest.mark.parametrize("impl", [name for name in MOE_EXPERTS.implementations if name != "reference"])
+def test_the_clamp_keeps_every_implementations_backward_right(impl):
+    """Gradients of x, the three weights and the gate weights against autograd of the reference."""
+    torch.manual_seed(1)
+    E, C, F_, M = 4, 8, 6, 20
+    ends_E = torch.tensor([5, 5, 12, 20])  # expert 1 empty
+    leaves = [torch.randn(M, C), torch.randn(E, C, F_), torch.randn(E, C, F_), torch.randn(E, F_, C), torch.rand(M)]
+    runs = []
+    for name in ("reference", impl):
+        args = [t.clone().requires_grad_() for t in leaves]
+        x, w1, w3, w2, weight = args
+        out = MOE_EXPERTS.implementations[name].fn(x, w1, w3, w2, ends_E, weight, 1.0)
+        runs.append((out, torch.autograd.grad(out, args, torch.ones_like(out))))
+    (ref, ref_grads), (got, got_grads) = runs
+    assert (ref - got).abs().max() <= TOL
+    for a, b in zip(ref_grads, got_grads):
+        assert (a - b).abs().max() <= TOL * max(1.0, a.abs().max().item())
+
+
 def test_bias_balancing_with_sqrtsoftplus_moves_selection_toward_the_underloaded_experts():
     """One V3 §2.1.2 bias step on sqrtsoftplus scores: overloaded experts' bias falls, underloaded
     ones' rises, and the next choice (ours and HF's, given the same bias) stays identical."""
@@ -99,21 +143,28 @@ def run_sweep(spec, out):
                           capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("value", ["sqrtsoft", "softplus"])
-def test_a_bad_router_is_refused_in_one_line_naming_field_value_and_choices(tmp_path, value):
+REFUSALS = [  # (the [ffn] line, what the one-line error must say)
+    ('router = "sqrtsoft"', ("ffn.router", "'sqrtsoft'", "allowed: softmax, sigmoid, v3, sqrtsoftplus")),
+    ('router = "softplus"', ("ffn.router", "'softplus'", "allowed: softmax, sigmoid, v3, sqrtsoftplus")),
+    ("swiglu_limit = -1.0", ("ffn.swiglu_limit", "-1.0", "≥ 0")),
+]
+
+
+@pytest.mark.parametrize("line, needles", REFUSALS)
+def test_a_bad_v4_routing_value_is_refused_in_one_line(tmp_path, line, needles):
     spec = tmp_path / "bad.toml"
-    spec.write_text(f'name = "x"\ndevice = "cpu"\n[axes]\nffn = ["deepseekmoe"]\n"ffn.router" = ["{value}"]\n')
+    spec.write_text(f'name = "x"\ndevice = "cpu"\n[ffn]\n{line}\n[axes]\nffn = ["deepseekmoe"]\n')
     done = run_sweep(spec, tmp_path / "r")
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr
-    for needle in ("ffn.router", f"'{value}'", "softmax, sigmoid, v3, sqrtsoftplus"):
+    for needle in needles:
         assert needle in lines[0], lines[0]
 
 
 def test_a_tiny_sweep_over_the_v4_scores_runs_every_workload(tmp_path):
     spec = tmp_path / "v4.toml"
     text = tiny_spec_text(name="v4").replace("[axes]\n", '[axes]\nffn = ["deepseekmoe"]\n"ffn.router" = ["v3", "sqrtsoftplus"]\n'
-                                             'balance = ["bias"]\n')
+                                             'balance = ["bias"]\n"ffn.swiglu_limit" = [10.0]\n')
     spec.write_text(text)
     done = run_sweep(spec, tmp_path / "r")
     assert done.returncode == 0, done.stderr[-3000:]

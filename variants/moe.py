@@ -73,6 +73,7 @@ class RoutedFFNConfig(PartConfig):
     seq_aux_alpha: float = at_least(0.0, 0)  # α, V3's complementary sequence-wise loss (V3 §2.1.2)
     bias_update_rate: float = 0.001  # γ, auxiliary-loss-free bias step (V3 §2.1.2 uses 0.001)
     bias_zero_mean: bool = False  # re-centre the biases after each update (a variant; not in V3)
+    swiglu_limit: float = at_least(0.0, 0)  # DeepSeek-V4's clamp of the routed experts' gate/up (V4: 10); 0 = none
     capacity_factor: float = at_least(0.0, 0)  # 0 = dropless; else drop tokens past capacity
     uniform_routing: bool = False  # force a perfectly balanced assignment (best-case throughput)
 
@@ -154,7 +155,8 @@ class MoEFeedForward(FeedForward):
         self.lay = lay = layout(f)
         self.balance, self.ffn_cfg = f.balance, f
         self.router = Router(cfg, lay)
-        self.experts = GroupedExperts(lay.n_routed, cfg.d_model, lay.expert_d_ff, precision_of(cfg).fp8_recipe)
+        self.experts = GroupedExperts(lay.n_routed, cfg.d_model, lay.expert_d_ff, precision_of(cfg).fp8_recipe,
+                                      f.swiglu_limit or None)
         for p in (self.router.weight, *self.experts.parameters()):
             nn.init.normal_(p, mean=0.0, std=cfg.init_std)
         shared_cfg = dataclasses.replace(cfg, ffn=DenseFFNConfig(d_ff=lay.shared_d_ff))
