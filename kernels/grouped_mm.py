@@ -101,7 +101,15 @@ grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_set
 
 
 # ---------------------------------------------------------------------------------------------
-# The implementations: (x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M=None) → y_MC
+# The implementations: (x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M=None, limit=None) → y_MC
+
+
+def swiglu(h1: torch.Tensor, h3: torch.Tensor, limit: float | None) -> torch.Tensor:
+    """silu(gate) ⊙ up; with a limit, the gate clamped above and the up both sides first
+    (DeepSeek-V4's swiglu_limit, as HF DeepseekV4Experts._apply_gate)."""
+    if limit is None:
+        return F.silu(h1) * h3
+    return F.silu(h1.clamp(max=limit)) * h3.clamp(min=-limit, max=limit)
 
 
 def _gate(h: torch.Tensor, weight_M: torch.Tensor | None) -> torch.Tensor:
@@ -118,19 +126,19 @@ def _bounds(ends_E: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(ends[:-1], ends[1:]))
 
 
-def experts_reference(x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M=None) -> torch.Tensor:
+def experts_reference(x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M=None, limit=None) -> torch.Tensor:
     """The naive loop: each expert's rows through its SwiGLU, times their gate weights (an expert
     without rows too, so every weight is in the graph and gets its zero gradient)."""
     out = []
     for e, (s, t) in enumerate(_bounds(ends_E)):
         x = x_MC[s:t]
-        y = (F.silu(x @ w1_ECF[e]) * (x @ w3_ECF[e])) @ w2_EFC[e]
+        y = swiglu(x @ w1_ECF[e], x @ w3_ECF[e], limit) @ w2_EFC[e]
         out.append(y if weight_M is None else y * weight_M[s:t, None])
     return torch.cat(out) if out else x_MC.new_zeros(0, w2_EFC.shape[2])
 
 
-def experts_grouped_mm(x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M=None) -> torch.Tensor:
-    hidden_MF = F.silu(grouped_mm(x_MC, w1_ECF, ends_E)) * grouped_mm(x_MC, w3_ECF, ends_E)
+def experts_grouped_mm(x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M=None, limit=None) -> torch.Tensor:
+    hidden_MF = swiglu(grouped_mm(x_MC, w1_ECF, ends_E), grouped_mm(x_MC, w3_ECF, ends_E), limit)
     if _weight_hidden(w1_ECF, w2_EFC):
         return grouped_mm(_gate(hidden_MF, weight_M), w2_EFC, ends_E)
     return _gate(grouped_mm(hidden_MF, w2_EFC, ends_E), weight_M)
@@ -149,8 +157,8 @@ def padded_bmm(x_MK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor) ->
     return torch.bmm(padded_ECK, w_EKN)[expert_M, slot_M]
 
 
-def experts_padded_bmm(x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M=None) -> torch.Tensor:
-    hidden_MF = F.silu(padded_bmm(x_MC, w1_ECF, ends_E)) * padded_bmm(x_MC, w3_ECF, ends_E)
+def experts_padded_bmm(x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M=None, limit=None) -> torch.Tensor:
+    hidden_MF = swiglu(padded_bmm(x_MC, w1_ECF, ends_E), padded_bmm(x_MC, w3_ECF, ends_E), limit)
     if _weight_hidden(w1_ECF, w2_EFC):
         return padded_bmm(_gate(hidden_MF, weight_M), w2_EFC, ends_E)
     return _gate(padded_bmm(hidden_MF, w2_EFC, ends_E), weight_M)
@@ -158,7 +166,8 @@ def experts_padded_bmm(x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M=None) -> t
 
 @torch.library.custom_op("dsbench::expert_loop", mutates_args=())
 def expert_loop(x_MC: torch.Tensor, w1_ECF: torch.Tensor, w3_ECF: torch.Tensor, w2_EFC: torch.Tensor,
-                ends_E: torch.Tensor, weight_M: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                ends_E: torch.Tensor, weight_M: torch.Tensor | None,
+                limit: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One expert at a time: y, and h1 = x·w1, h3 = x·w3 kept for the backward. An opaque op, so
     reading the bounds on the host is no graph break under torch.compile (CPU: no sync either)."""
     M, F_ = x_MC.shape[0], w1_ECF.shape[2]
@@ -167,7 +176,7 @@ def expert_loop(x_MC: torch.Tensor, w1_ECF: torch.Tensor, w3_ECF: torch.Tensor, 
         if t > s:
             x = x_MC[s:t]
             h1, h3 = torch.mm(x, w1_ECF[e], out=h1_MF[s:t]), torch.mm(x, w3_ECF[e], out=h3_MF[s:t])
-            a = F.silu(h1).mul_(h3)
+            a = swiglu(h1, h3, limit)
             if weight_M is not None:
                 a.mul_(weight_M[s:t, None])
             torch.mm(a, w2_EFC[e], out=y_MC[s:t])
@@ -175,7 +184,7 @@ def expert_loop(x_MC: torch.Tensor, w1_ECF: torch.Tensor, w3_ECF: torch.Tensor, 
 
 
 @expert_loop.register_fake
-def _(x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M):
+def _(x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M, limit):
     M, F_ = x_MC.shape[0], w1_ECF.shape[2]
     return x_MC.new_empty(M, w2_EFC.shape[2]), x_MC.new_empty(M, F_), x_MC.new_empty(M, F_)
 
@@ -183,7 +192,7 @@ def _(x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M):
 @torch.library.custom_op("dsbench::expert_loop_backward", mutates_args=())
 def expert_loop_backward(dy_MC: torch.Tensor, x_MC: torch.Tensor, w1_ECF: torch.Tensor, w3_ECF: torch.Tensor,
                          w2_EFC: torch.Tensor, ends_E: torch.Tensor, weight_M: torch.Tensor | None,
-                         h1_MF: torch.Tensor, h3_MF: torch.Tensor) -> list[torch.Tensor]:
+                         h1_MF: torch.Tensor, h3_MF: torch.Tensor, limit: float | None) -> list[torch.Tensor]:
     """dx, dw1, dw3, dw2 and the gate weights' gradient (empty where there is no gate weight)."""
     dx_MC = torch.empty_like(x_MC)
     dw1, dw3, dw2 = torch.empty_like(w1_ECF), torch.empty_like(w3_ECF), torch.empty_like(w2_EFC)
@@ -194,6 +203,9 @@ def expert_loop_backward(dy_MC: torch.Tensor, x_MC: torch.Tensor, w1_ECF: torch.
             dw1[e].zero_(), dw3[e].zero_(), dw2[e].zero_()
             continue
         x, dy, h1, h3 = x_MC[s:t], dy_MC[s:t], h1_MF[s:t], h3_MF[s:t]
+        if limit is not None:  # the clamped values, and masks of where the clamp passes gradient
+            pass1, pass3 = h1 <= limit, (h3 >= -limit) & (h3 <= limit)
+            h1, h3 = h1.clamp(max=limit), h3.clamp(min=-limit, max=limit)
         act = F.silu(h1)
         a = act * h3  # the hidden before its gate weight
         g = _rows(weight_M, s, t)
@@ -204,28 +216,30 @@ def expert_loop_backward(dy_MC: torch.Tensor, x_MC: torch.Tensor, w1_ECF: torch.
             da.mul_(g[:, None])
         dh3 = da * act
         dh1 = torch.ops.aten.silu_backward(da.mul_(h3), h1)
+        if limit is not None:
+            dh1.mul_(pass1), dh3.mul_(pass3)
         torch.mm(dh1, w1_ECF[e].t(), out=dx_MC[s:t]).addmm_(dh3, w3_ECF[e].t())
         torch.mm(x.t(), dh1, out=dw1[e]), torch.mm(x.t(), dh3, out=dw3[e])
     return [dx_MC, dw1, dw3, dw2, dweight_M]
 
 
 @expert_loop_backward.register_fake
-def _(dy_MC, x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M, h1_MF, h3_MF):
+def _(dy_MC, x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M, h1_MF, h3_MF, limit):
     dweight_M = x_MC.new_empty(0) if weight_M is None else torch.empty_like(weight_M)
     return [torch.empty_like(x_MC), torch.empty_like(w1_ECF), torch.empty_like(w3_ECF), torch.empty_like(w2_EFC), dweight_M]
 
 
 def _expert_loop_setup(ctx, inputs, output) -> None:
-    x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M = inputs
-    ctx.has_weight = weight_M is not None
+    x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M, limit = inputs
+    ctx.has_weight, ctx.limit = weight_M is not None, limit
     ctx.save_for_backward(x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M, output[1], output[2])
 
 
 def _expert_loop_autograd(ctx, dy_MC, _dh1, _dh3):
     x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M, h1_MF, h3_MF = ctx.saved_tensors
     dx, dw1, dw3, dw2, dweight = expert_loop_backward(dy_MC, x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E,
-                                                      weight_M if ctx.has_weight else None, h1_MF, h3_MF)
-    return dx, dw1, dw3, dw2, None, dweight if ctx.has_weight else None
+                                                      weight_M if ctx.has_weight else None, h1_MF, h3_MF, ctx.limit)
+    return dx, dw1, dw3, dw2, None, dweight if ctx.has_weight else None, None
 
 
 expert_loop.register_autograd(_expert_loop_autograd, setup_context=_expert_loop_setup)
@@ -235,8 +249,8 @@ def _rows(weight_M: torch.Tensor | None, s: int, t: int) -> torch.Tensor | None:
     return None if weight_M is None else weight_M[s:t]
 
 
-def experts_loop(x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M=None) -> torch.Tensor:
-    return expert_loop(x_MC.contiguous(), w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M)[0]
+def experts_loop(x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M=None, limit=None) -> torch.Tensor:
+    return expert_loop(x_MC.contiguous(), w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M, limit)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +305,7 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _key(x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M=None) -> tuple:
+def _key(x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M=None, limit=None) -> tuple:
     """What the winner depends on: device, dtype, shapes, rows bucket, backward or not, gate
     weight or not, and on a CPU the padding bucket (the same shapes flip winner as the load skews)."""
     key = (x_MC.device.type, x_MC.dtype, *w1_ECF.shape, _rows_bucket(x_MC.shape[0]),
@@ -299,15 +313,15 @@ def _key(x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M=None) -> tuple:
     return (*key, padding_bucket(ends_E, x_MC.shape[0])) if x_MC.device.type == "cpu" else key
 
 
-def _trial(fn, x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M=None) -> None:
+def _trial(fn, x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M=None, limit=None) -> None:
     """One timed call: forward, and backward into fresh leaves where the call trains."""
     if not _needs_grad(x_MC, w1_ECF, w3_ECF, w2_EFC, weight_M):
         with torch.no_grad():
-            fn(x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M)
+            fn(x_MC, w1_ECF, w3_ECF, w2_EFC, ends_E, weight_M, limit)
         return
     leaves = [t.detach().requires_grad_(t.requires_grad) for t in (x_MC, w1_ECF, w3_ECF, w2_EFC)]
     weight = None if weight_M is None else weight_M.detach().requires_grad_(weight_M.requires_grad)
-    out = fn(*leaves, ends_E, weight)
+    out = fn(*leaves, ends_E, weight, limit)
     if out.requires_grad:
         out.backward(torch.ones_like(out))
 

@@ -7,11 +7,10 @@ Legend: E experts, C model width, F expert width, M assignment rows (sorted by e
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsbench.kernels import choice
-from dsbench.kernels.grouped_mm import MOE_EXPERTS
+from dsbench.kernels.grouped_mm import MOE_EXPERTS, swiglu
 from .fp8 import fp8_grouped_mm
 
 
@@ -29,8 +28,10 @@ class GroupedExperts(nn.Module):
     expert_loop) is the active chooser's (kernels/choice.py: auto measures each shape once, or
     the cell's pin); every one this layer took is its moe_dispatch column."""
 
-    def __init__(self, n_experts: int, d_model: int, d_ff: int, fp8_recipe: str | None = None):
+    def __init__(self, n_experts: int, d_model: int, d_ff: int, fp8_recipe: str | None = None,
+                 swiglu_limit: float | None = None):
         super().__init__()
+        self.swiglu_limit = swiglu_limit  # DeepSeek-V4's clamp of gate and up (None: no clamp)
         self.w1_ECF = nn.Parameter(torch.empty(n_experts, d_model, d_ff))  # gate
         self.w3_ECF = nn.Parameter(torch.empty(n_experts, d_model, d_ff))  # up
         self.w2_EFC = nn.Parameter(torch.empty(n_experts, d_ff, d_model))  # down
@@ -60,17 +61,17 @@ class GroupedExperts(nn.Module):
             return self._fp8(x_MC, ends_E, weight_M)
         dtype = compute_dtype(x_MC)
         args = (x_MC.to(dtype), self.w1_ECF.to(dtype), self.w3_ECF.to(dtype), self.w2_EFC.to(dtype), ends_E,
-                None if weight_M is None else weight_M.to(dtype))
+                None if weight_M is None else weight_M.to(dtype), self.swiglu_limit)
         impl = choice.active().pick(MOE_EXPERTS, *args)
         self._took(impl.name)
         return impl.fn(*args)
 
     def _fp8(self, x_MC, ends_E, weight_M) -> torch.Tensor:
         mm = lambda x, w: fp8_grouped_mm(x, w, ends_E, self.fp8_recipe, self.fp8_probe)  # noqa: E731
-        out_MC = mm(F.silu(mm(x_MC, self.w1_ECF)) * mm(x_MC, self.w3_ECF), self.w2_EFC)
+        out_MC = mm(swiglu(mm(x_MC, self.w1_ECF), mm(x_MC, self.w3_ECF), self.swiglu_limit), self.w2_EFC)
         return out_MC if weight_M is None else out_MC * weight_M[:, None].to(out_MC.dtype)
 
     def expert(self, e: int, x_MC: torch.Tensor) -> torch.Tensor:
         """One expert alone (the naive reference's building block)."""
         w1, w3, w2 = (w[e].to(x_MC.dtype) for w in (self.w1_ECF, self.w3_ECF, self.w2_EFC))
-        return (F.silu(x_MC @ w1) * (x_MC @ w3)) @ w2
+        return swiglu(x_MC @ w1, x_MC @ w3, self.swiglu_limit) @ w2

@@ -61,9 +61,10 @@ class RoutedFFNConfig(PartConfig):
     n_experts: int = 16  # N, as DeepSeekMoE 2B (§4.1): 16 experts, top-2
     top_k: int = 2  # K
     first_k_dense: int = at_least(0, 0)  # leading layers that keep the dense FFN
-    router: str = choices("softmax", "softmax", "sigmoid", "v3")  # v3: sigmoid, normalised, scaled
-    norm_topk: bool = False  # renormalise the selected gate weights to sum to 1 (v3 forces it)
-    routed_scale: float = 2.5  # routed scaling factor, used by router = "v3" (V3 config: 2.5)
+    # v3: sigmoid, normalised, scaled; sqrtsoftplus (DeepSeek-V4): sqrt(softplus), normalised, scaled
+    router: str = choices("softmax", "softmax", "sigmoid", "v3", "sqrtsoftplus")
+    norm_topk: bool = False  # renormalise the selected gate weights to sum to 1 (v3, sqrtsoftplus force it)
+    routed_scale: float = 2.5  # routed scaling factor, used by v3 and sqrtsoftplus (V3 config: 2.5; V4: 1.5)
     n_group: int = 1  # group-limited routing (V3 §2.1.2): experts split into n_group groups…
     topk_group: int = 1  # …of which topk_group are kept per token
     aux_alpha: float = at_least(0.01, 0)  # α1, expert-level balance loss (DeepSeekMoE §3.3)
@@ -72,6 +73,7 @@ class RoutedFFNConfig(PartConfig):
     seq_aux_alpha: float = at_least(0.0, 0)  # α, V3's complementary sequence-wise loss (V3 §2.1.2)
     bias_update_rate: float = 0.001  # γ, auxiliary-loss-free bias step (V3 §2.1.2 uses 0.001)
     bias_zero_mean: bool = False  # re-centre the biases after each update (a variant; not in V3)
+    swiglu_limit: float = at_least(0.0, 0)  # DeepSeek-V4's clamp of the routed experts' gate/up (V4: 10); 0 = none
     capacity_factor: float = at_least(0.0, 0)  # 0 = dropless; else drop tokens past capacity
     uniform_routing: bool = False  # force a perfectly balanced assignment (best-case throughput)
 
@@ -153,7 +155,8 @@ class MoEFeedForward(FeedForward):
         self.lay = lay = layout(f)
         self.balance, self.ffn_cfg = f.balance, f
         self.router = Router(cfg, lay)
-        self.experts = GroupedExperts(lay.n_routed, cfg.d_model, lay.expert_d_ff, precision_of(cfg).fp8_recipe)
+        self.experts = GroupedExperts(lay.n_routed, cfg.d_model, lay.expert_d_ff, precision_of(cfg).fp8_recipe,
+                                      f.swiglu_limit or None)
         for p in (self.router.weight, *self.experts.parameters()):
             nn.init.normal_(p, mean=0.0, std=cfg.init_std)
         shared_cfg = dataclasses.replace(cfg, ffn=DenseFFNConfig(d_ff=lay.shared_d_ff))
@@ -284,7 +287,7 @@ class MoEFeedForward(FeedForward):
             ("routed_top_k", "1", "routed experts per token after splitting", "int"),
             ("expert_d_ff", "1", "one expert's hidden width", "int"),
             ("first_k_dense", "1", "leading layers kept dense", "int"),
-            ("router", "", "router scoring: softmax | sigmoid", "text"),
+            ("router", "", "router scoring: softmax | sigmoid | v3 | sqrtsoftplus", "text"),
             ("capacity_factor", "1", "expert capacity (tokens dropped above it; none: no limit)", "g"),
             ("uniform_routing", "", "forced uniform routing (the dispatch-cost best case)", "bool")))
         dispatch = Metric("moe_dispatch", "speed", "", "routed FFN: the experts' implementation (op family moe_experts, "

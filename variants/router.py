@@ -24,6 +24,8 @@ def router_rule(ffn: RoutedFFNConfig) -> tuple[str, bool, float]:
     """(score function, renormalise top-k weights, routed scale) of the configured router."""
     if ffn.router == "v3":  # DeepSeek-V3 §2.1.2: sigmoid affinities, normalised, then scaled
         return "sigmoid", True, ffn.routed_scale
+    if ffn.router == "sqrtsoftplus":  # DeepSeek-V4 (HF DeepseekV4TopKRouter): always normalised, then scaled
+        return "sqrtsoftplus", True, ffn.routed_scale
     # Softmax gates (GShard, DeepSeekMoE §2) are not renormalised; sigmoid scores must be.
     return ffn.router, ffn.norm_topk or ffn.router == "sigmoid", 1.0
 
@@ -33,7 +35,16 @@ def router_rule(ffn: RoutedFFNConfig) -> tuple[str, bool, float]:
 class Routing:
     expert_ids_NK: torch.Tensor  # chosen routed experts
     weights_NK: torch.Tensor  # gate values, from the unbiased scores
-    scores_NE: torch.Tensor  # fp32 affinities (softmax or sigmoid), differentiable
+    scores_NE: torch.Tensor  # fp32 affinities (softmax, sigmoid or sqrtsoftplus), differentiable
+
+
+def affinities(logits_NE: torch.Tensor, score_func: str) -> torch.Tensor:
+    """The router's score function over fp32 logits."""
+    if score_func == "softmax":
+        return logits_NE.softmax(dim=-1)
+    if score_func == "sqrtsoftplus":  # DeepSeek-V4 (HF ACT2FN["sqrtsoftplus"]): sqrt(softplus(x))
+        return F.softplus(logits_NE).sqrt()
+    return logits_NE.sigmoid()
 
 
 def group_limited(select_NE: torch.Tensor, n_group: int, topk_group: int, top_k: int) -> torch.Tensor:
@@ -66,7 +77,7 @@ class Router(nn.Module):
 
     def forward(self, x_NC: torch.Tensor) -> Routing:
         logits_NE = F.linear(x_NC.float(), self.weight.float())
-        scores_NE = logits_NE.softmax(dim=-1) if self.score_func == "softmax" else logits_NE.sigmoid()
+        scores_NE = affinities(logits_NE, self.score_func)
         select_NE = scores_NE + self.expert_bias_E if self.use_bias else scores_NE
         if self.n_group > 1:
             select_NE = group_limited(select_NE, self.n_group, self.topk_group, self.top_k)
