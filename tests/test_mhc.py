@@ -81,3 +81,43 @@ def test_hyper_head_matches_hf():
 ])
 def test_param_counts_match_modules(module, count):
     assert sum(p.numel() for p in module().parameters()) == count()
+
+
+def test_plain_identity_unchanged_and_mhc_in_identity():
+    from dsbench.variants.config import config_from_size
+
+    plain = config_from_size("debug").to_dict()
+    assert not {"residual", "hc_mult", "hc_sinkhorn_iters"} & set(plain)  # existing cell ids hold
+    assert config_from_size("debug", residual="mhc").to_dict()["hc_mult"] == N
+
+
+def test_mhc_decoder_params_decode_and_train():
+    """The mHC decoder: its parameter count is the accounting's, cached decode equals the full
+    forward, and a training step moves every mixing weight."""
+    from dsbench.variants.config import config_from_size
+    from dsbench.variants.decoder import build_model, forward_flops_per_token, param_counts
+
+    cfg = config_from_size("debug", residual="mhc")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert sum(p.numel() for p in model.parameters()) == param_counts(cfg)["params_total"]
+    assert forward_flops_per_token(cfg, 8) > forward_flops_per_token(config_from_size("debug"), 8)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        full = model(tokens)
+        caches = model.new_caches(2, 16, torch.float32, "cpu")
+        stepped = torch.cat([model(tokens[:, :5], 0, caches), model(tokens[:, 5:6], 5, caches),
+                             model(tokens[:, 6:], 6, caches)], dim=1)
+    assert (stepped - full).abs().max().item() <= TOL
+    out = model.forward_losses(tokens[:, :-1], tokens[:, 1:])
+    out.total().backward()
+    mixing = [p for name, p in model.named_parameters() if ".hc." in name or name.startswith("residual.")]
+    assert len(mixing) == 3 * 2 * cfg.n_layers + 3
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mixing)
+
+
+def test_mhc_refuses_mtp():
+    from dsbench.variants.config import config_from_size
+
+    with pytest.raises(ValueError, match="model.residual = 'mhc' with model.mtp = 1"):
+        config_from_size("debug", residual="mhc", mtp=1)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+HC_EPS = 1e-6  # HF DeepseekV4Config.hc_eps: added to pre and comb, and to Sinkhorn's denominators
+
 
 def unweighted_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm without a gain, as HF's DeepseekV4UnweightedRMSNorm (normed over the N·C row)."""
@@ -35,11 +37,12 @@ class HyperConnection(nn.Module):
     """The mixing weights around one sublayer, from the N streams themselves (a one-layer
     perceptron on the normed, flattened streams)."""
 
-    def __init__(self, d_model: int, hc_mult: int, sinkhorn_iters: int, eps: float = 1e-6, norm_eps: float = 1e-6):
+    def __init__(self, d_model: int, hc_mult: int, sinkhorn_iters: int, eps: float = 1e-6, norm_eps: float = 1e-6,
+                 init_std: float = 0.02):
         super().__init__()
         self.hc_mult, self.sinkhorn_iters, self.hc_eps, self.norm_eps = hc_mult, sinkhorn_iters, eps, norm_eps
         width = (2 + hc_mult) * hc_mult  # pre (N) + post (N) + comb (N·N)
-        self.fn = nn.Parameter(torch.empty(width, hc_mult * d_model))
+        self.fn = nn.Parameter(torch.empty(width, hc_mult * d_model).normal_(0.0, init_std))  # HF _init_weights
         self.base = nn.Parameter(torch.zeros(width))
         self.scale = nn.Parameter(torch.ones(3))  # one scale each for pre, post, comb
 
@@ -76,10 +79,10 @@ class HyperHead(nn.Module):
     """The final collapse of the N streams into one before the model's last norm (no Sinkhorn,
     no post: only a `pre`)."""
 
-    def __init__(self, d_model: int, hc_mult: int, eps: float = 1e-6, norm_eps: float = 1e-6):
+    def __init__(self, d_model: int, hc_mult: int, eps: float = 1e-6, norm_eps: float = 1e-6, init_std: float = 0.02):
         super().__init__()
         self.hc_mult, self.eps, self.norm_eps = hc_mult, eps, norm_eps
-        self.hc_fn = nn.Parameter(torch.empty(hc_mult, hc_mult * d_model))
+        self.hc_fn = nn.Parameter(torch.empty(hc_mult, hc_mult * d_model).normal_(0.0, init_std))
         self.hc_base = nn.Parameter(torch.zeros(hc_mult))
         self.hc_scale = nn.Parameter(torch.ones(1))
 
