@@ -59,3 +59,12 @@ def test_unknown_optimizer_refused_in_one_line(tmp_path):
     lines = [line for line in proc.stderr.strip().splitlines() if line]
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert "optimizer" in lines[0] and "sgd" in lines[0] and "adamw" in lines[0] and "muon" in lines[0]
+
+
+def test_step_times_align_with_the_timed_steps():
+    """Train rows carry each timed step's seconds at its step index, for loss at equal wall time."""
+    from dsbench.workloads.train import _step_time_series
+
+    rows = _step_time_series([0.5, 0.25], steps=5)  # 3 warm-up steps untimed
+    assert [(r[0], r[2]) for r in rows] == [(3, 0.5), (4, 0.25)]
+    assert all(r[1] == "step_time_s" for r in rows)

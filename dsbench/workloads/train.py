@@ -136,6 +136,7 @@ class Train(WholeSequences):
         run.series += _loss_series(losses, torch.stack(domain_labels), ctx.data.domains)
         run.series += _named_loss_series(named_losses)
         run.series += [point(s, "grad_norm", float(g)) for s, g in enumerate(torch.stack(grad_norms).cpu())]
+        run.series += _step_time_series(timer.samples_s(), settings["steps"])
         tail = max(1, settings["steps"] // 10)
         run.summary["final_loss"] = float(losses[-tail:].mean())
         run.summary["first_loss"] = float(losses[0].mean())
@@ -214,6 +215,13 @@ def _quantisation_stats(ctx: Context, settings: dict) -> dict:
         loss.backward()
     ctx.model.zero_grad(set_to_none=True)
     return probe.summary()
+
+
+def _step_time_series(samples_s: list[float], steps: int) -> list[tuple]:
+    """`step_time_s` at each timed step (the last len(samples) steps; warm-up is untimed): with
+    the `loss` series, optimizers and residuals compare at equal wall time as well as equal steps."""
+    first = steps - len(samples_s)
+    return [point(first + i, "step_time_s", float(t)) for i, t in enumerate(samples_s)]
 
 
 def _loss_series(losses: torch.Tensor, domains: torch.Tensor, names) -> list[tuple]:
