@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsbench.cell import Cell
+from dsbench import optimizers
 from dsbench.errors import UsageError
 from dsbench.variants import decoder, registry
 from dsbench.variants.base import Activations
@@ -24,7 +25,6 @@ from dsbench.workloads import workload_of
 
 ESTIMATE_FACTOR = 2.0  # the tests hold estimate / measured peak within [1/2, 2] over small real cells
 FP32_BYTES = 4
-ADAMW_STATES = 2  # exp_avg and exp_avg_sq, FP32 each (Loshchilov & Hutter 1711.05101, Alg. 2)
 ADAMW_FOREACH_TEMPS = 1  # torch's foreach AdamW holds one parameter-sized temporary (the denominator)
 
 
@@ -70,7 +70,7 @@ def estimate(cell: Cell) -> MemoryEstimate:
         # FP32 masters (V3 §3.3); under autocast, a cached low-precision copy of every matmul weight
         weights = params * FP32_BYTES + (params * act_bytes if precision.autocast_dtype is not None else 0)
         gradients = params * FP32_BYTES * (1 + ADAMW_FOREACH_TEMPS)
-        optimizer = params * FP32_BYTES * ADAMW_STATES
+        optimizer = optimizers.state_floats(settings, cfg, params) * FP32_BYTES  # AdamW 2, Muon 1 per param
     else:
         weights, gradients, optimizer = params * kv_bytes, 0, 0
     counts = decoder.param_counts(cfg)  # every rank builds the whole model in FP32, then shards and casts it
@@ -115,7 +115,9 @@ def _train_bytes_per_layer_token(cfg, T: int, act_bytes: int, wide_bytes: int) -
     each, model width) and what its attention and FFN state they keep (Part.train_activations).
     The model-width tensors are `wide_bytes` each: FP32 under autocast, which runs norms in FP32."""
     attention, ffn = _parts(cfg)
+    connection = registry.RESIDUAL[cfg.residual].connection  # mHC keeps its streams and mixing weights
     kept = Activations(wide=4 * cfg.d_model) + attention.train_activations(cfg, T) + ffn.train_activations(cfg, T)
+    kept = kept + connection.train_activations(cfg) + connection.train_activations(cfg)
     return kept.wide * wide_bytes + kept.narrow * act_bytes + kept.fp32 * FP32_BYTES
 
 
@@ -123,7 +125,8 @@ def _inference_elements_per_token(cfg, T: int) -> float:
     """The largest live set of one layer's forward without autograd, per token: the residual,
     its norm and the block's output (model width), and what its attention and FFN state."""
     attention, ffn = _parts(cfg)
-    return 3 * cfg.d_model + attention.inference_activations(cfg, T) + ffn.inference_activations(cfg, T)
+    streams = registry.RESIDUAL[cfg.residual].connection.inference_activations(cfg)
+    return 3 * cfg.d_model + streams + attention.inference_activations(cfg, T) + ffn.inference_activations(cfg, T)
 
 
 # --- what this machine has ---

@@ -12,7 +12,8 @@ AXES = ("workload", "ffn", "attention", "precision", "balance")  # the named axe
 PART_SECTIONS = ("attention", "ffn")  # the model's parts, each a variant with its own config
 # The [model] keys a spec may set: a named size, then the model-wide fields of variants/config.py's
 # MODEL_FIELDS that no axis sets (tests/test_schema.py holds the two equal).
-MODEL_KEYS = ("size", "d_model", "n_layers", "vocab_size", "max_seq_len", "norm_eps", "tie_embeddings", "init_std", "mtp")
+MODEL_KEYS = ("size", "d_model", "n_layers", "vocab_size", "max_seq_len", "norm_eps", "tie_embeddings", "init_std", "mtp",
+              "residual", "hc_mult", "hc_sinkhorn_iters")
 RUN_SECTIONS = ("measure", "parallel")  # the harness's own sections beside the workloads'
 # The registered workloads' sections, in registration order: dsbench.workloads.register appends
 # each (so a torch-free reader sees them once the workloads are imported, and no list spells them).

@@ -16,23 +16,28 @@ if TYPE_CHECKING:
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: attention then FFN."""
+    """Pre-norm residual block: attention then FFN, each inside the residual connection that
+    cfg.residual names (plain x + f(x), or mHC's streams: variants/residual.py)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
+        residual = registry.RESIDUAL[cfg.residual]
+        self.attn_res, self.ffn_res = residual.connection(cfg), residual.connection(cfg)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = registry.ATTENTION[cfg.attention.kind].build(cfg, layer_idx)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = registry.FFN[cfg.ffn.kind].build(cfg, layer_idx)
 
     def forward(self, x: torch.Tensor, start_pos: int = 0, cache=None) -> torch.Tensor:
-        h = self.attn_norm(x)
+        x = self.attn_res(x, lambda h: self._attention(h, start_pos, cache))
+        return self.ffn_res(x, self._ffn)
+
+    def _attention(self, h: torch.Tensor, start_pos: int, cache) -> torch.Tensor:
+        h = self.attn_norm(h)
         with part("attn.other", self.attn):  # the module call itself; its parts open their own ranges
-            h = self.attn(h, start_pos, cache)
-        with part("residual", self):
-            x = x + h
-        h = self.ffn_norm(x)
+            return self.attn(h, start_pos, cache)
+
+    def _ffn(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.ffn_norm(h)
         with part("ffn.other", self.ffn):
-            h = self.ffn(h)
-        with part("residual", self):
-            return x + h
+            return self.ffn(h)

@@ -28,8 +28,18 @@ class ModelConfig:
     init_std: float = 0.02
     precision: str = "fp32"  # a key of variants.precision.PRECISIONS
     mtp: int = field(default=0, metadata={"min": 0})  # D multi-token-prediction modules (V3 §2.2); 0 = none
+    # The residual stream (registry.RESIDUAL): plain, or mHC's hc_mult streams mixed by a
+    # Sinkhorn-projected matrix of hc_sinkhorn_iters iterations (V4's 4 and 20; HF config defaults).
+    residual: str = field(default="plain", metadata={"choices": tuple(registry.RESIDUAL)})
+    hc_mult: int = field(default=4, metadata={"min": 1})
+    hc_sinkhorn_iters: int = field(default=20, metadata={"min": 1})
     attention: PartConfig = field(default_factory=MHAConfig)
     ffn: PartConfig = field(default_factory=DenseFFNConfig)
+
+    def __post_init__(self):
+        if self.residual != "plain" and self.mtp:
+            # MTP's modules take the one normed hidden state (V3 §2.2); V4's multi-stream MTP is not built
+            raise ValueError(f"model.residual = {self.residual!r} with model.mtp = {self.mtp}: allowed with mtp > 0: residual = 'plain'")
 
     def head_dim(self) -> int:
         return self.attention.head_dim or self.d_model // self.attention.n_heads
@@ -40,13 +50,19 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         """The config's identity. A field added after cells were first recorded is left out at
-        its default (mtp = 0), so every existing cell keeps its id."""
+        its default (mtp = 0, residual = plain), so every existing cell keeps its id; the mHC
+        sizes are part of it only where mHC is built."""
         d = asdict(self)
-        if not self.mtp:
-            d.pop("mtp")
+        for name, default in LATE_DEFAULTS.items():
+            if d[name] == default:
+                d.pop(name)
+        if self.residual == "plain":
+            d.pop("hc_mult"), d.pop("hc_sinkhorn_iters")
         d["attention"], d["ffn"] = self.attention.identity(), self.ffn.identity()
         return d
 
+
+LATE_DEFAULTS = {"mtp": 0, "residual": "plain"}
 
 # Named sizes, one table (as gpt-fast's transformer_configs). SwiGLU width is ~8/3·d rounded to
 # a multiple of 64 (LLaMA, Touvron et al. 2302.13971 §2.2) so fine-grained MoE splits divide it.
@@ -61,6 +77,7 @@ SIZES: dict[str, dict] = {
 
 MODEL_FIELDS = (
     "d_model", "n_layers", "vocab_size", "max_seq_len", "norm_eps", "tie_embeddings", "init_std", "precision", "mtp",
+    "residual", "hc_mult", "hc_sinkhorn_iters",
 )
 
 

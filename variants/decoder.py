@@ -50,6 +50,7 @@ class Decoder(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.residual = registry.RESIDUAL[cfg.residual].ends(cfg)  # embeddings → streams → one state
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         # The output head stays a plain high-precision linear in every recipe (DeepSeek-V3 §3.3.1).
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -83,10 +84,11 @@ class Decoder(nn.Module):
             )
         with part("embedding", self.embed):
             x = self.embed(tokens)  # (B, T, C)
+        x = self.residual.enter(x)  # mHC: (B, T, N, C)
         for i, block in enumerate(self.blocks):
             with part("block.other", block):  # the block's call and glue; its parts open their own ranges
                 x = block(x, start_pos, caches[i] if caches is not None else None)
-        return self.norm(x)
+        return self.norm(self.residual.leave(x))
 
     def forward_losses(self, tokens: torch.Tensor, targets: torch.Tensor) -> ModelOutput:
         """forward() from position 0 without caches, and the named losses against targets (B, T).
@@ -222,14 +224,17 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     attn = registry.ATTENTION[cfg.attention.kind].module
     ffn = registry.FFN[cfg.ffn.kind].module
     norm = RMSNorm.param_count(cfg.d_model)
+    residual = registry.RESIDUAL[cfg.residual]
+    # two connections per block, and the ends (mHC's HyperHead): the overhead a row shows
+    mixing = 2 * cfg.n_layers * residual.connection.param_count(cfg) + residual.ends.param_count(cfg)
     embedding = cfg.vocab_size * cfg.d_model
     head = 0 if cfg.tie_embeddings else cfg.d_model * cfg.vocab_size
     layers = range(cfg.n_layers)
     blocks_total = sum(attn.param_count(cfg) + ffn.param_count(cfg, i) + 2 * norm for i in layers)
     blocks_active = sum(attn.param_count(cfg) + ffn.active_param_count(cfg, i) + 2 * norm for i in layers)
     return {
-        "params_total": embedding + blocks_total + norm + head,
-        "params_active": embedding + blocks_active + norm + head,
+        "params_total": embedding + blocks_total + mixing + norm + head,
+        "params_active": embedding + blocks_active + mixing + norm + head,
         "params_embedding": embedding,
         "params_mtp": mtp.param_count(cfg),  # apart, as V3's 671B excludes its MTP module (§2.2)
     }
@@ -240,8 +245,10 @@ def forward_flops_per_token(cfg: ModelConfig, mean_context_len: float, decode: b
     attn = registry.ATTENTION[cfg.attention.kind].module
     ffn = registry.FFN[cfg.ffn.kind].module
     attn_flops = attn.flops_per_token(cfg, mean_context_len, decode)
-    per_layer = sum(attn_flops + ffn.flops_per_token(cfg, i) for i in range(cfg.n_layers))
-    return per_layer + 2 * cfg.d_model * cfg.vocab_size
+    residual = registry.RESIDUAL[cfg.residual]
+    mixing = 2 * residual.connection.flops_per_token(cfg)  # around attention and around the FFN
+    per_layer = sum(attn_flops + ffn.flops_per_token(cfg, i) + mixing for i in range(cfg.n_layers))
+    return per_layer + residual.ends.flops_per_token(cfg) + 2 * cfg.d_model * cfg.vocab_size
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, dtype_bytes: int) -> int:

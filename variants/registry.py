@@ -23,6 +23,7 @@ from .ffn import DenseFFN, DenseFFNConfig
 from .mla import MLAConfig, MultiHeadLatentAttention
 from .moe import DeepSeekMoEConfig, MoEFeedForward, RoutedFFNConfig
 from .precision import PRECISIONS
+from .residual import HyperConnection, HyperEnds, PlainConnection, PlainEnds
 
 ENTRY_POINT_GROUP = "dsbench.variants"
 
@@ -94,6 +95,32 @@ BALANCE: dict[str, str] = {
     "aux": "auxiliary balance loss: expert-level (DeepSeekMoE §3.3), device-level and V3 sequence-wise as options",
     "bias": "auxiliary-loss-free: per-expert routing bias updated by γ·sign(mean load − load) (V3 §2.1.2, 2408.15664)",
 }
+
+
+
+@dataclass(frozen=True)
+class Residual:
+    """A residual-stream choice (model field `residual`): the module around each sublayer and
+    the pair at the model's ends (variants/residual.py)."""
+
+    name: str
+    connection: type
+    ends: type
+    paper: str
+
+
+RESIDUAL: dict[str, Residual] = {}
+
+
+def register_residual(residual: Residual) -> Residual:
+    """Add a value of the `residual` model field (a plugin calls this when imported)."""
+    RESIDUAL[residual.name] = residual
+    return residual
+
+
+register_residual(Residual("plain", PlainConnection, PlainEnds, "He et al. 1512.03385 (pre-norm residual)"))
+register_residual(Residual("mhc", HyperConnection, HyperEnds, "mHC, Xie et al. 2512.24880; DeepSeek-V4 §2.2"))
+
 
 def axis_values() -> dict[str, tuple[str, ...]]:
     """Every model axis and the values that are built today (the workloads: dsbench.spec.available_axis_values)."""

@@ -1,4 +1,4 @@
-"""train: AdamW steps (forward, backward, clip, optimizer) on batch×seq tokens; loss every step."""
+"""train: AdamW (or Muon) steps (forward, backward, clip, optimizer) on batch×seq tokens; loss every step."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsbench import compiled, distributed
+from dsbench import compiled, distributed, optimizers
 from dsbench.errors import SpecError
 from dsbench.measure import StepTimer
+from dsbench.optimizers import make_optimizer
 from dsbench.variants import decoder, mtp, registry
 from dsbench.variants.base import PassShape, add_cost
 from dsbench.variants.fp8 import QuantisationProbe
@@ -18,7 +19,6 @@ from dsbench.variants.profiling import part
 
 from .base import Context, WholeSequences, WorkloadRun, add_part_metrics, autocast, check_finite, point, to_device
 
-ADAMW_STATE_PASSES = 7  # read param, grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq
 GRAD_CLIP_PASSES = 3  # read every gradient for the norm; read and write it to scale
 
 
@@ -36,6 +36,9 @@ class TrainSettings:
     # λ of L_MTP = (λ/D)·Σ_k L_MTP^k (V3 §2.2 eq. (25); V3 used 0.3, then 0.1 for its last 4.8T tokens).
     # Read only by cells with model.mtp ≥ 1, and only theirs carry it (cell identity).
     mtp_lambda: float = field(default=0.3, metadata={"min": 0})
+    # adamw, or torch's Muon on the hidden matrices with AdamW for the rest (dsbench/optimizers.py);
+    # left out of the cell's settings at adamw, so existing cell ids hold.
+    optimizer: str = field(default="adamw", metadata={"choices": optimizers.OPTIMIZERS})
 
 
 class Train(WholeSequences):
@@ -90,7 +93,7 @@ class Train(WholeSequences):
         params = counts["params_total"] + counts["params_mtp"]
         add("loss", 0.0, self.tokens_per_step(cell.workload) * cell.model.vocab_size * (act_bytes + 4) * 3)  # logits read, FP32 copy; its backward writes dlogits
         add("grad_clip", 0.0, GRAD_CLIP_PASSES * 4 * params)
-        add("optimizer", 0.0, ADAMW_STATE_PASSES * 4 * params)
+        add("optimizer", 0.0, optimizers.state_passes(cell.workload, cell.model, params) * 4)
 
     def run(self, ctx: Context, settings: dict) -> WorkloadRun:
         model, B, T = ctx.model, settings["batch_size"], settings["seq_len"]
@@ -133,6 +136,7 @@ class Train(WholeSequences):
         run.series += _loss_series(losses, torch.stack(domain_labels), ctx.data.domains)
         run.series += _named_loss_series(named_losses)
         run.series += [point(s, "grad_norm", float(g)) for s, g in enumerate(torch.stack(grad_norms).cpu())]
+        run.series += _step_time_series(timer.samples_s(), settings["steps"])
         tail = max(1, settings["steps"] // 10)
         run.summary["final_loss"] = float(losses[-tail:].mean())
         run.summary["first_loss"] = float(losses[0].mean())
@@ -148,16 +152,6 @@ class Train(WholeSequences):
         return run
 
 
-def make_optimizer(model: torch.nn.Module, settings: dict) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only, not on norms (as nanoGPT's configure_optimizers)."""
-    params = list(model.parameters())
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": settings["weight_decay"]},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=settings["lr"], betas=(settings["beta1"], settings["beta2"]))
-
-
 def lr_at(step: int, settings: dict) -> float:
     """Linear warm-up over the first 10% of steps (at least one), then constant."""
     ramp = max(1, settings["steps"] // 10)
@@ -170,6 +164,8 @@ def settings_for(section: TrainSettings, cfg) -> dict:
     settings = dataclasses.asdict(section)
     if not cfg.mtp:
         settings.pop("mtp_lambda")
+    if settings["optimizer"] == "adamw":
+        settings.pop("optimizer")
     return settings
 
 
@@ -219,6 +215,13 @@ def _quantisation_stats(ctx: Context, settings: dict) -> dict:
         loss.backward()
     ctx.model.zero_grad(set_to_none=True)
     return probe.summary()
+
+
+def _step_time_series(samples_s: list[float], steps: int) -> list[tuple]:
+    """`step_time_s` at each timed step (the last len(samples) steps; warm-up is untimed): with
+    the `loss` series, optimizers and residuals compare at equal wall time as well as equal steps."""
+    first = steps - len(samples_s)
+    return [point(first + i, "step_time_s", float(t)) for i, t in enumerate(samples_s)]
 
 
 def _loss_series(losses: torch.Tensor, domains: torch.Tensor, names) -> list[tuple]:
