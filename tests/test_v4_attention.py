@@ -168,3 +168,16 @@ def test_indexer_selects_what_hf_selects(T):
         expected[b, t, hf_indices[b, t, k]] = True
     assert picked.sum() > 0
     assert torch.equal(picked, expected)
+
+
+@pytest.mark.parametrize("layer_type", ["sliding_attention", "heavily_compressed_attention", "compressed_sparse_attention"])
+def test_attention_is_causal(layer_type):
+    """Changing tokens from position 12 on leaves every output before 12 bit-identical."""
+    torch.manual_seed(4)
+    _, _, _, ours, x = hf_attention_case(layer_type, 20)
+    later = x.clone()
+    later[:, 12:] = torch.randn_like(later[:, 12:])
+    with torch.no_grad():
+        a, b = ours(x), ours(later)
+    assert torch.equal(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
