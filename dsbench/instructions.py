@@ -39,8 +39,9 @@ STEPS = 4  # the short process runs N steps, the long one 2N; both share everyth
 THRESHOLD = 0.06
 TOOLS = ("cachegrind", "perf")
 
-# The cells counted: the ci-timing preset's three fp32 workloads at a size valgrind runs in
-# seconds (it is ~50× slower than the CPU). Keep to keys an older dsbench parses.
+# The cells counted: the ci-timing preset's workloads (read from it: CELLS_TOML's {workloads}),
+# fp32, at a size valgrind runs in seconds (it is ~50× slower than the CPU). Keep to keys an
+# older dsbench parses.
 CELLS_TOML = """\
 name = "ci-instructions"
 description = "the instruction-count gate's cells: tiny dense/MHA fp32 train, prefill and decode"
@@ -51,7 +52,7 @@ seed = 0
 size = "debug"
 
 [axes]
-workload = ["train", "prefill", "decode"]
+workload = {workloads}
 ffn = ["dense"]
 attention = ["mha"]
 precision = ["fp32"]
@@ -155,10 +156,17 @@ def count_env(pythonpath: str | None) -> dict:
     return env
 
 
+def gate_workloads() -> tuple[str, ...]:
+    """The workloads the ci-timing preset times: the instruction gate counts the same ones."""
+    from dsbench.spec import load_preset
+
+    return tuple(load_preset("ci-timing").axes["workload"])
+
+
 def count_process(tool: str, work: Path, steps: int, env: dict, tag: str) -> int:
     """Count one process running the cells with `steps` timed steps each."""
     spec = work / f"cells-{steps}.toml"
-    spec.write_text(CELLS_TOML.format(steps=steps, train_steps=steps + 1))
+    spec.write_text(CELLS_TOML.format(steps=steps, train_steps=steps + 1, workloads=json.dumps(list(gate_workloads()))))
     driver = work / "driver.py"
     driver.write_text(DRIVER)
     out_file, log = work / f"{tag}-{steps}.count", work / f"{tag}-{steps}.log"

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
@@ -76,6 +76,8 @@ class RoutedFFNConfig(PartConfig):
     swiglu_limit: float = at_least(0.0, 0)  # DeepSeek-V4's clamp of the routed experts' gate/up (V4: 10); 0 = none
     capacity_factor: float = at_least(0.0, 0)  # 0 = dropless; else drop tokens past capacity
     uniform_routing: bool = False  # force a perfectly balanced assignment (best-case throughput)
+    # Fields added after cells were recorded: left out of the identity at their default.
+    LATE_DEFAULTS: ClassVar[dict] = {"swiglu_limit": 0.0}
 
     def layout(self) -> Layout:
         return Layout(self.n_experts, self.top_k, self.d_ff // self.top_k, 0, self.n_group)

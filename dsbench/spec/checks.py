@@ -14,6 +14,7 @@ from dsbench.kernels import choice as kernel_choice
 from dsbench.schema import AXES, DOTTED_MEASURE_KEYS, MODEL_KEYS, PART_SECTIONS
 from dsbench.validate import check_str, check_value, reject_unknown
 from dsbench.variants import mtp, registry
+from dsbench.variants.config import ModelConfig
 from dsbench.workloads import WORKLOADS
 
 from .expand import cell_configs, part_configs, workload_read
@@ -158,9 +159,15 @@ def _carries(settings, key: str) -> bool:
     return isinstance(settings, dict) and (key in settings or any(_carries(v, key) for v in settings.values()))
 
 
+def _yarn_fields(part) -> dict:
+    """The YaRN fields a part's config has (none for a variant without rotary scaling)."""
+    return {f.name: getattr(part, f.name) for f in dataclasses.fields(part)
+            if f.name in ("rope_factor", "original_seq_len", "beta_fast", "beta_slow")}
+
+
 def _yarn_on(axes, cfg, settings) -> bool:
-    a = cfg.attention
-    return hasattr(a, "rope_factor") and a.rope_factor > 1 and cfg.max_seq_len > a.original_seq_len
+    yarn = _yarn_fields(cfg.attention)
+    return "rope_factor" in yarn and yarn["rope_factor"] > 1 and cfg.max_seq_len > yarn["original_seq_len"]
 
 
 _YARN_CELL = "a cell with YaRN on (attention mla/mla-naive/dsa, attention.rope_factor > 1, model.max_seq_len > attention.original_seq_len)"
@@ -173,13 +180,27 @@ CONDITIONAL_READS = {
 }
 
 
+def _defaults(key: str) -> set:
+    """The defaults of a CONDITIONAL_READS key's field, over every class that has it: a value equal
+    to one changes nothing (and a run.json's spec writes every section field at its default)."""
+    section, _, name = key.partition(".")
+    if section in PART_SECTIONS:
+        classes = [v.config for v in registry.TABLES[section].values()]
+    elif section == "model":
+        classes = [ModelConfig]
+    else:
+        classes = [SECTIONS[section]]
+    fields = (f for c in classes for f in dataclasses.fields(c) if f.name == name)
+    return {f.default for f in fields if f.default is not dataclasses.MISSING}
+
+
 def given_keys(raw: dict) -> dict[str, object]:
-    """section.field → value of each CONDITIONAL_READS key a plain point's raw dict sets."""
+    """section.field → value of each CONDITIONAL_READS key a plain point's raw dict sets away from its default."""
     given = {}
     for key in CONDITIONAL_READS:
         section, _, name = key.partition(".")
         table = raw.get(section)
-        if isinstance(table, dict) and name in table:
+        if isinstance(table, dict) and name in table and table[name] not in _defaults(key):
             given[key] = table[name]
     return given
 
@@ -209,8 +230,8 @@ def check_yarn_betas(cfg) -> str | None:
     """YaRN's ramp runs from the dims rotating beta_fast times over original_seq_len (kept) to
     those rotating beta_slow times (scaled): it needs beta_fast > beta_slow (V3: 32, 1; both are
     positive integers by their type). Equal, the ramp has no width."""
-    a = cfg.attention
-    if not hasattr(a, "beta_fast") or a.beta_fast > a.beta_slow:
+    yarn = _yarn_fields(cfg.attention)
+    if "beta_fast" not in yarn or yarn["beta_fast"] > yarn["beta_slow"]:
         return None
-    return (f"attention.beta_fast: {a.beta_fast} with attention.beta_slow {a.beta_slow}; YaRN needs "
+    return (f"attention.beta_fast: {yarn['beta_fast']} with attention.beta_slow {yarn['beta_slow']}; YaRN needs "
             f"beta_fast > beta_slow (DeepSeek-V3: beta_fast = 32, beta_slow = 1)")
