@@ -96,6 +96,12 @@ def choose_threads(requested: int) -> tuple[int, str]:
     return free, f"free cores: {free} of {cores} (others kept {busy:.1f} busy at the start)"
 
 
+# Set to 1, the meter takes no samples during the cell (only the whole-cell rule applies): the
+# instruction-count gate sets it, as a sampler wakes once per SAMPLE_S of wall time and so adds
+# instructions that grow with how slowly valgrind runs (dsbench/instructions.py count_env).
+NO_SAMPLER_ENV = "DSBENCH_NO_CONTENTION_SAMPLER"
+
+
 class ContentionMeter:
     """`with ContentionMeter(threads) as meter: <workload>`; then `meter.columns()`."""
 
@@ -111,14 +117,16 @@ class ContentionMeter:
         self._wall0 = time.perf_counter()
         self._samples, self._left_spans, self._stop = [self.snapshot()], [], threading.Event()
         self._sampler = threading.Thread(target=self._sample, name="dsbench-contention", daemon=True)
-        self._sampler.start()
+        if os.environ.get(NO_SAMPLER_ENV) != "1":
+            self._sampler.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.wall_s = time.perf_counter() - self._wall0
         self._stat1, (self._own1, self._nivcsw1) = _proc_stat(), _own_cpu_s()
         self._stop.set()
-        self._sampler.join()
+        if self._sampler.is_alive():
+            self._sampler.join()
         self._samples.append(self.snapshot())
 
     def _sample(self) -> None:

@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from dsbench.contention import NO_SAMPLER_ENV
 from dsbench.errors import AbError
 
 STEPS = 4  # the short process runs N steps, the long one 2N; both share everything else
@@ -151,6 +152,7 @@ def count_env(pythonpath: str | None) -> dict:
     """One thread, a fixed hash seed: what makes two counts of the same code agree."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
+    env[NO_SAMPLER_ENV] = "1"  # a sampler thread's wake-ups grow with wall time, not with the code
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     return env

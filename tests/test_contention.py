@@ -146,3 +146,24 @@ def test_the_meter_samples_while_the_cell_runs():
     with ContentionMeter(1) as meter:
         time.sleep(3 * contention.SAMPLE_S)
     assert len(meter._samples) >= 3 and not meter._sampler.is_alive()
+
+
+def test_the_instruction_gate_turns_the_sampler_off(monkeypatch):
+    """Under valgrind a sampler's wake-ups would count with wall time: with the gate's variable set
+    the meter keeps only its start and end snapshots, and still gives every column."""
+    import time as time_lib
+
+    from dsbench import contention, instructions
+
+    assert instructions.count_env(None)[contention.NO_SAMPLER_ENV] == "1"
+    monkeypatch.setenv(contention.NO_SAMPLER_ENV, "1")
+    with contention.ContentionMeter(1) as meter:
+        time_lib.sleep(3 * contention.SAMPLE_S)
+    assert len(meter._samples) == 2
+    assert "cpu_share" in meter.columns()
+    monkeypatch.delenv(contention.NO_SAMPLER_ENV)
+    with contention.ContentionMeter(1) as meter:
+        deadline = time_lib.monotonic() + 60  # however loaded the machine, the sampler wakes in the end
+        while len(meter._samples) < 2 and time_lib.monotonic() < deadline:
+            time_lib.sleep(contention.SAMPLE_S)
+    assert len(meter._samples) > 2  # start, at least one sample during the cell, end
