@@ -36,8 +36,20 @@ def accounting(cell: Cell) -> dict:
         "flops_per_token_mtp": workload_of(cell).mtp_flops_per_token(cfg, cell.workload),
         "flops_convention": decoder.FLOP_CONVENTION,
         "kv_cache_bytes_per_token": decoder.kv_cache_bytes_per_token(cfg, dtype_bytes(kv_dtype)),
+        "kv_cache_bytes_at_context": kv_cache_bytes_at_context(cell, dtype_bytes(kv_dtype)),
         "tokens_per_step": tokens_per_step(cell),
     }
+
+
+def kv_cache_bytes_at_context(cell: Cell, kv_bytes: int) -> int | None:
+    """One sequence's whole cache at the cell's context (decode: context_len, prefill: seq_len),
+    all layers: per token × context for most caches, with its constant part (V4's window, its
+    open compression windows) where it has one. None where nothing is cached (train)."""
+    workload = workload_of(cell)
+    L = cell.workload.get("context_len") or cell.workload.get("seq_len")
+    if workload.trains or not L:
+        return None
+    return int(decoder.kv_cache_bytes(cell.model, kv_bytes, L))
 
 
 def static_row(cell: Cell) -> dict:

@@ -78,19 +78,18 @@ def estimate(cell: Cell) -> MemoryEstimate:
     if workload.trains:
         T = settings["seq_len"]
         tokens = batch * T
-        layers = cfg.n_layers + cfg.mtp  # an MTP module is one more block (V3 §2.2)
         wide_bytes = FP32_BYTES if precision.autocast_dtype is not None else act_bytes
-        activations = tokens * layers * _train_bytes_per_layer_token(cfg, T, act_bytes, wide_bytes)
+        layers = range(cfg.n_layers + cfg.mtp)  # an MTP module is one more block (V3 §2.2)
+        activations = tokens * sum(_train_bytes_per_layer_token(cfg, i, T, act_bytes, wide_bytes) for i in layers)
         logits = tokens * (1 + cfg.mtp) * cfg.vocab_size * (2 * act_bytes + 2 * FP32_BYTES)
         kv = 0
     else:
         T = settings.get("seq_len") or settings["context_len"]  # prefill's rows, or decode's context
         tokens = batch * T
-        activations = tokens * _inference_elements_per_token(cfg, T) * act_bytes
+        activations = tokens * max(_inference_elements_per_token(cfg, i, T) for i in range(cfg.n_layers)) * act_bytes
         logits = tokens * cfg.vocab_size * (act_bytes + FP32_BYTES)
         slots = workload.cache_slots(settings)
-        per_token = decoder.kv_cache_bytes_per_token(cfg, kv_bytes)
-        kv = per_token * batch * slots * workload.cache_copies
+        kv = decoder.kv_cache_bytes(cfg, kv_bytes, slots) * batch * workload.cache_copies
     return MemoryEstimate(int(weights), int(gradients), int(optimizer), int(activations), int(logits), int(kv), int(build))
 
 
@@ -106,27 +105,28 @@ def _params_per_rank(cell: Cell) -> int:
     return total - sum(ffn.param_count(cfg, i) - ffn.rank_param_count(cfg, i, cell.ep, redundant) for i in range(cfg.n_layers))
 
 
-def _parts(cfg) -> tuple[type, type]:
-    return registry.module_of("attention", cfg), registry.module_of("ffn", cfg)
+def _parts(cfg, layer_idx: int) -> tuple[type, object, type]:
+    """Layer layer_idx's attention class, the config it is priced from, and the FFN class."""
+    return *registry.attention_layer(cfg, layer_idx), registry.module_of("ffn", cfg)
 
 
-def _train_bytes_per_layer_token(cfg, T: int, act_bytes: int, wide_bytes: int) -> float:
+def _train_bytes_per_layer_token(cfg, layer_idx: int, T: int, act_bytes: int, wide_bytes: int) -> float:
     """What one block keeps for its backward, per token: its two RMSNorms (input and output
     each, model width) and what its attention and FFN state they keep (Part.train_activations).
     The model-width tensors are `wide_bytes` each: FP32 under autocast, which runs norms in FP32."""
-    attention, ffn = _parts(cfg)
+    attention, layer_cfg, ffn = _parts(cfg, layer_idx)
     connection = registry.RESIDUAL[cfg.residual].connection  # mHC keeps its streams and mixing weights
-    kept = Activations(wide=4 * cfg.d_model) + attention.train_activations(cfg, T) + ffn.train_activations(cfg, T)
+    kept = Activations(wide=4 * cfg.d_model) + attention.train_activations(layer_cfg, T) + ffn.train_activations(cfg, T)
     kept = kept + connection.train_activations(cfg) + connection.train_activations(cfg)
     return kept.wide * wide_bytes + kept.narrow * act_bytes + kept.fp32 * FP32_BYTES
 
 
-def _inference_elements_per_token(cfg, T: int) -> float:
+def _inference_elements_per_token(cfg, layer_idx: int, T: int) -> float:
     """The largest live set of one layer's forward without autograd, per token: the residual,
     its norm and the block's output (model width), and what its attention and FFN state."""
-    attention, ffn = _parts(cfg)
+    attention, layer_cfg, ffn = _parts(cfg, layer_idx)
     streams = registry.RESIDUAL[cfg.residual].connection.inference_activations(cfg)
-    return 3 * cfg.d_model + streams + attention.inference_activations(cfg, T) + ffn.inference_activations(cfg, T)
+    return 3 * cfg.d_model + streams + attention.inference_activations(layer_cfg, T) + ffn.inference_activations(cfg, T)
 
 
 # --- what this machine has ---

@@ -127,11 +127,16 @@ _ENTRIES = (
     _m("flops_convention", "accounting", "", "how flops_per_token counts", fmt="text"),
     _m("kv_cache_bytes_per_token", "accounting", "bytes/token", "analytic KV-cache bytes per token, all layers",
        fmt="int", better="lower", short="KV B/token", **EXACT),
+    _m("kv_cache_bytes_at_context", "accounting", "bytes", "analytic KV cache of one sequence at the cell's context "
+       "(decode: context_len, prefill: seq_len), all layers, a constant part (V4's window) included", fmt="int",
+       better="lower", **EXACT),
     _m("tokens_per_step", "accounting", "tokens", "tokens one timed step processes", fmt="int", **EXACT),
     _m("weights_bytes", "accounting", "bytes", "max-batch decode: weight bytes the budget fit counted", fmt="mib", **EXACT),
     _m("kv_cache_bytes", "accounting", "bytes", "max-batch decode: the whole batch's cache at full length", fmt="mib", **EXACT),
     _m("kv_cache_bytes_per_token_measured", "memory", "bytes/token", "measured from the live caches (prefill/decode)",
        fmt="int", better="lower", **EXACT),
+    _m("kv_cache_bytes_at_context_measured", "memory", "bytes", "decode: one sequence's cache at context_len, read off "
+       "the live caches' tensors (a cache with a constant part reports what it holds there)", fmt="int", better="lower", **EXACT),
     _host("tokens_per_s_median", "speed", "tokens/s", "tokens_per_step ÷ the median step time", fmt="int", better="higher",
           short="tokens/s"),
     _host("tokens_per_s_p10", "speed", "tokens/s", "tokens_per_step ÷ the p90 step time", fmt="int", better="higher",

@@ -47,9 +47,9 @@ def part_costs(cell: Cell) -> dict[str, PartCost]:
     add("norm", 0.0, (2 * cfg.n_layers + 1) * 2 * N * C * act)
     batch = cell.workload["batch_size"]
     shape = PassShape(tokens=N, mean_context_len=ctx, decode=decode, batch=batch, act_bytes=act, weight_bytes=weight)
-    attention, ffn = registry.ATTENTION[cfg.attention.kind].module, registry.FFN[cfg.ffn.kind].module
-    for i in range(cfg.n_layers):  # each variant prices its own parts (variants/base.py)
-        for layer_costs in (attention.part_costs(cfg, shape), ffn.part_costs(cfg, i, shape)):
+    ffn = registry.FFN[cfg.ffn.kind].module
+    for i, (attention, layer_cfg) in enumerate(registry.attention_layers(cfg)):  # each variant prices its own parts (variants/base.py)
+        for layer_costs in (attention.part_costs(layer_cfg, shape), ffn.part_costs(cfg, i, shape)):
             for name, cost in layer_costs.items():
                 costs.setdefault(name, PartCost()).add(cost.flops, cost.bytes)
     add("residual", 0.0, cfg.n_layers * 2 * 3 * N * C * act)  # two adds a block: read both, write one

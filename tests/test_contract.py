@@ -57,8 +57,12 @@ def numel(module: torch.nn.Module) -> int:
 
 
 def attention_cfg(kind: str):
-    return config_from_size("debug", attention=kind, n_heads=8, window=8) if "window" in registry.config_fields(
-        "attention", kind) else config_from_size("debug", attention=kind, n_heads=8)
+    fields = registry.config_fields("attention", kind)
+    extra = {"window": 8} if "window" in fields else {}
+    if "hca_ratio" in fields:  # V4: windows that close within the 13 tokens decode runs, every kind in a schedule
+        extra |= {"hca_ratio": 4, "csa_ratio": 2, "index_topk": 2, "schedule": "hca|csa,v4-window"} if "schedule" in fields else {"hca_ratio": 4, "csa_ratio": 2, "index_topk": 2}
+        extra |= {"n_layers": 3, "index_n_heads": 8}
+    return config_from_size("debug", attention=kind, n_heads=8, **extra)
 
 
 def ffn_cfg(kind: str):
@@ -84,10 +88,16 @@ def check_variant(section: str, kind: str, cfg) -> None:
 
 
 def check_attention_counts_price_and_decode(kind: str, cfg) -> None:
-    module_cls = registry.ATTENTION[kind].module
+    """Every layer, as the kind its config builds it (a schedule's layers are other kinds)."""
+    for layer in range(cfg.n_layers):
+        module_cls, layer_cfg = registry.attention_layer(cfg, layer)
+        check_attention_layer(module_cls, layer_cfg, layer)
+
+
+def check_attention_layer(module_cls, cfg, layer: int) -> None:
     torch.manual_seed(0)
-    module = registry.ATTENTION[kind].build(cfg, 0).eval()
-    assert module_cls.param_count(cfg) == module_cls.active_param_count(cfg, 0) == numel(module)
+    module = module_cls.build(cfg, layer).eval()
+    assert module_cls.param_count(cfg) == module_cls.active_param_count(cfg, layer) == numel(module)
     for shape in SHAPES:
         costs = module_cls.part_costs(cfg, shape)
         total = shape.tokens * module_cls.flops_per_token(cfg, shape.mean_context_len, shape.decode)
@@ -103,6 +113,8 @@ def check_attention_counts_price_and_decode(kind: str, cfg) -> None:
     decoded = torch.cat(steps, dim=1)
     # fp32, the same arithmetic in another order: RMS-relative error at rounding level
     assert float((decoded - full).norm() / full.norm()) < 1e-5
+    if hasattr(cache, "filled_bytes"):  # a cache with a constant part states what it holds at each context
+        assert cache.filled_bytes(T) == module_cls.kv_cache_bytes(cfg, 4, T)
 
 
 def check_ffn_counts_and_price_every_layer(kind: str, cfg) -> None:
@@ -124,11 +136,13 @@ def check_ffn_counts_and_price_every_layer(kind: str, cfg) -> None:
 def check_memory_and_columns(section: str, kind: str, cfg) -> None:
     """The memory estimate's members are non-negative ints; every row column is a declared metric."""
     module = registry.TABLES[section][kind].module
+    layers = registry.attention_layers(cfg) if section == "attention" else [(module, cfg)]
     for T in (1, 16, 4096):
-        kept = module.train_activations(cfg, T)
-        assert all(isinstance(v, int) and v >= 0 for v in (kept.wide, kept.narrow, kept.fp32)), kept
-        live = module.inference_activations(cfg, T)
-        assert isinstance(live, int) and live >= 0
+        for layer_module, layer_cfg in layers:
+            kept = layer_module.train_activations(layer_cfg, T)
+            assert all(isinstance(v, int) and v >= 0 for v in (kept.wide, kept.narrow, kept.fp32)), kept
+            live = layer_module.inference_activations(layer_cfg, T)
+            assert isinstance(live, int) and live >= 0
     declared = {m.name: m for m in module.metric_columns()}
     assert all(isinstance(m, metrics.Metric) and metrics.METRICS[name] == m for name, m in declared.items())
     assert set(module.row_columns(cfg)) <= set(declared), "row columns must be declared in metric_columns()"

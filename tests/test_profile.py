@@ -24,9 +24,13 @@ from tests.test_cli import assert_usage_error, dsbench, dsbench_in_process
 WORKLOADS = ("train", "prefill", "decode", "speculative")
 
 
+V4_SMALL = {"window": 8, "hca_ratio": 8, "index_topk": 4, "schedule": "v4-window|csa,hca"}  # entries close within 32 tokens
+
+
 def tiny_cell(workload="train", ffn="dense", attention="mha", precision="fp32", balance="none", ffn_settings=None):
+    v4 = {k: v for k, v in V4_SMALL.items() if k in registry.config_fields("attention", attention)}
     raw = {
-        "name": "p", "device": "cpu", "model": {"size": "debug", "n_layers": 2}, "ffn": ffn_settings or {},
+        "name": "p", "device": "cpu", "model": {"size": "debug", "n_layers": 2}, "ffn": ffn_settings or {}, "attention": v4,
         "axes": {"workload": workload, "ffn": ffn, "attention": attention, "precision": precision, "balance": balance},
         "train": {"steps": 4, "batch_size": 2, "seq_len": 32, "eval_batches": 0},
         "prefill": {"batch_size": 2, "seq_lens": [32]},
@@ -58,6 +62,10 @@ CASES = [
     ("decode", "deepseekmoe", "mla-naive", "fp32", "aux", {"shared_experts", "attn.core", "sample"}),
     ("speculative", "dense", "mha", "fp32", "none", {"mtp", "attn.core", "lm_head", "sample"}),
     ("train", "dense", "dsa", "fp32", "none", {"indexer", "attn.proj", "attn.core"}),
+    ("decode", "dense", "csa", "fp32", "none", {"attn.compress", "indexer", "attn.core"}),
+    ("prefill", "dense", "hca", "fp32", "none", {"attn.compress", "attn.core"}),
+    ("train", "dense", "v4-window", "fp32", "none", {"attn.proj", "attn.core"}),
+    ("train", "dense", "v4-hybrid", "bf16", "none", {"attn.compress", "indexer", "attn.core"}),
 ]
 FEW_EXPERTS = {"n_experts": 4, "granularity": 2}
 

@@ -8,13 +8,19 @@ Covered so far (fp32, max abs <= 1e-5; measured: 0.0, the same ops in the same o
 - the CSA indexer's selected entries vs HF's DeepseekV4Indexer (equal as sets; a tie in the
   index scores could legitimately pick another entry, random weights give none here).
 
-Intended differences from HF (so far):
-- Full-sequence forward from position 0 only (HF's stateless path); the streaming cache and
-  decode are not built yet.
+- decode over the cache (variants/v4_attention_core.py V4Cache) vs HF's DeepseekV4HCACache /
+  DeepseekV4CSACache: a prefill then one token at a time, windows closing mid-decode.
+
+Intended differences from HF:
+- The indexer's ties go to the earliest entry (a stable sort), so a decode step picks what the
+  whole-sequence forward picks; HF's topk leaves ties unspecified. The cases here use 8 indexer
+  heads, so that no entry scores exactly 0 in every head (with 2, a quarter of them would tie).
 - The indexer returns a (B, T, E) bool selection; HF returns indices with -1 for picks that
   are not yet closed. The same set.
 - Compress-layer RoPE is "default" here and in the HF config used: V4 ships YaRN (factor 16)
-  on compress layers, not built yet.
+  on compress layers, which only acts beyond 65,536 positions; not built.
+- HF applies CSA's selection (its block bias) only onto a tensor attention mask; the decode
+  test passes one, as generate() does.
 """
 
 from __future__ import annotations
@@ -26,13 +32,14 @@ from hf_deepseek_v4 import configuration, modeling
 from dsbench.variants.v4_compressor import KVCompressor
 
 C, HEAD_DIM, ROPE_DIM, INDEX_DIM = 32, 16, 8, 12
+INDEX_HEADS = 8  # enough that no entry scores exactly 0 in every head (a tie HF breaks arbitrarily)
 RATES = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 8}
 
 
 def hf_config():
     return configuration().DeepseekV4Config(
         hidden_size=C, head_dim=HEAD_DIM, partial_rotary_factor=ROPE_DIM / HEAD_DIM, num_attention_heads=2,
-        q_lora_rank=24, index_head_dim=INDEX_DIM, index_n_heads=2, index_topk=3, compress_rates=dict(RATES),
+        q_lora_rank=24, index_head_dim=INDEX_DIM, index_n_heads=INDEX_HEADS, index_topk=3, compress_rates=dict(RATES),
         compress_rope_theta=160000.0, num_hidden_layers=2, vocab_size=64)
 
 
@@ -122,7 +129,7 @@ def hf_attention_case(layer_type: str, T: int):
     theta = 10000.0 if layer_type == "sliding_attention" else 160000.0
     indexer = None
     if layer_type == "compressed_sparse_attention":
-        indexer = V4Indexer(C, 24, 2, INDEX_DIM, 3, RATES[layer_type], ROPE_DIM, 160000.0)
+        indexer = V4Indexer(C, 24, INDEX_HEADS, INDEX_DIM, 3, RATES[layer_type], ROPE_DIM, 160000.0)
     ours = V4AttentionCore(C, 2, HEAD_DIM, ROPE_DIM, 24, 2, 10, 6, theta, compressor, indexer)
     with torch.no_grad():
         for name, p in ours.named_parameters():
@@ -181,3 +188,41 @@ def test_attention_is_causal(layer_type):
         a, b = ours(x), ours(later)
     assert torch.equal(a[:, :12], b[:, :12])
     assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def hf_cache(mod, cfg):
+    """HF's cache for the case's two layers (its layer 0 is the one under test)."""
+    from transformers.cache_utils import DynamicCache
+    return DynamicCache(config=cfg)
+
+
+@pytest.mark.parametrize("layer_type", ["sliding_attention", "heavily_compressed_attention", "compressed_sparse_attention"])
+def test_attention_decode_matches_hf(layer_type):
+    """A prefill of 11 tokens, then one token at a time to 30, each over the cache (ours:
+    V4Cache; HF: DeepseekV4HCACache / DeepseekV4CSACache): every step's output equal within
+    1e-5, entries closing mid-decode included (HCA m' = 8, CSA m = 4)."""
+    torch.manual_seed(5)
+    mod, cfg, hf, ours, x = hf_attention_case(layer_type, 30)
+    rope = mod.DeepseekV4RotaryEmbedding(cfg)
+    cache, theirs, prefix = ours.new_cache(2, 30, torch.float32, "cpu"), hf_cache(mod, cfg), 11
+
+    def hf_step(start: int, stop: int):
+        positions = torch.arange(start, stop)[None].expand(2, -1)
+        chunk = x[:, start:stop]
+        embeddings = {kind: rope(chunk, positions, layer_type=kind) for kind in ("main", "compress")}
+        if start == 0:  # the prefill's window mask
+            i, j = torch.arange(stop)[:, None], torch.arange(stop)[None, :]
+            allowed = (j <= i) & (j > i - cfg.sliding_window)
+            mask = torch.zeros(stop, stop).masked_fill(~allowed, float("-inf"))[None, None].expand(2, 1, stop, stop)
+        else:  # a one-token step sees every window key the cache hands back; a tensor mask, as generate()
+            # passes one: HF adds the CSA indexer's block bias only onto a tensor mask
+            mask = torch.zeros(2, 1, 1, min(start, cfg.sliding_window - 1) + 1)
+        return hf(chunk, embeddings, positions, mask, theirs)[0]
+
+    with torch.no_grad():
+        pairs = [(ours(x[:, :prefix], 0, cache), hf_step(0, prefix))]
+        pairs += [(ours(x[:, t:t + 1], t, cache), hf_step(t, t + 1)) for t in range(prefix, 30)]
+    worst = max((a - b).abs().max().item() for a, b in pairs)
+    assert worst <= 1e-5
+    if layer_type != "sliding_attention":
+        assert cache.state("compressor", 30).first_entry == theirs.layers[0].entry_count["compressor"] == 30 // RATES[layer_type]

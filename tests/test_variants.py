@@ -346,10 +346,12 @@ def test_axis_values_has_the_model_axes():
 def test_every_attention_variant_builds_runs_and_counts(kind):
     cfg = with_parts(config_from_size("debug"), attention={"kind": kind})
     torch.manual_seed(0)
-    module = registry.ATTENTION[kind].module(cfg)
-    assert module.param_count(cfg) == numel(module)
-    x = torch.randn(2, 7, cfg.d_model)
-    assert module(x).shape == x.shape
+    for layer in range(cfg.n_layers):  # a schedule's layers are other kinds (Attention.layer_config)
+        module_cls, layer_cfg = registry.attention_layer(cfg, layer)
+        module = module_cls.build(layer_cfg, layer)
+        assert module_cls.param_count(layer_cfg) == numel(module)
+        x = torch.randn(2, 7, cfg.d_model)
+        assert module(x).shape == x.shape
     assert build_model(cfg)(random_tokens(cfg, 2, 7)).shape == (2, 7, cfg.vocab_size)
 
 

@@ -10,6 +10,8 @@ A variant is one module class plus its config class, registered in one line (reg
 | `active_param_count(cfg, layer)` | = param_count | ✓ | params_active |
 | `flops_per_token(cfg, ...)` forward, 2 per multiply-add | `(cfg, context_len, decode)` | `(cfg, layer)` | flops_per_token, MFU |
 | `kv_cache_bytes_per_token(cfg, dtype_bytes)` and `new_cache(...)` | ✓ | — | KV columns, memory estimate, max-batch fit, decode |
+| `kv_cache_bytes(cfg, dtype_bytes, context_len)` one row's cache at that context (default: context × per token) | ✓ | — | memory estimate, max-batch fit, KV bytes against context |
+| `layer_config(cfg, layer)` the config layer `layer` is built and priced from (default: cfg) | ✓ | — | per-layer schedules (V4's compress_ratios) |
 | `train_activations(cfg, seq_len)` → `Activations` (wide, narrow, fp32 elements per token) | ✓ | ✓ | memory estimate (train) |
 | `inference_activations(cfg, seq_len)` → int elements per token | ✓ | ✓ | memory estimate (prefill, decode) |
 | `part_costs` FLOPs and bytes per step by part | `(cfg, shape)` | `(cfg, layer, shape)` | roofline (profile) |
@@ -218,6 +220,11 @@ class Part(nn.Module):
 class Attention(Part):
     """An attention variant: forward(x, start_pos, cache) over (B, T, C), and its cache."""
 
+    # A call at an earlier start_pos overwrites the cache correctly (speculative decoding rolls
+    # back rejected drafts so); False where the cache carries state across positions (V4's
+    # compressors fold tokens into entries as they arrive).
+    cache_rewinds: ClassVar[bool] = True
+
     @classmethod
     def build(cls, cfg, layer_idx: int) -> nn.Module:
         return cls(cfg)
@@ -225,6 +232,13 @@ class Attention(Part):
     @classmethod
     def active_param_count(cls, cfg, layer_idx: int = 0) -> int:
         return cls.param_count(cfg)
+
+    @staticmethod
+    def layer_config(cfg, layer_idx: int):
+        """The model config layer `layer_idx`'s attention is built and priced from. A schedule
+        (variants/v4_attention.py V4HybridAttention) returns another registered kind's config per
+        layer; the harness asks every accounting hook of that kind, never this class's."""
+        return cfg
 
     @staticmethod
     def param_count(cfg) -> int:
@@ -237,6 +251,13 @@ class Attention(Part):
     @staticmethod
     def kv_cache_bytes_per_token(cfg, dtype_bytes: int) -> int:
         raise NotImplementedError
+
+    @classmethod
+    def kv_cache_bytes(cls, cfg, dtype_bytes: int, context_len: int) -> float:
+        """One batch row's cache in this layer after context_len tokens. Default: a cache that
+        grows by the same bytes every token; one with a constant part (a window, an open
+        compression window) states it."""
+        return context_len * cls.kv_cache_bytes_per_token(cfg, dtype_bytes)
 
     @staticmethod
     def part_costs(cfg, shape: PassShape) -> dict[str, PartCost]:

@@ -24,7 +24,8 @@ class Block(nn.Module):
         residual = registry.RESIDUAL[cfg.residual]
         self.attn_res, self.ffn_res = residual.connection(cfg), residual.connection(cfg)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = registry.ATTENTION[cfg.attention.kind].build(cfg, layer_idx)
+        attention, layer_cfg = registry.attention_layer(cfg, layer_idx)  # a schedule's layer is its own kind
+        self.attn = attention.build(layer_cfg, layer_idx)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = registry.FFN[cfg.ffn.kind].build(cfg, layer_idx)
 

@@ -221,7 +221,7 @@ FLOP_CONVENTION = (
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
-    attn = registry.ATTENTION[cfg.attention.kind].module
+    attention = registry.attention_layers(cfg)
     ffn = registry.FFN[cfg.ffn.kind].module
     norm = RMSNorm.param_count(cfg.d_model)
     residual = registry.RESIDUAL[cfg.residual]
@@ -230,8 +230,9 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     embedding = cfg.vocab_size * cfg.d_model
     head = 0 if cfg.tie_embeddings else cfg.d_model * cfg.vocab_size
     layers = range(cfg.n_layers)
-    blocks_total = sum(attn.param_count(cfg) + ffn.param_count(cfg, i) + 2 * norm for i in layers)
-    blocks_active = sum(attn.param_count(cfg) + ffn.active_param_count(cfg, i) + 2 * norm for i in layers)
+    attn = [module.param_count(layer_cfg) for module, layer_cfg in attention]
+    blocks_total = sum(attn[i] + ffn.param_count(cfg, i) + 2 * norm for i in layers)
+    blocks_active = sum(attn[i] + ffn.active_param_count(cfg, i) + 2 * norm for i in layers)
     return {
         "params_total": embedding + blocks_total + mixing + norm + head,
         "params_active": embedding + blocks_active + mixing + norm + head,
@@ -242,18 +243,23 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
 
 def forward_flops_per_token(cfg: ModelConfig, mean_context_len: float, decode: bool = False) -> float:
     """decode: the token is generated from the cache (MLA's absorbed path attends differently)."""
-    attn = registry.ATTENTION[cfg.attention.kind].module
     ffn = registry.FFN[cfg.ffn.kind].module
-    attn_flops = attn.flops_per_token(cfg, mean_context_len, decode)
+    attn = [module.flops_per_token(layer_cfg, mean_context_len, decode) for module, layer_cfg in registry.attention_layers(cfg)]
     residual = registry.RESIDUAL[cfg.residual]
     mixing = 2 * residual.connection.flops_per_token(cfg)  # around attention and around the FFN
-    per_layer = sum(attn_flops + ffn.flops_per_token(cfg, i) + mixing for i in range(cfg.n_layers))
+    per_layer = sum(attn[i] + ffn.flops_per_token(cfg, i) + mixing for i in range(cfg.n_layers))
     return per_layer + residual.ends.flops_per_token(cfg) + 2 * cfg.d_model * cfg.vocab_size
 
 
-def kv_cache_bytes_per_token(cfg: ModelConfig, dtype_bytes: int) -> int:
-    attn = registry.ATTENTION[cfg.attention.kind].module
-    return cfg.n_layers * attn.kv_cache_bytes_per_token(cfg, dtype_bytes)
+def kv_cache_bytes_per_token(cfg: ModelConfig, dtype_bytes: int) -> float:
+    """What one more token of context adds to the cache, all layers (a cache with a constant
+    part, V4's window, grows by this only: kv_cache_bytes has the whole)."""
+    return sum(module.kv_cache_bytes_per_token(layer_cfg, dtype_bytes) for module, layer_cfg in registry.attention_layers(cfg))
+
+
+def kv_cache_bytes(cfg: ModelConfig, dtype_bytes: int, context_len: int) -> float:
+    """One batch row's cache after context_len tokens, all layers."""
+    return sum(module.kv_cache_bytes(layer_cfg, dtype_bytes, context_len) for module, layer_cfg in registry.attention_layers(cfg))
 
 
 def weight_bytes(cfg: ModelConfig, dtype_bytes: int) -> int:

@@ -123,28 +123,30 @@ def check_config(cfg: ModelConfig) -> str | None:
 # --- accounting: exact, from each part's own formula ---
 
 
-def _parts(cfg: ModelConfig):
-    return registry.ATTENTION[cfg.attention.kind].module, registry.FFN[cfg.ffn.kind].module
+def _parts(cfg: ModelConfig, depth: int):
+    """Module `depth`'s attention class, the config it is priced from, and the FFN class."""
+    return *registry.attention_layer(cfg, layer_index(cfg, depth)), registry.FFN[cfg.ffn.kind].module
 
 
 def param_count(cfg: ModelConfig) -> int:
     """The MTP modules' own parameters; the shared embedding and head are the main model's.
     (V3's 14B MTP module counts its stored copies of both: dsbench.claims checks that figure.)"""
-    attn, ffn = _parts(cfg)
     norm = RMSNorm.param_count(cfg.d_model)
-    per_module = [3 * norm + 2 * cfg.d_model * cfg.d_model + 2 * norm + attn.param_count(cfg)
-                  + ffn.param_count(cfg, layer_index(cfg, k)) for k in range(1, cfg.mtp + 1)]
-    return sum(per_module)
+    total = 0
+    for k in range(1, cfg.mtp + 1):
+        attn, attn_cfg, ffn = _parts(cfg, k)
+        total += 3 * norm + 2 * cfg.d_model * cfg.d_model + 2 * norm + attn.param_count(attn_cfg) + ffn.param_count(cfg, layer_index(cfg, k))
+    return total
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Forward FLOPs of the D modules per main-model token of a seq_len-token training row
     (decoder.FLOP_CONVENTION): module k runs T−k positions at mean causal context (T−k+1)/2."""
-    attn, ffn = _parts(cfg)
     total = 0.0
     for k in range(1, cfg.mtp + 1):
+        attn, attn_cfg, ffn = _parts(cfg, k)
         n = seq_len - k
-        per_position = (2 * 2 * cfg.d_model * cfg.d_model + attn.flops_per_token(cfg, (n + 1) / 2)
+        per_position = (2 * 2 * cfg.d_model * cfg.d_model + attn.flops_per_token(attn_cfg, (n + 1) / 2)
                         + ffn.flops_per_token(cfg, layer_index(cfg, k)) + 2 * cfg.d_model * cfg.vocab_size)
         total += per_position * n / seq_len
     return total
@@ -154,14 +156,14 @@ def part_costs(cfg: ModelConfig, shape: PassShape, seq_len: int) -> dict[str, Pa
     """Roofline FLOPs and bytes of the modules' forward over a step of shape.tokens main tokens
     in rows of seq_len: each module's attention and FFN priced by their variants, its eh_proj
     as `mtp`, its head as `lm_head`."""
-    attn, ffn = _parts(cfg)
     costs: dict[str, PartCost] = {}
     C, V = cfg.d_model, cfg.vocab_size
     for k in range(1, cfg.mtp + 1):
+        attn, attn_cfg, ffn = _parts(cfg, k)
         tokens = shape.tokens * (seq_len - k) // seq_len
         sub = PassShape(tokens=tokens, mean_context_len=(seq_len - k + 1) / 2, decode=False, batch=shape.batch,
                         act_bytes=shape.act_bytes, weight_bytes=shape.weight_bytes)
-        for layer_costs in (attn.part_costs(cfg, sub), ffn.part_costs(cfg, layer_index(cfg, k), sub)):
+        for layer_costs in (attn.part_costs(attn_cfg, sub), ffn.part_costs(cfg, layer_index(cfg, k), sub)):
             for name, cost in layer_costs.items():
                 add_cost(costs, name, cost.flops, cost.bytes)
         add_cost(costs, "mtp", tokens * 2 * 2 * C * C, 2 * C * C * shape.weight_bytes + linear_io(sub, 2 * C, C))

@@ -24,6 +24,7 @@ from .mla import MLAConfig, MultiHeadLatentAttention
 from .moe import DeepSeekMoEConfig, MoEFeedForward, RoutedFFNConfig
 from .precision import PRECISIONS
 from .residual import HyperConnection, HyperEnds, PlainConnection, PlainEnds
+from .v4_attention import COMPRESSOR_OF, CompressedAttention, V4AttentionConfig, V4HybridAttention, V4HybridConfig
 
 ENTRY_POINT_GROUP = "dsbench.variants"
 
@@ -85,6 +86,15 @@ register("attention", Variant("mla-naive", MultiHeadLatentAttention, MLAConfig, 
                               overrides=lambda a: {"mla_impl": "naive"}))
 register("attention", Variant("dsa", DeepSeekSparseAttention, DSAConfig, "DeepSeek-V3.2-Exp (2025): MLA + lightning indexer, top-k",
                               overrides=lambda a: {"mla_impl": "absorbed"}))
+V4 = "DeepSeek-V4 report (2026) §2.3"
+register("attention", Variant("csa", CompressedAttention, V4AttentionConfig, f"{V4}.1: compressed sparse attention (m = 4, lightning indexer)",
+                              overrides=lambda a: {"compressor": COMPRESSOR_OF["csa"]}))
+register("attention", Variant("hca", CompressedAttention, V4AttentionConfig, f"{V4}.2: heavily compressed attention (m' = 128)",
+                              overrides=lambda a: {"compressor": COMPRESSOR_OF["hca"]}))
+register("attention", Variant("v4-window", CompressedAttention, V4AttentionConfig, f"{V4}: the sliding-window branch alone",
+                              overrides=lambda a: {"compressor": COMPRESSOR_OF["v4-window"]}))
+register("attention", Variant("v4-hybrid", V4HybridAttention, V4HybridConfig, f"{V4}: a per-layer schedule of csa, hca and v4-window",
+                              overrides=lambda a: {"compressor": "none"}))  # each layer's is its kind's (layer_config)
 register("ffn", Variant("dense", DenseFFN, DenseFFNConfig, "Shazeer 2002.05202 (SwiGLU)"))
 register("ffn", Variant("moe", MoEFeedForward, RoutedFFNConfig, "GShard, Lepikhin et al. 2006.16668"))
 register("ffn", Variant("deepseekmoe", MoEFeedForward, DeepSeekMoEConfig, "DeepSeekMoE, Dai et al. 2401.06066 §3"))
@@ -130,6 +140,17 @@ def axis_values() -> dict[str, tuple[str, ...]]:
         "precision": tuple(PRECISIONS),
         "balance": tuple(BALANCE),
     }
+
+
+def attention_layer(cfg, layer_idx: int) -> tuple[type, object]:
+    """Layer `layer_idx`'s attention class and the config it is built and priced from (a
+    schedule's layers are other kinds: Attention.layer_config)."""
+    layer_cfg = ATTENTION[cfg.attention.kind].module.layer_config(cfg, layer_idx)
+    return ATTENTION[layer_cfg.attention.kind].module, layer_cfg
+
+
+def attention_layers(cfg) -> list[tuple[type, object]]:
+    return [attention_layer(cfg, i) for i in range(cfg.n_layers)]
 
 
 def module_of(section: str, cfg) -> type:

@@ -16,6 +16,8 @@ window w's Cb (2m slots, stride m). Window 0 has no previous window: its Ca slot
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -59,21 +61,59 @@ class KVCompressor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, C) from position 0 → entries (B, T // ratio, D), each RoPE'd at w·ratio."""
-        B, T, _ = x.shape
-        W, m, D = T // self.ratio, self.ratio, self.entry_dim
-        kv = self.kv_proj(x[:, : W * m]).view(B, W, m, -1)  # (B, W, m, width)
-        gate = self.gate_proj(x[:, : W * m]).view(B, W, m, -1) + self.position_bias
-        if self.overlap:
-            kv, gate = self._overlap_slots(kv, gate)  # (B, W, 2m, D)
-        pooled = (kv * gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(dim=2)  # (B, W, D)
-        positions = torch.arange(W, device=x.device) * m
-        return interleaved_rope(self.kv_norm(pooled), positions, self.inv_freq)
+        return self.extend(x, CompressorState.empty(x, self.width)).entries
 
-    def _overlap_slots(self, kv: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """CSA's 2m slots per window: window w-1's Ca, then window w's Cb; window 0's Ca slots
-        are empty (kv 0, gate -inf: softmax weight 0)."""
+    @property
+    def width(self) -> int:
+        """Channels a token projects: one series (HCA) or CSA's two, Ca and Cb."""
+        return (2 if self.overlap else 1) * self.entry_dim
+
+    def extend(self, x: torch.Tensor, state: CompressorState) -> CompressorState:
+        """The next tokens x (B, T, C) after what `state` has seen: the entries of the windows
+        they close, and the state after them (the open window's tokens, CSA's last Ca)."""
+        B, m, D = x.shape[0], self.ratio, self.entry_dim
+        kv = torch.cat([state.pending_kv, self.kv_proj(x)], dim=1)
+        gate = torch.cat([state.pending_gate, self.gate_proj(x)], dim=1)
+        W = kv.shape[1] // m
+        pending_kv, pending_gate = kv[:, W * m:], gate[:, W * m:]
+        if W == 0:
+            return CompressorState(kv.new_zeros(B, 0, D), pending_kv, pending_gate, state.prev_kv, state.prev_gate, state.first_entry)
+        kv = kv[:, : W * m].view(B, W, m, -1)
+        gate = gate[:, : W * m].view(B, W, m, -1) + self.position_bias
+        prev_kv, prev_gate = state.prev_kv, state.prev_gate
+        if self.overlap:
+            prev_kv, prev_gate = kv[:, -1, :, :D], gate[:, -1, :, :D]  # the next window's first half
+            kv, gate = self._overlap_slots(kv, gate, state.prev_kv, state.prev_gate)  # (B, W, 2m, D)
+        pooled = (kv * gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(dim=2)  # (B, W, D)
+        positions = (torch.arange(W, device=x.device) + state.first_entry) * m
+        entries = interleaved_rope(self.kv_norm(pooled), positions, self.inv_freq)
+        return CompressorState(entries, pending_kv, pending_gate, prev_kv, prev_gate, state.first_entry + W)
+
+    def _overlap_slots(self, kv: torch.Tensor, gate: torch.Tensor, prev_kv, prev_gate) -> tuple[torch.Tensor, torch.Tensor]:
+        """CSA's 2m slots per window: window w-1's Ca, then window w's Cb. The first window takes
+        the Ca of the window before this call (prev_*), or, at position 0, empty slots (kv 0,
+        gate -inf: softmax weight 0)."""
         D = self.entry_dim
-        empty_kv, empty_gate = torch.zeros_like(kv[:, :1, :, :D]), torch.full_like(gate[:, :1, :, :D], float("-inf"))
-        prev_kv = torch.cat([empty_kv, kv[:, :-1, :, :D]], dim=1)
-        prev_gate = torch.cat([empty_gate, gate[:, :-1, :, :D]], dim=1)
+        if prev_kv is None:
+            prev_kv, prev_gate = torch.zeros_like(kv[:, 0, :, :D]), torch.full_like(gate[:, 0, :, :D], float("-inf"))
+        prev_kv = torch.cat([prev_kv.unsqueeze(1).to(kv.dtype), kv[:, :-1, :, :D]], dim=1)
+        prev_gate = torch.cat([prev_gate.unsqueeze(1).to(gate.dtype), gate[:, :-1, :, :D]], dim=1)
         return torch.cat([prev_kv, kv[..., D:]], dim=2), torch.cat([prev_gate, gate[..., D:]], dim=2)
+
+
+@dataclass
+class CompressorState:
+    """What a compressor carries from one call to the next (HF DeepseekV4HCACache /
+    DeepseekV4CSACache's buffer, overlap and entry count), and the entries the last call emitted."""
+
+    entries: torch.Tensor  # (B, W, D): emitted by the last extend
+    pending_kv: torch.Tensor  # (B, n < ratio, width): the open window's projected tokens
+    pending_gate: torch.Tensor
+    prev_kv: torch.Tensor | None  # CSA: the last closed window's Ca (B, ratio, D), gate with its bias
+    prev_gate: torch.Tensor | None
+    first_entry: int  # entries emitted before: the next window starts at first_entry·ratio
+
+    @staticmethod
+    def empty(x: torch.Tensor, width: int) -> CompressorState:
+        none = x.new_zeros(x.shape[0], 0, width)
+        return CompressorState(x.new_zeros(x.shape[0], 0, 0), none, none, None, None, 0)

@@ -102,6 +102,17 @@ def _check_axes(table: dict) -> dict:
     return axes
 
 
+def _check_attention_layers(cfg) -> None:
+    try:
+        layers = {layer_cfg for _, layer_cfg in registry.attention_layers(cfg)}
+    except Exception as e:  # noqa: BLE001 — a schedule plug-in's bug, as one line
+        raise SpecError(f"attention = {cfg.attention.kind} (layer_config) raised {type(e).__name__}: {e}") from None
+    for layer_cfg in sorted(layers, key=lambda c: c.attention.kind):
+        if layer_cfg is not cfg and (problem := part_hook("attention", layer_cfg, "check_config", str, layer_cfg)):
+            raise SpecError(problem)
+        part_hook("attention", layer_cfg, "param_count", int, layer_cfg)
+
+
 def _check_combinations(spec) -> None:
     configs = list(cell_configs(spec))
     cfg = configs[0][1]
@@ -114,7 +125,10 @@ def _check_combinations(spec) -> None:
         for section in PART_SECTIONS:
             if problem := part_hook(section, cell_cfg, "check_config", str, cell_cfg):
                 raise SpecError(problem)
-            part_hook(section, cell_cfg, "param_count", int, cell_cfg)
+            if section == "attention":  # each layer as the kind it is built as (a schedule's are others)
+                _check_attention_layers(cell_cfg)
+            else:
+                part_hook(section, cell_cfg, "param_count", int, cell_cfg)
         ffn = registry.module_of("ffn", cell_cfg)
         if ffn.routed and axes["balance"] not in ffn.balances:
             raise SpecError(f"axes.balance: {axes['balance']!r} is not implemented by ffn = {cell_cfg.ffn.kind}; "

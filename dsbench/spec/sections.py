@@ -52,7 +52,7 @@ class _Sections(Mapping):
 
 SECTIONS = _Sections()
 # Fields the axes set; a section may not set them directly.
-AXIS_FIELDS = {("attention", "kind"): "attention", ("attention", "mla_impl"): "attention", ("ffn", "kind"): "ffn",
+AXIS_FIELDS = {("attention", "kind"): "attention", ("attention", "mla_impl"): "attention", ("attention", "compressor"): "attention", ("ffn", "kind"): "ffn",
                ("ffn", "balance"): "balance", ("model", "precision"): "precision"}
 
 

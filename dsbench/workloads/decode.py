@@ -46,7 +46,14 @@ def max_batch(cfg, budget_bytes: int, positions: int) -> int:
     """
     width = dtype_bytes(precision_of(cfg).inference_dtype)
     free = budget_bytes - decoder.weight_bytes(cfg, width)
-    return max(0, free // (decoder.kv_cache_bytes_per_token(cfg, width) * positions))
+    return max(0, int(free // decoder.kv_cache_bytes(cfg, width, positions)))
+
+
+def cache_bytes_at(cache, context_len: int) -> int:
+    """One row's bytes in this cache after context_len tokens, off its live tensors."""
+    if hasattr(cache, "filled_bytes"):  # a cache with a constant part (variants/v4_attention_core.py V4Cache)
+        return cache.filled_bytes(context_len)
+    return int(cache.live_bytes_per_token() * context_len)
 
 
 class Decode(Workload):
@@ -82,7 +89,7 @@ class Decode(Workload):
             return {}
         width = dtype_bytes(precision_of(cfg).inference_dtype)
         return {"memory_budget_bytes": settings["memory_budget_bytes"], "weights_bytes": decoder.weight_bytes(cfg, width),
-                "kv_cache_bytes": kv_bytes_per_token * settings["batch_size"] * self.cache_slots(settings)}
+                "kv_cache_bytes": int(decoder.kv_cache_bytes(cfg, width, self.cache_slots(settings))) * settings["batch_size"]}
 
     def cache_slots(self, settings: dict) -> int:
         return settings["context_len"] + settings["new_tokens"]
@@ -134,6 +141,7 @@ class Decode(Workload):
         # None: every prefill compiled (a compiled cell's rounds each met a new shape)
         run.summary["prefill_time_ms"] = 1e3 * sorted(prefill_s)[len(prefill_s) // 2] if prefill_s else None
         run.summary["kv_cache_bytes_per_token_measured"] = sum(c.live_bytes_per_token() for c in caches)
+        run.summary["kv_cache_bytes_at_context_measured"] = sum(cache_bytes_at(c, L) for c in caches)
         run.series += [point(i, "prefill_time_ms", 1e3 * t) for i, t in enumerate(prefill_s)]
         add_part_metrics(ctx, run)
         return run
@@ -153,7 +161,7 @@ def _check_max_batch(d: DecodeSettings, configs) -> None:
             if max_batch(cfg, d.memory_budget_bytes, L + d.new_tokens) < 1:
                 what = "/".join(axes[a] for a in ("ffn", "attention", "precision"))
                 width = dtype_bytes(precision_of(cfg).inference_dtype)
-                need = decoder.weight_bytes(cfg, width) + decoder.kv_cache_bytes_per_token(cfg, width) * (L + d.new_tokens)
+                need = decoder.weight_bytes(cfg, width) + int(decoder.kv_cache_bytes(cfg, width, L + d.new_tokens))
                 raise SpecError(f"decode.memory_budget_bytes: {d.memory_budget_bytes} does not hold one sequence of "
                                 f"{what} at context {L} + {d.new_tokens} (weights and KV cache: {need} bytes); raise it")
 

@@ -20,6 +20,7 @@ import torch
 from dsbench.checkpoints import WEIGHT_SETTINGS
 from dsbench.errors import SpecError
 from dsbench.measure import StepTimer, summarize, sync
+from dsbench.variants import registry
 from dsbench.variants.mtp import MAX_DEPTH, SelfSpeculative, draft_agreement
 from dsbench.variants.profiling import PREFILL, STEP, WARMUP
 
@@ -83,6 +84,10 @@ class Speculative(Workload):
             if not cfg.mtp:
                 raise SpecError(f"axes.workload: speculative drafts with MTP modules; model.mtp is 0 for {axes['ffn']}/"
                                 f"{axes['attention']}: set model.mtp between 1 and {MAX_DEPTH} for these cells (a [[sweep]] block)")
+            if stuck := next((layer_cfg.attention.kind for module, layer_cfg in registry.attention_layers(cfg)
+                              if not module.cache_rewinds), None):
+                raise SpecError(f"axes.attention: {axes['attention']} has {stuck} layers, whose cache cannot roll back a "
+                                f"rejected draft (Attention.cache_rewinds); allowed with speculative: attention kinds whose cache can")
             for L in s.context_lens:
                 need = L + s.new_tokens + cfg.mtp + 1
                 if need > cfg.max_seq_len:
