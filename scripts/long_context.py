@@ -1,13 +1,15 @@
-"""Per-token cost against context for each attention value of a long-context sweep, and where
-DeepSeek Sparse Attention (dsa) beats MLA: measured (per-token time) and predicted (the analytic
-FLOPs per token, variants/dsa.py and variants/mla.py).
+"""Per-token cost and KV cache against context for each attention value of a long-context
+sweep, and where each beats MLA: measured (per-token time) and predicted (the analytic FLOPs per
+token: dsa's by bisection, variants/dsa.py; the others' at the measured contexts).
 
     python scripts/long_context.py results/long-context-cpu [--figure out.png]
+    python scripts/long_context.py results/v4-long-context-cpu --figure v4.png   # mla, dsa, csa, hca, v4-hybrid
 
 Decode: per-token time is the median step (one generated token per row); prefill: the median
 step ÷ its tokens; of a cell's replicates, the fastest. Prints a Markdown table per workload,
-dsa ÷ mla, and the crossovers; with --figure, time and FLOPs per token against context
-(log-log), one line per attention value (and dsa prefill form).
+each value ÷ mla, the KV cache of one sequence at each context (read off the live caches, against
+the analytic count, and ÷ mla's), and the crossovers; with --figure, time, FLOPs and KV bytes
+against context (log-log), one line per attention value (and dsa prefill form).
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ def per_token(cells: pd.DataFrame) -> pd.DataFrame:
     ok["ms_per_token"] = ok["step_time_ms_median"] / ok["tokens_per_step"]
     form = ok.get("dsa_prefill", pd.Series(None, index=ok.index))
     ok["variant"] = ok["attention"].where(~((ok["attention"] == "dsa") & prefill), "dsa-" + form.fillna("gather").astype(str))
-    columns = ["workload", "variant", "context", "ms_per_token", "flops_per_token", "kv_cache_bytes_per_token"]
+    for column in ("kv_cache_bytes_at_context", "kv_cache_bytes_at_context_measured"):  # results from before they existed
+        ok[column] = ok[column] if column in ok else float("nan")
+    columns = ["workload", "variant", "context", "ms_per_token", "flops_per_token", "kv_cache_bytes_per_token",
+               "kv_cache_bytes_at_context", "kv_cache_bytes_at_context_measured"]
     # Replicates of a cell (measure.replicates): the fastest, the one the machine's other processes slowed least.
     return ok[columns].groupby(["workload", "variant", "context"], as_index=False).min()
 
@@ -97,22 +102,50 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def compared(variants, dense: str = "mla") -> list[str]:
+    """The values compared with mla: every other one but mha and gqa (the dense baselines)."""
+    return [v for v in variants if v != dense and v not in ("mha", "gqa", "mqa")]
+
+
 def ratios(table: pd.DataFrame, dense: str = "mla") -> str:
-    """Per workload: each dsa variant's ms per token ÷ mla's, measured and analytic."""
+    """Per workload: each value's ms per token ÷ mla's, measured and analytic."""
     lines = []
     for workload, rows in table.groupby("workload"):
         ms = rows.pivot_table(index="context", columns="variant", values="ms_per_token")
         flops = rows.pivot_table(index="context", columns="variant", values="flops_per_token")
-        sparse = [v for v in ms.columns if str(v).startswith("dsa")]
+        sparse = compared(ms.columns, dense)
         if dense not in ms or not sparse:
             continue
-        lines.append(f"\n### {workload}: dsa ÷ {dense}, measured ms per token (analytic FLOPs per token)\n")
+        lines.append(f"\n### {workload}: ÷ {dense}, measured ms per token (analytic FLOPs per token)\n")
         lines.append("| context | " + " | ".join(sparse) + " |")
         lines.append("|---" * (len(sparse) + 1) + "|")
         for context in ms.index:
             cells = [f"{ms.loc[context, v] / ms.loc[context, dense]:.2f} ({flops.loc[context, v] / flops.loc[context, dense]:.2f})"
                      if pd.notna(ms.loc[context, v]) and pd.notna(ms.loc[context, dense]) else "–" for v in sparse]
             lines.append(f"| {int(context)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def kv_table(table: pd.DataFrame, dense: str = "mla") -> str:
+    """Decode: one sequence's KV cache at each context, as the live caches hold it, whether that
+    equals the analytic count exactly, and ÷ mla's."""
+    rows = table[table["workload"] == "decode"].dropna(subset=["kv_cache_bytes_at_context_measured"])
+    if rows.empty:
+        return ""
+    measured = rows.pivot_table(index="context", columns="variant", values="kv_cache_bytes_at_context_measured")
+    analytic = rows.pivot_table(index="context", columns="variant", values="kv_cache_bytes_at_context")
+    lines = [f"\n### decode: KV cache of one sequence, KiB (÷ {dense}); = : equal to the analytic count\n",
+             "| context | " + " | ".join(measured.columns) + " |", "|---" * (len(measured.columns) + 1) + "|"]
+    for context in measured.index:
+        cells = []
+        for v in measured.columns:
+            got, want = measured.loc[context, v], analytic.loc[context, v]
+            if pd.isna(got):
+                cells.append("–")
+                continue
+            ratio = f" (×{got / measured.loc[context, dense]:.3g})" if dense in measured and v != dense else ""
+            cells.append(f"{got / 1024:.4g}{ratio} {'=' if got == want else '≠ ' + str(int(want))}")
+        lines.append(f"| {int(context)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -123,15 +156,22 @@ def figure(table: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     workloads = sorted(table["workload"].unique())
-    fig, axes = plt.subplots(2, len(workloads), figsize=(6 * len(workloads), 8), squeeze=False, layout="constrained")
+    kv = table["kv_cache_bytes_at_context_measured"].notna().any()
+    fig, axes = plt.subplots(3 if kv else 2, len(workloads), figsize=(6 * len(workloads), 12 if kv else 8), squeeze=False,
+                             layout="constrained")
     for j, workload in enumerate(workloads):
         rows = table[table["workload"] == workload]
         for variant, g in rows.groupby("variant"):
             g = g.sort_values("context")
             axes[0][j].plot(g["context"], g["ms_per_token"], marker="o", label=variant)
             axes[1][j].plot(g["context"], g["flops_per_token"], marker="o", label=variant)
+            if kv:
+                axes[2][j].plot(g["context"], g["kv_cache_bytes_at_context"] / 2**20, marker="o", label=variant)
         axes[0][j].set(title=f"{workload}: measured", xscale="log", yscale="log", ylabel="ms per token")
         axes[1][j].set(title=f"{workload}: analytic", xscale="log", yscale="log", ylabel="FLOP per token", xlabel="context (tokens)")
+        if kv:
+            axes[2][j].set(title=f"{workload}: KV cache of one sequence", xscale="log", yscale="log", ylabel="MiB",
+                           xlabel="context (tokens)")
         for ax in axes[:, j]:
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=8)
@@ -147,16 +187,17 @@ def main(argv: list[str]) -> int:
     table = per_token(res.cells)
     print(markdown(table))
     print(ratios(table))
+    print(kv_table(table))
     spec = res.run.get("spec") or {}
     size = spec.get("size", "debug")
     attention = spec.get("attention") or {}
-    print("\n### where dsa beats mla\n")
+    print("\n### where each beats mla\n")
     for workload in sorted(table["workload"].unique()):
         rows = table[table["workload"] == workload]
-        sparse_variants = sorted(v for v in rows["variant"].unique() if str(v).startswith("dsa"))
-        for sparse in sparse_variants:
-            print(f"- {workload}, {sparse}: measured {crossover(rows, 'ms_per_token', sparse)}; "
-                  f"predicted {predicted_crossover(size, attention, workload == 'decode')}")
+        for sparse in sorted(compared(rows["variant"].unique())):
+            predicted = (predicted_crossover(size, attention, workload == "decode") if str(sparse).startswith("dsa")
+                         else f"{crossover(rows, 'flops_per_token', sparse)} (analytic FLOPs at the measured contexts)")
+            print(f"- {workload}, {sparse}: measured {crossover(rows, 'ms_per_token', sparse)}; predicted {predicted}")
     if args.figure:
         figure(table, args.figure)
         print(f"\nfigure: {args.figure}")
